@@ -1,0 +1,15 @@
+//! Strata's NBD protocol support: the whole current protocol of the NBD project's `doc/proto.md`
+//! (fixed newstyle negotiation, INFO/GO/LIST, structured replies, `base:allocation` block
+//! status, STARTTLS, multi-conn), in three parts:
+//!
+//! ```text
+//!   codec   bytes ⇄ typed messages; no I/O, fuzzable
+//!     │
+//!   server  sockets → negotiation → pipelined requests → Arc<dyn BlockDevice> → one writer
+//!   client  a BlockDevice that speaks NBD to a remote server (nbd://, nbd+unix://)
+//! ```
+
+pub mod codec;
+pub mod server;
+
+pub use server::{Export, Server, ServerConfig, TlsMode, TlsSettings};

@@ -1,0 +1,1105 @@
+//! The NBD server: accepts connections, negotiates, and serves pipelined requests against the
+//! block device of the chosen export.
+//!
+//! ```text
+//!   accept (connection limit) ─► negotiate (options, STARTTLS) ─► transmission:
+//!
+//!     reader ──request──► task per request ──► device
+//!       │ (in-flight byte budget)                 │
+//!       └──────────── writer ◄──── reply ─────────┘   one writer, vectored writes
+//! ```
+//!
+//! Requests are answered as they complete, out of order. A bad request gets an NBD error and the
+//! connection stays usable; only a broken framing (bad magic) or a vanished client ends it.
+
+use std::collections::BTreeMap;
+use std::io::IoSlice;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use strata_bdev::{BlockDevice, Error as DevError, ErrorKind, Extent, WriteOpts, ZeroOpts};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::codec::{
+    self, cmd, cmd_flags, errno, opt, rep, reply, tx_flags, BlockSizes, ClientOption,
+};
+
+/// One exported device.
+#[derive(Debug)]
+pub struct Export {
+    /// The name clients ask for.
+    pub name: String,
+    /// A line for `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
+    pub description: String,
+    /// The device behind it.
+    pub device: Arc<dyn BlockDevice>,
+    /// Refuse writes even if the device takes them.
+    pub read_only: bool,
+}
+
+impl Export {
+    fn read_only(&self) -> bool {
+        self.read_only || self.device.capabilities().read_only
+    }
+
+    /// The transmission flags advertised for this export.
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
+        let caps = self.device.capabilities();
+        let mut f =
+            tx_flags::HAS_FLAGS | tx_flags::SEND_FLUSH | tx_flags::SEND_FUA | tx_flags::SEND_CACHE;
+        if self.read_only() {
+            f |= tx_flags::READ_ONLY;
+        } else {
+            // Zeroing is always possible (emulated by writes when not native), and a device
+            // that cannot zero fast answers FAST_ZERO requests with ENOTSUP at once.
+            f |= tx_flags::SEND_WRITE_ZEROES | tx_flags::SEND_FAST_ZERO;
+            if caps.trim {
+                f |= tx_flags::SEND_TRIM;
+            }
+        }
+        if structured {
+            f |= tx_flags::SEND_DF;
+        }
+        if caps.multi_conn {
+            f |= tx_flags::CAN_MULTI_CONN;
+        }
+        f
+    }
+}
+
+/// Whether the server speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Clients may use STARTTLS or stay in plain text.
+    Optional,
+    /// Every client must use STARTTLS before anything else.
+    Required,
+}
+
+/// TLS settings: the certificate, key and mode.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub mode: TlsMode,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Server settings; [`ServerConfig::default`] holds the documented defaults.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Bytes of requests in flight per connection (read and write payloads); the server stops
+    /// reading a connection that reaches it until replies drain.
+    pub max_in_flight_bytes: usize,
+    /// The largest READ or WRITE payload accepted (advertised as the maximum block size).
+    pub max_payload: u32,
+    /// Time a client has to finish negotiation.
+    pub handshake_timeout: Duration,
+    /// The export an empty name selects.
+    pub default_export: Option<String>,
+    /// TLS, if configured.
+    pub tls: Option<TlsSettings>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            max_connections: 256,
+            max_in_flight_bytes: 64 << 20,
+            max_payload: 32 << 20,
+            handshake_timeout: Duration::from_secs(60),
+            default_export: None,
+            tls: None,
+        }
+    }
+}
+
+/// Option data longer than this is refused with `NBD_REP_ERR_TOO_BIG`.
+const MAX_OPTION_LEN: u32 = 64 << 10;
+/// Option data longer than this is not even read: the connection is closed.
+const MAX_DISCARD_LEN: u32 = 16 << 20;
+/// The meta-context id of `base:allocation`.
+const BASE_ALLOCATION_ID: u32 = 1;
+/// Block status descriptors sent per reply at most.
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// An NBD server over a set of exports.
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    exports: RwLock<BTreeMap<String, Arc<Export>>>,
+    connections: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Server {
+    /// A server with `exports`.
+    pub fn new(config: ServerConfig, exports: Vec<Export>) -> Arc<Server> {
+        let exports = exports
+            .into_iter()
+            .map(|e| (e.name.clone(), Arc::new(e)))
+            .collect();
+        Arc::new(Server {
+            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            config,
+            exports: RwLock::new(exports),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Add or replace an export; connections already open keep the device they have.
+    pub fn add_export(&self, export: Export) {
+        self.exports
+            .write()
+            .expect("lock poisoned")
+            .insert(export.name.clone(), Arc::new(export));
+    }
+
+    /// Remove an export from new negotiations.
+    pub fn remove_export(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports.write().expect("lock poisoned").remove(name)
+    }
+
+    /// The exports, by name.
+    pub fn exports(&self) -> Vec<Arc<Export>> {
+        self.exports
+            .read()
+            .expect("lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn lookup(&self, name: &str) -> Option<Arc<Export>> {
+        let exports = self.exports.read().expect("lock poisoned");
+        let name = match (name, &self.config.default_export) {
+            ("", Some(default)) if !exports.contains_key("") => default.as_str(),
+            _ => name,
+        };
+        exports.get(name).cloned()
+    }
+
+    /// Stop accepting, let every connection finish the requests it has in flight, and wait.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Serve clients from a TCP listener until shutdown.
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Some(permit) = self.connection_permit().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.spawn_connection(stream, peer.to_string(), permit);
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept NBD connection");
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Serve clients from a unix-socket listener until shutdown.
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            let Some(permit) = self.connection_permit().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => self.spawn_connection(stream, "unix".to_string(), permit),
+                Err(e) => {
+                    warn!(error = %e, "accept NBD connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection_permit(&self) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            p = self.connections.clone().acquire_owned() => p.ok(),
+        }
+    }
+
+    /// Serve one connected client (any byte stream) until it disconnects or the server shuts down.
+    pub fn spawn_connection<S>(
+        self: &Arc<Self>,
+        stream: S,
+        peer: String,
+        permit: OwnedSemaphorePermit,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let server = self.clone();
+        let span = tracing::info_span!("nbd", peer = %peer);
+        self.tasks.spawn(
+            async move {
+                debug!("connected");
+                match server.serve_connection(stream).await {
+                    Ok(()) => debug!("disconnected"),
+                    Err(e) => info!(error = %e, "connection ended"),
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn serve_connection<S>(self: Arc<Self>, mut stream: S) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let timeout = self.config.handshake_timeout;
+        let mut buf = BytesMut::new();
+        codec::encode_greeting(
+            &mut buf,
+            codec::handshake_flags::FIXED_NEWSTYLE | codec::handshake_flags::NO_ZEROES,
+        );
+        stream.write_all(&buf).await?;
+        let client_flags = with_timeout(timeout, stream.read_u32()).await?;
+        let known = codec::client_flags::FIXED_NEWSTYLE | codec::client_flags::NO_ZEROES;
+        if client_flags & !known != 0 {
+            return Err(invalid(format!(
+                "client sent unknown client flags {client_flags:#x}"
+            )));
+        }
+        let session = Session {
+            fixed: client_flags & codec::client_flags::FIXED_NEWSTYLE != 0,
+            no_zeroes: client_flags & codec::client_flags::NO_ZEROES != 0,
+            ..Session::default()
+        };
+        let negotiated = with_timeout(timeout, self.negotiate(&mut stream, session)).await?;
+        match negotiated {
+            Negotiated::Close => Ok(()),
+            Negotiated::Transmission(session, export) => {
+                self.transmission(stream, session, export).await
+            }
+            Negotiated::StartTls(session) => {
+                let tls = self
+                    .config
+                    .tls
+                    .clone()
+                    .expect("STARTTLS is acknowledged only when TLS is configured");
+                let mut stream = with_timeout(timeout, tls.acceptor.accept(stream)).await?;
+                let session = Session {
+                    tls: true,
+                    ..session
+                };
+                match with_timeout(timeout, self.negotiate(&mut stream, session)).await? {
+                    Negotiated::Close => Ok(()),
+                    Negotiated::Transmission(session, export) => {
+                        self.transmission(stream, session, export).await
+                    }
+                    Negotiated::StartTls(_) => {
+                        unreachable!("a second STARTTLS is refused during negotiation")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The option haggling phase. Returns when the client chose an export, aborted, or asked
+    /// for TLS (then the caller upgrades the stream and negotiates again).
+    async fn negotiate<S>(&self, stream: &mut S, mut s: Session) -> std::io::Result<Negotiated>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let tls_required = self
+            .config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == TlsMode::Required);
+        let mut out = BytesMut::new();
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(Negotiated::Close);
+            }
+            let mut header = [0u8; codec::OPTION_HEADER_LEN];
+            match stream.read_exact(&mut header).await {
+                Ok(_) => {}
+                // A client that goes away between options (e.g. `nbdinfo --list` after LIST).
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(Negotiated::Close)
+                }
+                Err(e) => return Err(e),
+            }
+            let h = codec::decode_option_header(&header)
+                .map_err(|e| invalid(format!("option header: {e}")))?;
+            if h.len > MAX_OPTION_LEN {
+                if h.len > MAX_DISCARD_LEN || !s.fixed {
+                    return Err(invalid(format!(
+                        "option {} carries {} bytes of data",
+                        h.option, h.len
+                    )));
+                }
+                tokio::io::copy(
+                    &mut (&mut *stream).take(u64::from(h.len)),
+                    &mut tokio::io::sink(),
+                )
+                .await?;
+                let msg = format!(
+                    "option data of {} bytes is over the {MAX_OPTION_LEN}-byte limit",
+                    h.len
+                );
+                send_option_reply(stream, &mut out, h.option, rep::ERR_TOO_BIG, msg.as_bytes())
+                    .await?;
+                continue;
+            }
+            let mut data = vec![0u8; h.len as usize];
+            stream.read_exact(&mut data).await?;
+            if !s.fixed && h.option != opt::EXPORT_NAME {
+                return Err(invalid(format!(
+                    "option {} from a client without fixed newstyle",
+                    h.option
+                )));
+            }
+            let option = match codec::parse_option(h.option, &data) {
+                Ok(o) => o,
+                Err(e) => {
+                    if h.option == opt::EXPORT_NAME {
+                        return Err(invalid(format!("NBD_OPT_EXPORT_NAME: {e}")));
+                    }
+                    let code = match e {
+                        codec::ProtocolError::TooLong { .. } => rep::ERR_TOO_BIG,
+                        _ => rep::ERR_INVALID,
+                    };
+                    send_option_reply(stream, &mut out, h.option, code, e.to_string().as_bytes())
+                        .await?;
+                    continue;
+                }
+            };
+            if tls_required
+                && !s.tls
+                && !matches!(option, ClientOption::StartTls | ClientOption::Abort)
+            {
+                if h.option == opt::EXPORT_NAME {
+                    return Err(invalid(
+                        "NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server".into(),
+                    ));
+                }
+                send_option_reply(
+                    stream,
+                    &mut out,
+                    h.option,
+                    rep::ERR_TLS_REQD,
+                    b"this server requires TLS: use STARTTLS first",
+                )
+                .await?;
+                continue;
+            }
+            match option {
+                ClientOption::Abort => {
+                    // The client may already be gone; that is fine.
+                    let _ = send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await;
+                    return Ok(Negotiated::Close);
+                }
+                ClientOption::ExportName(name) => {
+                    let Some(export) = self.lookup(&name) else {
+                        return Err(invalid(format!(
+                            "NBD_OPT_EXPORT_NAME: no export named {name:?}"
+                        )));
+                    };
+                    out.clear();
+                    let flags = export.transmission_flags(s.structured);
+                    codec::encode_export_name_reply(
+                        &mut out,
+                        export.device.geometry().size,
+                        flags,
+                        s.no_zeroes,
+                    );
+                    stream.write_all(&out).await?;
+                    s.meta_export = None;
+                    return Ok(Negotiated::Transmission(s, export));
+                }
+                ClientOption::List => {
+                    for e in self.exports() {
+                        let d = codec::encode_rep_server(&e.name, &e.description);
+                        send_option_reply(stream, &mut out, h.option, rep::SERVER, &d).await?;
+                    }
+                    send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
+                }
+                ClientOption::StartTls => {
+                    if s.tls {
+                        send_option_reply(
+                            stream,
+                            &mut out,
+                            h.option,
+                            rep::ERR_INVALID,
+                            b"TLS is already in use",
+                        )
+                        .await?;
+                    } else if self.config.tls.is_none() {
+                        send_option_reply(
+                            stream,
+                            &mut out,
+                            h.option,
+                            rep::ERR_UNSUP,
+                            b"TLS is not configured on this server",
+                        )
+                        .await?;
+                    } else {
+                        send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
+                        // STARTTLS forgets everything negotiated before it.
+                        return Ok(Negotiated::StartTls(Session {
+                            fixed: s.fixed,
+                            no_zeroes: s.no_zeroes,
+                            ..Session::default()
+                        }));
+                    }
+                }
+                ClientOption::StructuredReply => {
+                    s.structured = true;
+                    send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
+                }
+                ClientOption::ListMetaContext(req) | ClientOption::SetMetaContext(req) => {
+                    let set = h.option == opt::SET_META_CONTEXT;
+                    if set {
+                        s.meta_export = None;
+                    }
+                    if !s.structured {
+                        send_option_reply(
+                            stream,
+                            &mut out,
+                            h.option,
+                            rep::ERR_INVALID,
+                            b"negotiate NBD_OPT_STRUCTURED_REPLY first",
+                        )
+                        .await?;
+                        continue;
+                    }
+                    if self.lookup(&req.export).is_none() {
+                        let msg = format!("no export named {:?}", req.export);
+                        send_option_reply(
+                            stream,
+                            &mut out,
+                            h.option,
+                            rep::ERR_UNKNOWN,
+                            msg.as_bytes(),
+                        )
+                        .await?;
+                        continue;
+                    }
+                    let selected = if set {
+                        req.queries.iter().any(|q| q == codec::BASE_ALLOCATION)
+                    } else {
+                        req.queries.is_empty()
+                            || req
+                                .queries
+                                .iter()
+                                .any(|q| q == "base:" || q == codec::BASE_ALLOCATION)
+                    };
+                    if selected {
+                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                        let d = codec::encode_rep_meta_context(id, codec::BASE_ALLOCATION);
+                        send_option_reply(stream, &mut out, h.option, rep::META_CONTEXT, &d)
+                            .await?;
+                        if set {
+                            s.meta_export = Some(req.export.clone());
+                        }
+                    }
+                    send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
+                }
+                ClientOption::Info(req) | ClientOption::Go(req) => {
+                    let go = h.option == opt::GO;
+                    let Some(export) = self.lookup(&req.name) else {
+                        let msg = format!(
+                            "no export named {:?}; NBD_OPT_LIST (nbdinfo --list) shows the exports",
+                            req.name
+                        );
+                        send_option_reply(
+                            stream,
+                            &mut out,
+                            h.option,
+                            rep::ERR_UNKNOWN,
+                            msg.as_bytes(),
+                        )
+                        .await?;
+                        continue;
+                    };
+                    let sizes = self.block_sizes(&export);
+                    let asked_sizes = req.requests.contains(&codec::info::BLOCK_SIZE);
+                    if asked_sizes || sizes.minimum > 1 {
+                        let d = codec::encode_info_block_size(sizes);
+                        send_option_reply(stream, &mut out, h.option, rep::INFO, &d).await?;
+                    }
+                    if sizes.minimum > 1 && !asked_sizes {
+                        let msg = format!(
+                            "this export needs {}-byte aligned I/O: request NBD_INFO_BLOCK_SIZE",
+                            sizes.minimum
+                        );
+                        send_option_reply(
+                            stream,
+                            &mut out,
+                            h.option,
+                            rep::ERR_BLOCK_SIZE_REQD,
+                            msg.as_bytes(),
+                        )
+                        .await?;
+                        continue;
+                    }
+                    if req.requests.contains(&codec::info::NAME) {
+                        let d = codec::encode_info_string(codec::info::NAME, &export.name);
+                        send_option_reply(stream, &mut out, h.option, rep::INFO, &d).await?;
+                    }
+                    if req.requests.contains(&codec::info::DESCRIPTION)
+                        && !export.description.is_empty()
+                    {
+                        let d = codec::encode_info_string(
+                            codec::info::DESCRIPTION,
+                            &export.description,
+                        );
+                        send_option_reply(stream, &mut out, h.option, rep::INFO, &d).await?;
+                    }
+                    let d = codec::encode_info_export(
+                        export.device.geometry().size,
+                        export.transmission_flags(s.structured),
+                    );
+                    send_option_reply(stream, &mut out, h.option, rep::INFO, &d).await?;
+                    send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
+                    if go {
+                        // Block status is allowed only for the export the meta context was set on.
+                        if s.meta_export.as_deref() != Some(req.name.as_str()) {
+                            s.meta_export = None;
+                        }
+                        return Ok(Negotiated::Transmission(s, export));
+                    }
+                }
+                ClientOption::Unknown(o) => {
+                    let msg = format!("option {o} is not supported");
+                    send_option_reply(stream, &mut out, h.option, rep::ERR_UNSUP, msg.as_bytes())
+                        .await?;
+                }
+            }
+        }
+    }
+
+    fn block_sizes(&self, export: &Export) -> BlockSizes {
+        let g = export.device.geometry();
+        let minimum = g.block_size.max(1);
+        BlockSizes {
+            minimum,
+            preferred: g.optimal_io_size.max(minimum).max(4096),
+            maximum: self.config.max_payload,
+        }
+    }
+
+    /// The transmission phase: read requests, run each as its own task, and let one writer send
+    /// the replies in completion order.
+    async fn transmission<S>(
+        self: Arc<Self>,
+        stream: S,
+        s: Session,
+        export: Arc<Export>,
+    ) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        debug!(export = %export.name, structured = s.structured, tls = s.tls, "transmission");
+        let (reader, writer) = tokio::io::split(stream);
+        let mut reader = BufReader::with_capacity(256 << 10, reader);
+        let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+        let writer_task = tokio::spawn(write_replies(writer, rx));
+        let budget = Arc::new(Semaphore::new(self.config.max_in_flight_bytes));
+        let ctx = Arc::new(Ctx {
+            block_size: u64::from(export.device.geometry().block_size.max(1)),
+            export,
+            structured: s.structured,
+            block_status: s.meta_export.is_some(),
+            max_payload: self.config.max_payload,
+        });
+        let requests = TaskTracker::new();
+        let result = loop {
+            let mut header = [0u8; codec::REQUEST_LEN];
+            let read = tokio::select! {
+                _ = self.shutdown.cancelled() => break Ok(()),
+                r = reader.read_exact(&mut header) => r,
+            };
+            match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            let req = match codec::decode_request(&header) {
+                Ok(r) => r,
+                Err(e) => {
+                    break Err(invalid(format!(
+                        "request: {e}; closing, as framing is lost"
+                    )))
+                }
+            };
+            if req.command == cmd::DISC {
+                break Ok(());
+            }
+            // Charge the payload (write) or the reply (read) to the in-flight budget before
+            // reading further: a client that outruns the device waits here.
+            let charge = match req.command {
+                cmd::READ | cmd::WRITE => {
+                    (req.length as usize).clamp(1, self.config.max_in_flight_bytes)
+                }
+                _ => 1,
+            };
+            let permit = budget
+                .clone()
+                .acquire_many_owned(charge as u32)
+                .await
+                .expect("budget semaphore is never closed");
+            let payload = if req.command == cmd::WRITE {
+                if req.length > ctx.max_payload {
+                    // Keep the stream in sync, then refuse.
+                    if let Err(e) = tokio::io::copy(
+                        &mut (&mut reader).take(u64::from(req.length)),
+                        &mut tokio::io::sink(),
+                    )
+                    .await
+                    {
+                        break Err(e);
+                    }
+                    None
+                } else {
+                    let mut buf = BytesMut::zeroed(req.length as usize);
+                    if let Err(e) = reader.read_exact(&mut buf).await {
+                        break Err(e);
+                    }
+                    Some(buf.freeze())
+                }
+            } else {
+                None
+            };
+            let ctx = ctx.clone();
+            let tx = tx.clone();
+            requests.spawn(async move {
+                let reply = execute(&ctx, req, payload).await;
+                let _ = tx.send(Reply {
+                    bytes: reply,
+                    _permit: permit,
+                });
+            });
+        };
+        // Drain: every request read is answered before the connection closes.
+        requests.close();
+        requests.wait().await;
+        drop(tx);
+        let written = writer_task
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        result.and(written)
+    }
+}
+
+/// What negotiation ended with.
+enum Negotiated {
+    Close,
+    StartTls(Session),
+    Transmission(Session, Arc<Export>),
+}
+
+/// What a client negotiated so far.
+#[derive(Debug, Default, Clone)]
+struct Session {
+    fixed: bool,
+    no_zeroes: bool,
+    tls: bool,
+    structured: bool,
+    /// The export `base:allocation` was selected for.
+    meta_export: Option<String>,
+}
+
+async fn send_option_reply<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut BytesMut,
+    option: u32,
+    reply_type: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    out.clear();
+    codec::encode_option_reply(out, option, reply_type, data);
+    stream.write_all(out).await
+}
+
+async fn with_timeout<T>(
+    d: Duration,
+    f: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(d, f).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "negotiation took too long")
+    })?
+}
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
+}
+
+/// Per-connection state the request tasks share.
+struct Ctx {
+    export: Arc<Export>,
+    structured: bool,
+    block_status: bool,
+    block_size: u64,
+    max_payload: u32,
+}
+
+/// A reply ready to send: its header (and for reads, the data) as a few buffers, and the
+/// in-flight budget it holds until written.
+struct Reply {
+    bytes: ReplyBytes,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum ReplyBytes {
+    Header(BytesMut),
+    WithData(BytesMut, Bytes),
+}
+
+/// The one writer of a connection: takes replies as they complete and writes as many as are
+/// ready with one vectored write.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) -> std::io::Result<()> {
+    const BATCH: usize = 64;
+    let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
+    let vectored = w.is_write_vectored();
+    let mut coalesced = BytesMut::new();
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        if vectored {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+            for r in &batch {
+                match &r.bytes {
+                    ReplyBytes::Header(h) => slices.push(IoSlice::new(h)),
+                    ReplyBytes::WithData(h, d) => {
+                        slices.push(IoSlice::new(h));
+                        slices.push(IoSlice::new(d));
+                    }
+                }
+            }
+            write_all_vectored(&mut w, &mut slices).await?;
+        } else {
+            coalesced.clear();
+            for r in &batch {
+                match &r.bytes {
+                    ReplyBytes::Header(h) => coalesced.extend_from_slice(h),
+                    ReplyBytes::WithData(h, d) => {
+                        coalesced.extend_from_slice(h);
+                        coalesced.extend_from_slice(d);
+                    }
+                }
+            }
+            w.write_all(&coalesced).await?;
+        }
+        w.flush().await?;
+        batch.clear();
+    }
+    w.shutdown().await.or_else(|e| {
+        if e.kind() == std::io::ErrorKind::NotConnected {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// An error to send back: the NBD errno and a message for the user.
+struct Failure {
+    errno: u32,
+    message: String,
+}
+
+impl Failure {
+    fn new(errno: u32, message: impl Into<String>) -> Failure {
+        Failure {
+            errno,
+            message: message.into(),
+        }
+    }
+
+    fn from_device(e: DevError, write_like: bool) -> Failure {
+        let errno = match e.kind() {
+            ErrorKind::OutOfRange if write_like => errno::ENOSPC,
+            kind => errno::from_os(kind.errno()),
+        };
+        Failure {
+            errno,
+            message: e.chain(),
+        }
+    }
+}
+
+enum Success {
+    Done,
+    Data(Bytes),
+    Extents(Vec<Extent>),
+}
+
+/// Run one request against the device and encode its reply.
+async fn execute(ctx: &Ctx, req: codec::Request, payload: Option<Bytes>) -> ReplyBytes {
+    let result = run(ctx, &req, payload).await;
+    let mut h = BytesMut::with_capacity(32);
+    match result {
+        Ok(Success::Data(data)) if ctx.structured => {
+            codec::encode_chunk_header(
+                &mut h,
+                reply::FLAG_DONE,
+                reply::TYPE_OFFSET_DATA,
+                req.cookie,
+                8 + data.len() as u32,
+            );
+            h.extend_from_slice(&req.offset.to_be_bytes());
+            ReplyBytes::WithData(h, data)
+        }
+        Ok(Success::Data(data)) => {
+            codec::encode_simple_reply(&mut h, 0, req.cookie);
+            ReplyBytes::WithData(h, data)
+        }
+        Ok(Success::Extents(extents)) => {
+            let mut payload = BytesMut::with_capacity(4 + 8 * extents.len());
+            payload.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+            let max_len = (u64::from(u32::MAX) / ctx.block_size) * ctx.block_size;
+            let want_one = req.flags & cmd_flags::REQ_ONE != 0;
+            'outer: for e in extents {
+                let flags = (if e.hole { codec::alloc_flags::HOLE } else { 0 })
+                    | (if e.zero { codec::alloc_flags::ZERO } else { 0 });
+                let mut left = e.len;
+                while left > 0 {
+                    let n = left.min(max_len);
+                    payload.extend_from_slice(&(n as u32).to_be_bytes());
+                    payload.extend_from_slice(&flags.to_be_bytes());
+                    left -= n;
+                    if want_one || payload.len() >= 4 + 8 * MAX_EXTENTS {
+                        break 'outer;
+                    }
+                }
+            }
+            codec::encode_chunk_header(
+                &mut h,
+                reply::FLAG_DONE,
+                reply::TYPE_BLOCK_STATUS,
+                req.cookie,
+                payload.len() as u32,
+            );
+            h.extend_from_slice(&payload);
+            ReplyBytes::Header(h)
+        }
+        Ok(Success::Done) => {
+            codec::encode_simple_reply(&mut h, 0, req.cookie);
+            ReplyBytes::Header(h)
+        }
+        Err(f) => {
+            if f.errno != errno::EINVAL || req.command != cmd::READ {
+                debug!(cookie = req.cookie, command = req.command, errno = f.errno, message = %f.message, "request failed");
+            }
+            if ctx.structured {
+                codec::encode_error_chunk(&mut h, req.cookie, f.errno, &f.message);
+            } else {
+                codec::encode_simple_reply(&mut h, f.errno, req.cookie);
+            }
+            ReplyBytes::Header(h)
+        }
+    }
+}
+
+/// The flags each command accepts (FUA is valid on all).
+fn allowed_flags(command: u16) -> u16 {
+    cmd_flags::FUA
+        | match command {
+            cmd::READ => cmd_flags::DF,
+            cmd::WRITE_ZEROES => cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
+            cmd::BLOCK_STATUS => cmd_flags::REQ_ONE,
+            _ => 0,
+        }
+}
+
+fn command_name(command: u16) -> &'static str {
+    match command {
+        cmd::READ => "read",
+        cmd::WRITE => "write",
+        cmd::FLUSH => "flush",
+        cmd::TRIM => "trim",
+        cmd::CACHE => "cache",
+        cmd::WRITE_ZEROES => "write zeroes",
+        cmd::BLOCK_STATUS => "block status",
+        _ => "unknown command",
+    }
+}
+
+async fn run(ctx: &Ctx, req: &codec::Request, payload: Option<Bytes>) -> Result<Success, Failure> {
+    let name = command_name(req.command);
+    if !matches!(
+        req.command,
+        cmd::READ
+            | cmd::WRITE
+            | cmd::FLUSH
+            | cmd::TRIM
+            | cmd::CACHE
+            | cmd::WRITE_ZEROES
+            | cmd::BLOCK_STATUS
+    ) {
+        return Err(Failure::new(
+            errno::EINVAL,
+            format!(
+                "command {} is not an NBD command this server knows",
+                req.command
+            ),
+        ));
+    }
+    let bad_flags = req.flags & !allowed_flags(req.command);
+    if bad_flags != 0 {
+        return Err(Failure::new(
+            errno::EINVAL,
+            format!("{name}: flags {bad_flags:#x} are not valid for this command"),
+        ));
+    }
+    if req.flags & cmd_flags::DF != 0 && !ctx.structured {
+        return Err(Failure::new(
+            errno::EINVAL,
+            "read: DF needs structured replies",
+        ));
+    }
+    let dev = &ctx.export.device;
+    let fua = req.flags & cmd_flags::FUA != 0;
+    let write_like = matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
+    if write_like && ctx.export.read_only() {
+        return Err(Failure::new(
+            errno::EPERM,
+            format!("{name}: export {:?} is read-only", ctx.export.name),
+        ));
+    }
+    let (offset, length) = (req.offset, u64::from(req.length));
+    if req.command != cmd::FLUSH {
+        if length == 0 {
+            return Err(Failure::new(
+                errno::EINVAL,
+                format!("{name}: a length of 0 is not valid"),
+            ));
+        }
+        if matches!(req.command, cmd::READ | cmd::WRITE) && req.length > ctx.max_payload {
+            return Err(Failure::new(
+                errno::EINVAL,
+                format!(
+                    "{name}: {length} bytes is over the {}-byte maximum payload",
+                    ctx.max_payload
+                ),
+            ));
+        }
+        let size = dev.geometry().size;
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            let e = if matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES) {
+                errno::ENOSPC
+            } else {
+                errno::EINVAL
+            };
+            return Err(Failure::new(e, format!("{name}: {length} bytes at offset {offset} reach past the end of the export ({size} bytes)")));
+        }
+        if offset % ctx.block_size != 0 || length % ctx.block_size != 0 {
+            return Err(Failure::new(
+                errno::EINVAL,
+                format!(
+                    "{name}: offset and length must be multiples of {} bytes",
+                    ctx.block_size
+                ),
+            ));
+        }
+    }
+    let dev_err = |e| Failure::from_device(e, write_like);
+    match req.command {
+        cmd::READ => dev
+            .read_at(offset, length as usize)
+            .await
+            .map(Success::Data)
+            .map_err(dev_err),
+        cmd::WRITE => {
+            let data =
+                payload.ok_or_else(|| Failure::new(errno::EINVAL, "write: payload missing"))?;
+            dev.write_at(offset, data, WriteOpts { fua })
+                .await
+                .map(|_| Success::Done)
+                .map_err(dev_err)
+        }
+        cmd::FLUSH => dev.flush().await.map(|_| Success::Done).map_err(dev_err),
+        cmd::TRIM => {
+            if !dev.capabilities().trim {
+                // Trim is advisory: without support it is done by doing nothing, as the spec allows.
+                return Ok(Success::Done);
+            }
+            dev.trim(offset, length, WriteOpts { fua })
+                .await
+                .map(|_| Success::Done)
+                .map_err(dev_err)
+        }
+        cmd::CACHE => dev
+            .cache(offset, length)
+            .await
+            .map(|_| Success::Done)
+            .map_err(dev_err),
+        cmd::WRITE_ZEROES => {
+            let opts = ZeroOpts {
+                fua,
+                may_trim: req.flags & cmd_flags::NO_HOLE == 0,
+                fast_only: req.flags & cmd_flags::FAST_ZERO != 0,
+            };
+            dev.write_zeroes(offset, length, opts)
+                .await
+                .map(|_| Success::Done)
+                .map_err(dev_err)
+        }
+        cmd::BLOCK_STATUS => {
+            if !ctx.block_status {
+                return Err(Failure::new(errno::EINVAL, "block status: no meta context was selected (NBD_OPT_SET_META_CONTEXT base:allocation)"));
+            }
+            let ext = dev.block_status(offset, length).await.map_err(dev_err)?;
+            if ext.is_empty() || ext.iter().any(|e| e.len == 0) {
+                return Err(Failure::new(
+                    errno::EIO,
+                    "block status: the device returned an empty extent",
+                ));
+            }
+            Ok(Success::Extents(ext))
+        }
+        _ => unreachable!("commands were checked above"),
+    }
+}
