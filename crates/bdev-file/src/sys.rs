@@ -1,0 +1,156 @@
+//! Thin, safe wrappers over the Linux calls this crate needs that `std` does not offer. Each
+//! returns `io::Result` carrying the errno, so that callers can classify it with
+//! [`strata_bdev::Error::io`].
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Retry a libc call that returns -1 and sets errno while it fails with `EINTR`.
+fn retry(mut f: impl FnMut() -> libc::c_long) -> io::Result<libc::c_long> {
+    loop {
+        let r = f();
+        if r != -1 {
+            return Ok(r);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+fn off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// `fallocate(2)`.
+pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (off(offset)?, off(len)?);
+    // SAFETY: fallocate reads no memory of ours; the fd is valid while `file` is borrowed.
+    retry(|| unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) }.into()).map(drop)
+}
+
+/// Deallocate a range, keeping the size (reads of it return zeroes).
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// `lseek(2)`; `SEEK_DATA` and `SEEK_HOLE` answer `ENXIO` past the last data / at the end.
+pub(crate) fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    let offset = off(offset)?;
+    // SAFETY: lseek reads no memory of ours; the fd is valid while `file` is borrowed.
+    let r = retry(|| unsafe { libc::lseek(file.as_raw_fd(), offset, whence) })?;
+    Ok(r as u64)
+}
+
+/// Take an exclusive advisory lock without waiting; `EWOULDBLOCK` if someone else holds one.
+/// The lock belongs to the open file description and goes away when it is closed.
+pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
+    // SAFETY: flock reads no memory of ours; the fd is valid while `file` is borrowed.
+    retry(|| unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }.into())
+        .map(drop)
+}
+
+/// `posix_fadvise(POSIX_FADV_WILLNEED)`: start reading a range into the page cache.
+pub(crate) fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (off(offset)?, off(len)?);
+    // SAFETY: posix_fadvise reads no memory of ours; the fd is valid while `file` is borrowed.
+    match unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Change an open file's status flags: turn on `set` and turn off `clear` (`O_DIRECT` fails with
+/// `EINVAL` where the filesystem cannot do direct I/O).
+pub(crate) fn set_status_flags(
+    file: &File,
+    set: libc::c_int,
+    clear: libc::c_int,
+) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL reads no memory of ours.
+    let flags = retry(|| unsafe { libc::fcntl(fd, libc::F_GETFL) }.into())? as libc::c_int;
+    let new = (flags | set) & !clear;
+    if new == flags {
+        return Ok(());
+    }
+    // SAFETY: F_SETFL reads no memory of ours.
+    retry(|| unsafe { libc::fcntl(fd, libc::F_SETFL, new) }.into()).map(drop)
+}
+
+/// The alignment direct I/O needs, from `statx(STATX_DIOALIGN)` (Linux 6.1+): `(offset and
+/// length alignment, memory alignment)`. `Ok(None)` when the kernel or filesystem does not say;
+/// `(0, 0)` when it says direct I/O is not supported on this file.
+pub(crate) fn dio_alignment(file: &File) -> io::Result<Option<(u32, u32)>> {
+    // SAFETY: statx is plain data, for which all-zero bytes are a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a valid C string, and `stx` is a writable statx the call fills in.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(None);
+    }
+    Ok(Some((stx.stx_dio_offset_align, stx.stx_dio_mem_align)))
+}
+
+/// A block device's logical sector size (`BLKSSZGET`).
+pub(crate) fn logical_block_size(file: &File) -> io::Result<u32> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one c_int through the pointer, which points at `size`.
+    retry(|| unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut size) }.into())?;
+    u32::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Whether a block device zeroes ranges in hardware (or its driver does so without writing
+/// buffers), read from sysfs: `fallocate(PUNCH_HOLE)` on a block device needs it.
+pub(crate) fn block_device_zeroes_fast(rdev: u64) -> bool {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    // A partition's directory sits inside its disk's, and only the disk has `queue/`.
+    ["queue", "../queue"].iter().any(|q| {
+        std::fs::read_to_string(format!(
+            "/sys/dev/block/{major}:{minor}/{q}/write_zeroes_max_bytes"
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0)
+    })
+}
+
+/// A new eventfd (blocking, close-on-exec).
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Add one to an eventfd's counter, waking a reader.
+pub(crate) fn eventfd_signal(fd: RawFd) -> io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: write reads 8 bytes from `one`, which lives across the call.
+    retry(|| unsafe { libc::write(fd, (&one as *const u64).cast(), 8) } as libc::c_long).map(drop)
+}

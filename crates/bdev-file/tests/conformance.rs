@@ -1,0 +1,58 @@
+//! The block-device conformance suite against every engine, with and without `O_DIRECT`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use strata_bdev::conformance::{self, Expect};
+use strata_bdev::BlockDevice;
+use strata_bdev_file::{FileDevice, FileOptions, IoEngine};
+
+async fn run(engine: IoEngine, direct: bool) {
+    let dir = tempfile::tempdir().expect("make a temporary directory");
+    let n = AtomicUsize::new(0);
+    conformance::run(Expect::default(), |size| {
+        let path = dir
+            .path()
+            .join(format!("dev{}.img", n.fetch_add(1, Ordering::Relaxed)));
+        async move {
+            let options = FileOptions {
+                size: Some(size),
+                direct,
+                engine,
+                read_only: false,
+            };
+            let dev = FileDevice::open(&path, options).expect("open a new file device");
+            assert_eq!(dev.engine(), engine, "{dev:?} uses the engine asked for");
+            assert_eq!(dev.is_direct(), direct);
+            let caps = dev.capabilities();
+            assert!(caps.trim && caps.fast_zero && caps.block_status && caps.multi_conn);
+            if direct {
+                assert!(dev.geometry().block_size >= 512, "{:?}", dev.geometry());
+            } else {
+                assert_eq!(dev.geometry().block_size, 1);
+            }
+            Arc::new(dev) as Arc<dyn BlockDevice>
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_uring() {
+    run(IoEngine::Uring, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads() {
+    run(IoEngine::Threads, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_uring_direct() {
+    run(IoEngine::Uring, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_direct() {
+    run(IoEngine::Threads, true).await;
+}
