@@ -111,6 +111,8 @@ impl FaultHandle {
 
     fn check(&self, op: Op, offset: u64, len: u64) -> Option<Action> {
         let mut rules = self.rules.lock().expect("lock poisoned");
+        // A rule allowed zero more firings is spent.
+        rules.retain(|r| r.remaining != Some(0));
         let i = rules.iter().position(|r| {
             (r.ops.is_empty() || r.ops.contains(&op))
                 && r.range
@@ -232,6 +234,8 @@ mod tests {
         assert_eq!(dev.flush().await.unwrap_err().kind(), ErrorKind::Io);
         h.clear();
         assert_eq!(&dev.read_at(4096, 4).await.unwrap()[..], b"abcd");
+        h.add(Rule::fail_all(ErrorKind::Io).times(0));
+        dev.flush().await.unwrap();
     }
 
     #[tokio::test]
