@@ -721,6 +721,86 @@ pub fn parse_error_chunk(b: &[u8]) -> Result<(u32, String), ProtocolError> {
     ))
 }
 
+/// A request header as a fixed array, for writers that gather headers and payloads into one
+/// vectored write without a buffer per request.
+pub fn request_header(r: &Request) -> [u8; REQUEST_LEN] {
+    let mut b = [0u8; REQUEST_LEN];
+    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&r.flags.to_be_bytes());
+    b[6..8].copy_from_slice(&r.command.to_be_bytes());
+    b[8..16].copy_from_slice(&r.cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&r.offset.to_be_bytes());
+    b[24..28].copy_from_slice(&r.length.to_be_bytes());
+    b
+}
+
+/// The length of the reply header that starts `b` (16 or 20 bytes), from its first 4 bytes;
+/// `Ok(None)` if fewer than 4 bytes are at hand.
+pub fn reply_header_len(b: &[u8]) -> Result<Option<usize>, ProtocolError> {
+    if b.len() < 4 {
+        return Ok(None);
+    }
+    match be_u32(b, 0) {
+        SIMPLE_REPLY_MAGIC => Ok(Some(SIMPLE_REPLY_LEN)),
+        STRUCTURED_REPLY_MAGIC => Ok(Some(STRUCTURED_REPLY_LEN)),
+        other => Err(ProtocolError::BadMagic {
+            expected: SIMPLE_REPLY_MAGIC.into(),
+            found: other.into(),
+        }),
+    }
+}
+
+/// Parse the data of `NBD_REP_META_CONTEXT`: the context id and its name.
+pub fn parse_rep_meta_context(b: &[u8]) -> Result<(u32, String), ProtocolError> {
+    need("NBD_REP_META_CONTEXT", b, 4)?;
+    Ok((be_u32(b, 0), string("meta context name", &b[4..])?))
+}
+
+/// Parse the payload of an `NBD_REPLY_TYPE_OFFSET_HOLE` chunk: the offset and the hole's size.
+pub fn parse_offset_hole(b: &[u8]) -> Result<(u64, u32), ProtocolError> {
+    if b.len() != 12 {
+        return Err(ProtocolError::Invalid(format!(
+            "an NBD_REPLY_TYPE_OFFSET_HOLE chunk is {} bytes; it must be 12",
+            b.len()
+        )));
+    }
+    Ok((be_u64(b, 0), be_u32(b, 8)))
+}
+
+/// Parse the payload of an `NBD_REPLY_TYPE_ERROR_OFFSET` chunk: error, message and offset.
+pub fn parse_error_offset_chunk(b: &[u8]) -> Result<(u32, String, u64), ProtocolError> {
+    let (error, message) = parse_error_chunk(b)?;
+    let at = 6 + be_u16(b, 4) as usize;
+    need("NBD_REPLY_TYPE_ERROR_OFFSET", b, at + 8)?;
+    Ok((error, message, be_u64(b, at)))
+}
+
+/// One descriptor of an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockDescriptor {
+    pub length: u32,
+    pub flags: u32,
+}
+
+/// Parse the payload of an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk: the meta context id and its
+/// descriptors (at least one).
+pub fn parse_block_status_chunk(b: &[u8]) -> Result<(u32, Vec<BlockDescriptor>), ProtocolError> {
+    if b.len() < 12 || !(b.len() - 4).is_multiple_of(8) {
+        return Err(ProtocolError::Invalid(format!(
+            "an NBD_REPLY_TYPE_BLOCK_STATUS chunk is {} bytes; it must be 4 + 8n with n >= 1",
+            b.len()
+        )));
+    }
+    let descriptors = b[4..]
+        .chunks_exact(8)
+        .map(|d| BlockDescriptor {
+            length: be_u32(d, 0),
+            flags: be_u32(d, 4),
+        })
+        .collect();
+    Ok((be_u32(b, 0), descriptors))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -762,6 +842,71 @@ mod tests {
         assert!(parse_option(opt::EXPORT_NAME, &[b'a'; MAX_STRING + 1]).is_err());
     }
 
+    #[test]
+    fn reply_payload_helpers() {
+        let mut b = BytesMut::new();
+        encode_simple_reply(&mut b, 0, 1);
+        assert_eq!(reply_header_len(&b), Ok(Some(SIMPLE_REPLY_LEN)));
+        b.clear();
+        encode_chunk_header(&mut b, 0, reply::TYPE_NONE, 1, 0);
+        assert_eq!(reply_header_len(&b[..4]), Ok(Some(STRUCTURED_REPLY_LEN)));
+        assert_eq!(reply_header_len(&b[..3]), Ok(None));
+        assert!(reply_header_len(&[1, 2, 3, 4]).is_err());
+
+        let d = encode_rep_meta_context(7, BASE_ALLOCATION);
+        assert_eq!(
+            parse_rep_meta_context(&d),
+            Ok((7, BASE_ALLOCATION.to_string()))
+        );
+        assert!(parse_rep_meta_context(&[0, 0]).is_err());
+
+        let mut hole = 4096u64.to_be_bytes().to_vec();
+        hole.extend_from_slice(&512u32.to_be_bytes());
+        assert_eq!(parse_offset_hole(&hole), Ok((4096, 512)));
+        assert!(parse_offset_hole(&hole[..11]).is_err());
+
+        let mut b = BytesMut::new();
+        encode_error_chunk(&mut b, 9, errno::ENOSPC, "full");
+        let payload = &b[STRUCTURED_REPLY_LEN..];
+        assert_eq!(
+            parse_error_chunk(payload),
+            Ok((errno::ENOSPC, "full".to_string()))
+        );
+        let mut with_offset = payload.to_vec();
+        assert!(parse_error_offset_chunk(&with_offset).is_err());
+        with_offset.extend_from_slice(&65536u64.to_be_bytes());
+        assert_eq!(
+            parse_error_offset_chunk(&with_offset),
+            Ok((errno::ENOSPC, "full".to_string(), 65536))
+        );
+
+        let mut status = 1u32.to_be_bytes().to_vec();
+        for (len, flags) in [
+            (4096u32, 0u32),
+            (8192, alloc_flags::HOLE | alloc_flags::ZERO),
+        ] {
+            status.extend_from_slice(&len.to_be_bytes());
+            status.extend_from_slice(&flags.to_be_bytes());
+        }
+        let (id, d) = parse_block_status_chunk(&status).unwrap();
+        assert_eq!(id, 1);
+        assert_eq!(
+            d,
+            vec![
+                BlockDescriptor {
+                    length: 4096,
+                    flags: 0
+                },
+                BlockDescriptor {
+                    length: 8192,
+                    flags: 3
+                }
+            ]
+        );
+        assert!(parse_block_status_chunk(&status[..4]).is_err());
+        assert!(parse_block_status_chunk(&status[..13]).is_err());
+    }
+
     proptest! {
         #[test]
         fn info_request_round_trips(name in "[a-z0-9/._-]{0,64}", requests in proptest::collection::vec(any::<u16>(), 0..8)) {
@@ -784,6 +929,14 @@ mod tests {
         }
 
         #[test]
+        fn request_header_matches_encode_request(flags: u16, command: u16, cookie: u64, offset: u64, length: u32) {
+            let r = Request { flags, command, cookie, offset, length };
+            let mut b = BytesMut::new();
+            encode_request(&mut b, &r);
+            prop_assert_eq!(&request_header(&r)[..], &b[..]);
+        }
+
+        #[test]
         fn parsers_never_panic(option: u32, data in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = parse_option(option % 12, &data);
             let _ = parse_info(&data);
@@ -792,6 +945,11 @@ mod tests {
             let _ = parse_error_chunk(&data);
             let _ = decode_option_header(&data);
             let _ = decode_option_reply_header(&data);
+            let _ = reply_header_len(&data);
+            let _ = parse_rep_meta_context(&data);
+            let _ = parse_offset_hole(&data);
+            let _ = parse_error_offset_chunk(&data);
+            let _ = parse_block_status_chunk(&data);
         }
 
         #[test]

@@ -9,7 +9,9 @@
 //!   client  a BlockDevice that speaks NBD to a remote server (nbd://, nbd+unix://)
 //! ```
 
+pub mod client;
 pub mod codec;
 pub mod server;
 
+pub use client::{NbdDevice, NbdOpener};
 pub use server::{Export, Server, ServerConfig, TlsMode, TlsSettings};
