@@ -204,42 +204,32 @@ impl Server {
 
     /// Serve clients from a TCP listener until shutdown.
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let Some(permit) = self.connection_permit().await else {
-                return;
-            };
-            let accepted = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    self.spawn_connection(stream, peer.to_string(), permit);
-                }
-                Err(e) => {
-                    warn!(error = %e, "accept NBD connection");
-                    // EMFILE and friends: back off briefly rather than spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        self.serve(listener).await
     }
 
     /// Serve clients from a unix-socket listener until shutdown.
     pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        self.serve(listener).await
+    }
+
+    async fn serve<L: Listener>(self: Arc<Self>, listener: L) {
         loop {
-            let Some(permit) = self.connection_permit().await else {
-                return;
-            };
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                a = listener.accept() => a,
+                a = listener.accept_one() => a,
             };
             match accepted {
-                Ok((stream, _)) => self.spawn_connection(stream, "unix".to_string(), permit),
+                Ok((stream, peer)) => {
+                    // At the limit this client waits, unanswered, and this listener accepts no
+                    // more until a connection ends.
+                    let Some(permit) = self.connection_permit().await else {
+                        return;
+                    };
+                    self.spawn_connection(stream, peer, permit);
+                }
                 Err(e) => {
                     warn!(error = %e, "accept NBD connection");
+                    // EMFILE and friends: back off briefly rather than spin.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -288,7 +278,10 @@ impl Server {
             codec::handshake_flags::FIXED_NEWSTYLE | codec::handshake_flags::NO_ZEROES,
         );
         stream.write_all(&buf).await?;
-        let client_flags = with_timeout(timeout, stream.read_u32()).await?;
+        let client_flags = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(()),
+            f = with_timeout(timeout, stream.read_u32()) => f?,
+        };
         let known = codec::client_flags::FIXED_NEWSTYLE | codec::client_flags::NO_ZEROES;
         if client_flags & !known != 0 {
             return Err(invalid(format!(
@@ -343,11 +336,12 @@ impl Server {
             .is_some_and(|t| t.mode == TlsMode::Required);
         let mut out = BytesMut::new();
         loop {
-            if self.shutdown.is_cancelled() {
-                return Ok(Negotiated::Close);
-            }
             let mut header = [0u8; codec::OPTION_HEADER_LEN];
-            match stream.read_exact(&mut header).await {
+            let read = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(Negotiated::Close),
+                r = stream.read_exact(&mut header) => r,
+            };
+            match read {
                 Ok(_) => {}
                 // A client that goes away between options (e.g. `nbdinfo --list` after LIST).
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -715,6 +709,31 @@ impl Server {
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         result.and(written)
+    }
+}
+
+/// A socket listener the server can accept from.
+trait Listener {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Accept one client; returns the stream and a name for logs.
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)>;
+}
+
+impl Listener for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (stream, peer) = self.accept().await?;
+        // Replies are written in batches already; do not let Nagle delay the last one.
+        stream.set_nodelay(true)?;
+        Ok((stream, peer.to_string()))
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (stream, _) = self.accept().await?;
+        Ok((stream, "unix".to_string()))
     }
 }
 

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Side-by-side NBD benchmark: the same fio jobs (nbd engine, one job, 1 GiB region) against
+# Strata, nbdkit, qemu-nbd and nbd-server on the same backing file, and against Strata and
+# nbdkit on memory. Prints IOPS, MiB/s, server CPU microseconds per request, and Strata/peer
+# ratios. One server runs at a time.
+#
+#   bench/nbd.sh                      # defaults: 15 s per job
+#   RUNTIME=30 bench/nbd.sh           # longer runs
+#   JOBS="randread randwrite" bench/nbd.sh
+#   BACKENDS="strata-file nbdkit-file" bench/nbd.sh
+#
+# Needs: fio (with the nbd engine), nbdkit, qemu-nbd, nbd-server, python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNTIME=${RUNTIME:-15}
+RAMP=${RAMP:-2}
+SIZE_MB=${SIZE_MB:-1024}
+JOBS=${JOBS:-"randread randwrite seqread seqwrite"}
+BACKENDS=${BACKENDS:-"strata-file nbdkit-file qemu-nbd-file nbd-server-file strata-mem nbdkit-mem"}
+PORT=${PORT:-10899}
+WORK=$(mktemp -d /var/tmp/strata-bench.XXXXXX)
+RESULTS=$WORK/results.tsv
+trap 'kill_server; rm -rf "$WORK"' EXIT
+
+for tool in fio nbdkit qemu-nbd nbd-server python3; do
+  PATH="/usr/sbin:/sbin:$PATH" command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install fio nbdkit qemu-utils nbd-server)" >&2; exit 1; }
+done
+
+cargo build --release -q -p strata
+STRATA=$PWD/target/release/strata
+
+# The backing file, fully written so reads hit data, shared by every file backend.
+FILE=$WORK/disk.img
+echo "preparing ${SIZE_MB} MiB backing file in $WORK" >&2
+dd if=/dev/urandom of="$FILE" bs=1M count="$SIZE_MB" status=none
+sync
+
+SERVER_PID=""
+kill_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    if (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "server did not listen on $PORT" >&2
+  exit 1
+}
+
+start_server() {
+  local backend=$1
+  case $backend in
+    strata-file)
+      "$STRATA" serve --listen "127.0.0.1:$PORT" --data-dir "$WORK/strata" \
+        --config /dev/null --volume "bench=file://$FILE" >/dev/null 2>"$WORK/strata.log" &
+      ;;
+    strata-mem)
+      "$STRATA" serve --listen "127.0.0.1:$PORT" --data-dir "$WORK/strata" \
+        --config /dev/null --volume "bench=mem://bench?size=${SIZE_MB}M" >/dev/null 2>"$WORK/strata.log" &
+      ;;
+    nbdkit-file)
+      nbdkit -f -i 127.0.0.1 -p "$PORT" -e bench file "$FILE" &
+      ;;
+    nbdkit-mem)
+      nbdkit -f -i 127.0.0.1 -p "$PORT" -e bench memory "${SIZE_MB}M" &
+      ;;
+    qemu-nbd-file)
+      qemu-nbd -f raw -b 127.0.0.1 -p "$PORT" -x bench --cache=writeback --aio=threads "$FILE" &
+      ;;
+    nbd-server-file)
+      cat >"$WORK/nbd-server.conf" <<EOF
+[generic]
+    listenaddr = 127.0.0.1
+    port = $PORT
+    allowlist = false
+[bench]
+    exportname = $FILE
+EOF
+      nbd-server -C "$WORK/nbd-server.conf" -d 2>/dev/null &
+      ;;
+    *) echo "unknown backend $backend" >&2; exit 1 ;;
+  esac
+  SERVER_PID=$!
+  wait_port
+}
+
+fio_job() {
+  local job=$1 out=$2
+  local rw bs depth
+  case $job in
+    randread) rw=randread bs=4k depth=32 ;;
+    randwrite) rw=randwrite bs=4k depth=32 ;;
+    seqread) rw=read bs=1M depth=8 ;;
+    seqwrite) rw=write bs=1M depth=8 ;;
+  esac
+  fio --name="$job" --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/bench" \
+    --rw="$rw" --bs="$bs" --iodepth="$depth" --numjobs=1 --size="${SIZE_MB}M" \
+    --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --output-format=json >"$out"
+}
+
+# CPU time (user+system, in clock ticks) a process has used.
+cpu_ticks() {
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+printf 'backend\tjob\tiops\tmibs\tcpu_us_per_req\n' >"$RESULTS"
+for backend in $BACKENDS; do
+  start_server "$backend"
+  if [[ $backend == *-mem ]]; then
+    # Fill the memory device so reads see data, as on the file.
+    fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/bench" --rw=write --bs=1M \
+      --iodepth=8 --size="${SIZE_MB}M" --output-format=terse >/dev/null
+  fi
+  for job in $JOBS; do
+    before=$(cpu_ticks "$SERVER_PID")
+    fio_job "$job" "$WORK/$backend-$job.json"
+    after=$(cpu_ticks "$SERVER_PID")
+    python3 - "$WORK/$backend-$job.json" "$backend" "$job" "$((after - before))" "$(getconf CLK_TCK)" "$RUNTIME" "$RAMP" >>"$RESULTS" <<'PY'
+import json, sys
+path, backend, job, ticks, hz, runtime, ramp = sys.argv[1:]
+j = json.load(open(path))["jobs"][0]
+side = j["read"] if j["read"]["io_bytes"] else j["write"]
+iops = side["iops"]
+mibs = side["bw_bytes"] / 2**20
+ios = iops * (float(runtime) + float(ramp))  # the server worked through the ramp too
+cpu_us = int(ticks) / int(hz) * 1e6 / ios if ios else 0
+print(f"{backend}\t{job}\t{iops:.0f}\t{mibs:.1f}\t{cpu_us:.1f}")
+PY
+    echo "$(tail -1 "$RESULTS")" >&2
+  done
+  kill_server
+done
+
+python3 - "$RESULTS" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+res = {(r["backend"], r["job"]): r for r in rows}
+jobs = list(dict.fromkeys(r["job"] for r in rows))
+print()
+for medium in ("file", "mem"):
+    backends = [b for b in dict.fromkeys(r["backend"] for r in rows) if b.endswith("-" + medium)]
+    if not backends:
+        continue
+    peers = [b for b in backends if not b.startswith("strata")]
+    strata = "strata-" + medium
+    head = ["job"] + [f"{b} IOPS" for b in backends] + ["best peer", "strata/best"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for job in jobs:
+        cells = [job]
+        for b in backends:
+            r = res.get((b, job))
+            cells.append(f"{r['iops']} ({r['mibs']} MiB/s, {r['cpu_us_per_req']} µs CPU/req)" if r else "-")
+        best = max(peers, key=lambda b: float(res[(b, job)]["iops"]) if (b, job) in res else 0, default=None)
+        if best and (best, job) in res and (strata, job) in res:
+            ratio = float(res[(strata, job)]["iops"]) / max(float(res[(best, job)]["iops"]), 1)
+            cells += [best, f"{ratio:.2f}x"]
+        else:
+            cells += ["-", "-"]
+        print("| " + " | ".join(cells) + " |")
+    print()
+PY

@@ -1,0 +1,295 @@
+//! The daemon's settings: a TOML file, overridden by flags, with an embedded default that serves
+//! a demo volume.
+//!
+//! ```toml
+//! data_dir = "/var/lib/strata"
+//!
+//! [nbd]
+//! listen = ["127.0.0.1:10809"]
+//! unix = ["/run/strata/nbd.sock"]
+//! default_export = "demo"
+//!
+//! [nbd.tls]
+//! cert = "/etc/strata/server-cert.pem"
+//! key = "/etc/strata/server-key.pem"
+//! mode = "required"
+//!
+//! [[volume]]
+//! name = "demo"
+//! uri = "file://{data_dir}/demo.img?size=1G"
+//! description = "demo volume"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// A byte size written as a number or a string with a unit ("64M").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "SizeRepr")]
+pub struct Size(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Number(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for Size {
+    type Error = String;
+
+    fn try_from(r: SizeRepr) -> Result<Size, String> {
+        match r {
+            SizeRepr::Number(n) => Ok(Size(n)),
+            SizeRepr::Text(t) => strata_bdev::parse_size(&t).map(Size),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where volumes created by default and other local state live. `{data_dir}` in a volume URI
+    /// expands to it.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// The NBD target.
+    #[serde(default)]
+    pub nbd: NbdConfig,
+    /// The volumes to open and export.
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// `[nbd]`: where and how the NBD target listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    /// TCP addresses to listen on (`host:port`; port 0 picks a free one).
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// Unix socket paths to listen on.
+    #[serde(default)]
+    pub unix: Vec<PathBuf>,
+    /// Connections served at once; more wait.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Request bytes in flight per connection before the server stops reading it.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight_bytes: Size,
+    /// Largest READ/WRITE accepted.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: Size,
+    /// Seconds a client has to finish negotiation.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+    /// Seconds to wait on shutdown for requests already received to finish.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_secs: u64,
+    /// The export an empty export name selects (default: the first volume).
+    #[serde(default)]
+    pub default_export: Option<String>,
+    /// TLS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["127.0.0.1:10809".to_string()]
+}
+fn default_max_connections() -> usize {
+    256
+}
+fn default_in_flight() -> Size {
+    Size(64 << 20)
+}
+fn default_max_payload() -> Size {
+    Size(32 << 20)
+}
+fn default_handshake_timeout() -> u64 {
+    60
+}
+fn default_shutdown_timeout() -> u64 {
+    30
+}
+
+impl Default for NbdConfig {
+    fn default() -> NbdConfig {
+        NbdConfig {
+            listen: default_listen(),
+            unix: Vec::new(),
+            max_connections: default_max_connections(),
+            max_in_flight_bytes: default_in_flight(),
+            max_payload: default_max_payload(),
+            handshake_timeout_secs: default_handshake_timeout(),
+            shutdown_timeout_secs: default_shutdown_timeout(),
+            default_export: None,
+            tls: None,
+        }
+    }
+}
+
+/// `[nbd.tls]`: certificate, key and whether plain-text clients are refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, server certificate first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// `required` (default) refuses clients that do not use STARTTLS; `optional` lets them choose.
+    #[serde(default)]
+    pub mode: TlsModeConfig,
+}
+
+/// How TLS is enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsModeConfig {
+    #[default]
+    Required,
+    Optional,
+}
+
+/// `[[volume]]`: one named device and its export.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// The export name.
+    pub name: String,
+    /// The device URI (`file://`, `mem://`, `nbd://`, …); `{data_dir}` expands.
+    pub uri: String,
+    /// Shown by `nbdinfo --list`.
+    #[serde(default)]
+    pub description: String,
+    /// Export read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl Config {
+    /// Read and validate a configuration file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read config file {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("parse config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The embedded default: a thin 1 GiB file-backed volume `demo` in the data directory.
+    pub fn embedded_default() -> Config {
+        Config {
+            data_dir: None,
+            nbd: NbdConfig::default(),
+            volumes: vec![VolumeConfig {
+                name: "demo".to_string(),
+                uri: "file://{data_dir}/demo.img?size=1G".to_string(),
+                description: "Strata demo volume (thin, file-backed)".to_string(),
+                read_only: false,
+            }],
+        }
+    }
+
+    /// Check what can be checked before opening anything.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for v in &self.volumes {
+            if v.name.is_empty() || v.name.len() > 4096 {
+                bail!("volume name {:?}: must be 1 to 4096 bytes", v.name);
+            }
+            if !seen.insert(v.name.as_str()) {
+                bail!("volume {:?} is declared twice", v.name);
+            }
+        }
+        if self.nbd.listen.is_empty() && self.nbd.unix.is_empty() {
+            bail!("no NBD listeners: set [nbd] listen or unix, or pass --listen");
+        }
+        if let Some(d) = &self.nbd.default_export {
+            if !self.volumes.iter().any(|v| &v.name == d) {
+                bail!("[nbd] default_export {d:?} is not a declared volume");
+            }
+        }
+        if self.nbd.max_payload.0 < 4096 || self.nbd.max_payload.0 > 1 << 30 {
+            bail!("[nbd] max_payload must be between 4096 bytes and 1 GiB");
+        }
+        if self.nbd.max_in_flight_bytes.0 < self.nbd.max_payload.0 {
+            bail!("[nbd] max_in_flight_bytes must be at least max_payload");
+        }
+        Ok(())
+    }
+}
+
+/// The data directory when neither the config nor a flag names one: `$STRATA_DATA_DIR`, else
+/// `$XDG_DATA_HOME/strata`, else `~/.local/share/strata`, else `./strata-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STRATA_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("strata");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/strata");
+    }
+    PathBuf::from("strata-data")
+}
+
+/// Expand `{data_dir}` in a URI.
+pub fn expand_uri(uri: &str, data_dir: &Path) -> String {
+    uri.replace("{data_dir}", &data_dir.to_string_lossy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let c: Config = toml::from_str(
+            r#"
+            data_dir = "/tmp/x"
+            [nbd]
+            listen = ["127.0.0.1:0"]
+            unix = ["/tmp/x.sock"]
+            max_in_flight_bytes = "128M"
+            max_payload = 1048576
+            default_export = "a"
+            [nbd.tls]
+            cert = "c.pem"
+            key = "k.pem"
+            mode = "optional"
+            [[volume]]
+            name = "a"
+            uri = "mem://a?size=1M"
+            [[volume]]
+            name = "b"
+            uri = "file://{data_dir}/b.img?size=1G"
+            read_only = true
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.nbd.max_in_flight_bytes, Size(128 << 20));
+        assert_eq!(c.nbd.tls.unwrap().mode, TlsModeConfig::Optional);
+        assert_eq!(
+            expand_uri(&c.volumes[1].uri, c.data_dir.as_deref().unwrap()),
+            "file:///tmp/x/b.img?size=1G"
+        );
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        let e =
+            toml::from_str::<Config>("[[volume]]\nname = \"a\"\nurl = \"mem://a\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `url`"), "{e}");
+        let e = toml::from_str::<Config>("[nbd]\nmax_payload = \"12Q\"\n").unwrap_err();
+        assert!(e.to_string().contains("unit"), "{e}");
+        let mut c = Config::embedded_default();
+        c.volumes.push(c.volumes[0].clone());
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+    }
+}

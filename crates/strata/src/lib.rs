@@ -1,0 +1,37 @@
+//! Strata: a block-storage data plane.
+//!
+//! This crate is the entry point for applications that embed Strata and the home of the
+//! `strata` daemon. [`registry`] knows every device scheme Strata ships:
+//!
+//! ```text
+//!   file:///path?size=1G        local file or block device (io_uring, O_DIRECT optional)
+//!   mem://name?size=64M         sparse memory
+//!   nbd://host:port/export      a remote NBD export
+//!   nbd+unix:///export?socket=  the same over a unix socket
+//! ```
+//!
+//! ```no_run
+//! # async fn demo() -> strata::bdev::Result<()> {
+//! use strata::bdev::{BlockDevice, Bytes, WriteOpts};
+//! let dev = strata::registry().open("file:///tmp/disk.img?size=64M").await?;
+//! dev.write_at(0, Bytes::from_static(b"hello"), WriteOpts::default()).await?;
+//! dev.flush().await?;
+//! assert_eq!(&dev.read_at(0, 5).await?[..], b"hello");
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+
+pub use strata_bdev as bdev;
+pub use strata_bdev_file as file;
+pub use strata_nbd as nbd;
+
+/// A registry that opens every device scheme Strata ships.
+pub fn registry() -> bdev::Registry {
+    let mut r = bdev::Registry::with_builtin();
+    r.register("file", Arc::new(file::FileOpener));
+    let nbd = Arc::new(nbd::NbdOpener::default());
+    r.register("nbd", nbd.clone());
+    r.register("nbd+unix", nbd);
+    r
+}

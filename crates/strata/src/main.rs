@@ -1,0 +1,69 @@
+//! The `strata` command: the daemon (`strata serve`) and, over time, the CLI that drives it.
+
+use clap::{Parser, Subcommand};
+
+mod config;
+mod serve;
+
+/// Strata: a block-storage data plane.
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Compact,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Open the configured volumes and export them over NBD until SIGINT or SIGTERM.
+    ///
+    /// With no arguments: a thin 1 GiB file-backed volume `demo` in the data directory,
+    /// exported on 127.0.0.1:10809.
+    Serve(serve::ServeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Compact => builder.compact().with_ansi(false).init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("strata: start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

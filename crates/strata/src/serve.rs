@@ -1,0 +1,376 @@
+//! `strata serve`: open the configured volumes, export them over NBD, and run until SIGINT or
+//! SIGTERM, then drain connections, flush every device and exit.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use strata_bdev::BlockDevice;
+use strata_nbd::{Export, Server, ServerConfig, TlsMode, TlsSettings};
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{info, warn};
+
+use crate::config::{default_data_dir, expand_uri, Config, TlsConfig, TlsModeConfig};
+
+/// Flags that override the configuration file.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (default: the embedded demo configuration).
+    #[arg(short, long, env = "STRATA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (default: $STRATA_DATA_DIR, $XDG_DATA_HOME/strata or ~/.local/share/strata).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// TCP address to serve NBD on; repeat for several. Replaces [nbd] listen.
+    #[arg(short, long)]
+    pub listen: Vec<String>,
+    /// Unix socket to serve NBD on; repeat for several. Replaces [nbd] unix.
+    #[arg(long)]
+    pub socket: Vec<PathBuf>,
+    /// Serve only the unix sockets (no TCP listener).
+    #[arg(long)]
+    pub no_tcp: bool,
+    /// Add a volume: NAME=URI (e.g. scratch=mem://scratch?size=1G); repeat for several.
+    #[arg(long = "volume", value_name = "NAME=URI")]
+    pub volumes: Vec<String>,
+    /// TLS certificate chain (PEM); with --tls-key enables STARTTLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Whether clients must use TLS.
+    #[arg(long, value_enum)]
+    pub tls_mode: Option<TlsModeConfig>,
+}
+
+impl ServeArgs {
+    /// The configuration these flags select, with the flags applied.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::embedded_default(),
+        };
+        if let Some(d) = &self.data_dir {
+            c.data_dir = Some(d.clone());
+        }
+        if !self.listen.is_empty() {
+            c.nbd.listen = self.listen.clone();
+        }
+        if self.no_tcp {
+            c.nbd.listen.clear();
+        }
+        if !self.socket.is_empty() {
+            c.nbd.unix = self.socket.clone();
+        }
+        for v in &self.volumes {
+            let (name, uri) = v
+                .split_once('=')
+                .with_context(|| format!("--volume {v:?}: expected NAME=URI"))?;
+            c.volumes.push(crate::config::VolumeConfig {
+                name: name.to_string(),
+                uri: uri.to_string(),
+                description: String::new(),
+                read_only: false,
+            });
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            c.nbd.tls = Some(TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                mode: self.tls_mode.unwrap_or_default(),
+            });
+        } else if let (Some(mode), Some(tls)) = (self.tls_mode, c.nbd.tls.as_mut()) {
+            tls.mode = mode;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// A volume that is open and exported.
+struct Volume {
+    name: String,
+    uri: String,
+    device: Arc<dyn BlockDevice>,
+}
+
+/// Run the daemon until a signal.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("create data directory {}", data_dir.display()))?;
+    if config.volumes.is_empty() {
+        warn!("no volumes are configured; clients will find no exports");
+    }
+
+    let registry = strata::registry();
+    let mut volumes = Vec::new();
+    for v in &config.volumes {
+        let uri = expand_uri(&v.uri, &data_dir);
+        let device = registry
+            .open(&uri)
+            .await
+            .map_err(|e| anyhow::anyhow!("open volume {:?}: {}", v.name, e.chain()))?;
+        volumes.push((
+            Volume {
+                name: v.name.clone(),
+                uri,
+                device,
+            },
+            v,
+        ));
+    }
+
+    let tls = config.nbd.tls.as_ref().map(load_tls).transpose()?;
+    let server_config = ServerConfig {
+        max_connections: config.nbd.max_connections,
+        max_in_flight_bytes: config.nbd.max_in_flight_bytes.0 as usize,
+        max_payload: config.nbd.max_payload.0 as u32,
+        handshake_timeout: Duration::from_secs(config.nbd.handshake_timeout_secs),
+        default_export: config
+            .nbd
+            .default_export
+            .clone()
+            .or_else(|| config.volumes.first().map(|v| v.name.clone())),
+        tls,
+    };
+    let exports = volumes
+        .iter()
+        .map(|(vol, cfg)| Export {
+            name: vol.name.clone(),
+            description: cfg.description.clone(),
+            device: vol.device.clone(),
+            read_only: cfg.read_only,
+        })
+        .collect();
+    let server = Server::new(server_config, exports);
+
+    // Listeners: systemd socket activation replaces the configured ones.
+    let mut listening = Vec::new();
+    let mut tasks = Vec::new();
+    let activated = systemd_listeners()?;
+    if !activated.is_empty() {
+        for l in activated {
+            match l {
+                Activated::Tcp(l) => {
+                    listening.push(format!("nbd://{} (systemd)", l.local_addr()?));
+                    tasks.push(tokio::spawn(server.clone().serve_tcp(l)));
+                }
+                Activated::Unix(l) => {
+                    let path = l
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+                    listening.push(format!(
+                        "nbd+unix:///?socket={} (systemd)",
+                        path.map(|p| p.display().to_string()).unwrap_or_default()
+                    ));
+                    tasks.push(tokio::spawn(server.clone().serve_unix(l)));
+                }
+            }
+        }
+    } else {
+        for addr in &config.nbd.listen {
+            let l = TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "listen on {addr} (is another server using the port? pick one with --listen)"
+                )
+            })?;
+            listening.push(format!("nbd://{}", l.local_addr()?));
+            tasks.push(tokio::spawn(server.clone().serve_tcp(l)));
+        }
+        for path in &config.nbd.unix {
+            let l = bind_unix(path)?;
+            listening.push(format!("nbd+unix:///?socket={}", path.display()));
+            tasks.push(tokio::spawn(server.clone().serve_unix(l)));
+        }
+    }
+
+    print_banner(
+        &data_dir,
+        &volumes.iter().map(|(v, _)| v).collect::<Vec<_>>(),
+        &listening,
+        config.nbd.tls.is_some(),
+    );
+
+    wait_for_signal().await?;
+    info!("shutting down: draining connections");
+    let drain = Duration::from_secs(config.nbd.shutdown_timeout_secs);
+    if tokio::time::timeout(drain, server.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("requests still in flight after {drain:?} (a device is not answering); flushing and exiting without them");
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let mut failed = false;
+    for (v, _) in &volumes {
+        if let Err(e) = v.device.flush().await {
+            failed = true;
+            warn!(volume = %v.name, error = %e.chain(), "flush volume on shutdown");
+        }
+    }
+    for path in &config.nbd.unix {
+        let _ = std::fs::remove_file(path);
+    }
+    if failed {
+        bail!("some volumes could not be flushed on shutdown; see the log above");
+    }
+    info!("stopped cleanly");
+    Ok(())
+}
+
+fn print_banner(data_dir: &Path, volumes: &[&Volume], listening: &[String], tls: bool) {
+    println!(
+        "strata {}: data directory {}",
+        env!("CARGO_PKG_VERSION"),
+        data_dir.display()
+    );
+    for v in volumes {
+        println!(
+            "volume {}: {} bytes, {}",
+            v.name,
+            v.device.geometry().size,
+            v.uri
+        );
+    }
+    for l in listening {
+        println!("listening: {l}");
+    }
+    if let (Some(first), Some(tcp)) = (
+        volumes.first(),
+        listening.iter().find(|l| l.starts_with("nbd://")),
+    ) {
+        let base = tcp.split_whitespace().next().unwrap_or(tcp);
+        let hostport = base.trim_start_matches("nbd://");
+        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "10809"));
+        let scheme = if tls { "nbds" } else { "nbd" };
+        println!("connect with:");
+        println!("  nbdinfo {scheme}://{hostport}/{}", first.name);
+        println!("  qemu-io -f raw {scheme}://{hostport}/{}", first.name);
+        println!("  nbd-client {host} {port} /dev/nbd0 -N {}", first.name);
+    }
+    println!("ready");
+}
+
+fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    // A socket file left by a process that died is removed; a live one is not stolen.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("unix socket {} is in use by another server", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("listen on unix socket {}", path.display()))
+}
+
+fn load_tls(t: &TlsConfig) -> anyhow::Result<TlsSettings> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&t.cert)
+        .with_context(|| format!("read TLS certificate {}", t.cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse TLS certificate {}", t.cert.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "TLS certificate file {} holds no certificate",
+            t.cert.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(&t.key)
+        .with_context(|| format!("read TLS private key {}", t.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("set TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .with_context(|| {
+            format!(
+                "use TLS certificate {} with key {}",
+                t.cert.display(),
+                t.key.display()
+            )
+        })?;
+    Ok(TlsSettings {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        mode: match t.mode {
+            TlsModeConfig::Required => TlsMode::Required,
+            TlsModeConfig::Optional => TlsMode::Optional,
+        },
+    })
+}
+
+enum Activated {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Listeners passed by systemd socket activation (`LISTEN_PID`, `LISTEN_FDS`), if any.
+fn systemd_listeners() -> anyhow::Result<Vec<Activated>> {
+    let pid_matches = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let Some(n) = std::env::var("LISTEN_FDS").ok().filter(|_| pid_matches) else {
+        return Ok(Vec::new());
+    };
+    let n: RawFd = n
+        .parse()
+        .with_context(|| format!("LISTEN_FDS={n:?} is not a number"))?;
+    // These describe us only; children must not inherit them.
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    const SD_LISTEN_FDS_START: RawFd = 3;
+    let mut out = Vec::new();
+    for fd in SD_LISTEN_FDS_START..SD_LISTEN_FDS_START + n {
+        // SAFETY: `sockaddr_storage` is plain data; getsockname writes at most `len` bytes to it.
+        let family = unsafe {
+            let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            if libc::getsockname(
+                fd,
+                (&mut addr as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            ) != 0
+            {
+                bail!(
+                    "systemd passed fd {fd}, which is not a socket: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            i32::from(addr.ss_family)
+        };
+        if family == libc::AF_UNIX {
+            // SAFETY: systemd hands us ownership of the listening sockets LISTEN_FDS names.
+            let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+            l.set_nonblocking(true)?;
+            out.push(Activated::Unix(UnixListener::from_std(l)?));
+        } else {
+            // SAFETY: as above.
+            let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            l.set_nonblocking(true)?;
+            out.push(Activated::Tcp(TcpListener::from_std(l)?));
+        }
+    }
+    Ok(out)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}

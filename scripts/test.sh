@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Run every Strata test. On a fresh Debian machine this first installs the programs the tests
+# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd), then builds
+# once and runs the whole suite.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh -p strata  # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# program -> Debian package that provides it
+required=(
+  qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils
+  nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin
+  nbdkit:nbdkit fio:fio fusermount3:fuse3
+  mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount
+  openssl:openssl systemd-socket-activate:systemd timeout:coreutils
+)
+missing=()
+for pair in "${required[@]}"; do
+  prog=${pair%%:*} pkg=${pair#*:}
+  if ! PATH="/usr/sbin:/sbin:$PATH" command -v "$prog" >/dev/null 2>&1; then
+    missing+=("$pkg")
+  fi
+done
+if ((${#missing[@]})); then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "installing test tools: ${missing[*]}"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+    sudo=sudo
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The filesystem test needs FUSE and loop devices, which need root.
+if [ "$(id -u)" != 0 ]; then
+  echo "warning: not root; the ext4-through-nbdfuse test needs root for losetup and mount" >&2
+fi
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+
+# One build, shared by every test binary (release: the tests push hundreds of MiB through the
+# server). Examples are built too: a test runs one.
+cargo test --release --workspace --no-run
+exec cargo test --release --workspace "$@"
