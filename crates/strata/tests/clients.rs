@@ -326,6 +326,7 @@ fn fio_randwrite_verify_crc32c_qd32() {
                 "--verify=crc32c",
                 "--verify_fatal=1",
                 "--do_verify=1",
+                "--verify_state_save=0",
                 "--output-format=terse",
                 "--terse-version=3",
             ],
