@@ -72,7 +72,7 @@ start_server() {
       nbdkit -f -i 127.0.0.1 -p "$PORT" -e bench memory "${SIZE_MB}M" &
       ;;
     qemu-nbd-file)
-      qemu-nbd -f raw -b 127.0.0.1 -p "$PORT" -x bench --cache=writeback --aio=threads "$FILE" &
+      qemu-nbd -t -f raw -b 127.0.0.1 -p "$PORT" -x bench --cache=writeback --aio=threads "$FILE" &
       ;;
     nbd-server-file)
       cat >"$WORK/nbd-server.conf" <<EOF
@@ -125,7 +125,8 @@ for backend in $BACKENDS; do
     python3 - "$WORK/$backend-$job.json" "$backend" "$job" "$((after - before))" "$(getconf CLK_TCK)" "$RUNTIME" "$RAMP" >>"$RESULTS" <<'PY'
 import json, sys
 path, backend, job, ticks, hz, runtime, ramp = sys.argv[1:]
-j = json.load(open(path))["jobs"][0]
+text = open(path).read()  # the nbd engine prints a line before the JSON
+j = json.loads(text[text.index("{"):])["jobs"][0]
 side = j["read"] if j["read"]["io_bytes"] else j["write"]
 iops = side["iops"]
 mibs = side["bw_bytes"] / 2**20

@@ -63,6 +63,9 @@ pub struct FileOptions {
     pub engine: IoEngine,
     /// Open read-only: writes, trims and zeroing fail with [`ErrorKind::PermissionDenied`].
     pub read_only: bool,
+    /// Send every read and write to the engine. By default buffered I/O is first tried on the
+    /// calling thread with `RWF_NOWAIT`, which completes page-cache hits without a handoff.
+    pub engine_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +137,10 @@ pub struct FileDevice {
     punch: bool,
     /// `fallocate(ZERO_RANGE)` may work: cleared at its first `EOPNOTSUPP`.
     zero_range: AtomicBool,
+    /// Buffered I/O is first tried inline with `RWF_NOWAIT` (cleared if the kernel or the
+    /// filesystem does not support it).
+    nowait_read: AtomicBool,
+    nowait_write: AtomicBool,
 }
 
 impl fmt::Debug for FileDevice {
@@ -293,6 +300,10 @@ impl FileDevice {
             sector,
             punch,
             zero_range: AtomicBool::new(!options.read_only),
+            nowait_read: AtomicBool::new(!options.direct && !options.engine_only),
+            nowait_write: AtomicBool::new(
+                !options.direct && !options.read_only && !options.engine_only,
+            ),
         })
     }
 
@@ -615,6 +626,21 @@ impl BlockDevice for FileDevice {
                 format!("{}: cannot allocate a buffer that large", what()),
             )
         })?;
+        let mut buf = buf;
+        // Fast path: a page-cache hit completes here, on the caller's thread, with no handoff
+        // to the engine. Anything else (part of the range not cached, end of file) goes to the
+        // engine whole.
+        if self.nowait_read.load(Ordering::Relaxed) {
+            match sys::pread_nowait(&self.file, buf.as_mut_slice(), offset) {
+                Ok(n) if n == len => return Ok(buf.into_bytes()),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.nowait_read.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(Error::io(what(), e)),
+            }
+        }
         let buf = self
             .engine
             .read(offset, buf)
@@ -633,6 +659,22 @@ impl BlockDevice for FileDevice {
             return Ok(());
         }
         let what = || format!("write {len} bytes at offset {offset} of {}", self.name());
+        // Fast path, as for reads: a buffered write the page cache takes at once completes
+        // here. FUA writes go to the engine, which makes them durable.
+        let (offset, data) = if !opts.fua && self.nowait_write.load(Ordering::Relaxed) {
+            match sys::pwrite_nowait(&self.file, &data, offset) {
+                Ok(n) if n == len => return Ok(()),
+                Ok(n) => (offset + n as u64, data.slice(n..)),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => (offset, data),
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.nowait_write.store(false, Ordering::Relaxed);
+                    (offset, data)
+                }
+                Err(e) => return Err(Error::io(what(), e)),
+            }
+        } else {
+            (offset, data)
+        };
         let buf = if self.direct && !(data.as_ptr() as usize).is_multiple_of(self.mem_align) {
             // Direct I/O needs aligned memory: copy into a bounce buffer.
             WriteBuf::Aligned(AlignedBuf::copy_of(&data, self.mem_align).ok_or_else(|| {

@@ -55,6 +55,7 @@ impl FileOpener {
                 direct,
                 engine,
                 read_only,
+                engine_only: false,
             },
         ))
     }
@@ -97,6 +98,7 @@ mod tests {
                 direct: true,
                 engine: IoEngine::Threads,
                 read_only: false,
+                engine_only: false,
             }
         );
         let (_, o) = parse("file://localhost/x?readonly=true&io=uring").unwrap();

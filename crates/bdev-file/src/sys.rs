@@ -24,6 +24,36 @@ fn off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
 }
 
+/// `preadv2(2)` with `RWF_NOWAIT`: reads what the page cache holds without ever blocking;
+/// `EAGAIN` when the data would have to come from the disk. Returns the bytes read.
+pub(crate) fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let offset = off(offset)?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the iovec describes `buf`, which is borrowed mutably for the call.
+    let n = retry(|| unsafe {
+        libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) as libc::c_long
+    })?;
+    Ok(n as usize)
+}
+
+/// `pwritev2(2)` with `RWF_NOWAIT`: writes into the page cache without ever blocking;
+/// `EAGAIN` when it would have to wait (for memory, a lock, or block allocation).
+pub(crate) fn pwrite_nowait(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
+    let offset = off(offset)?;
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the iovec describes `buf`, which the kernel only reads.
+    let n = retry(|| unsafe {
+        libc::pwritev2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) as libc::c_long
+    })?;
+    Ok(n as usize)
+}
+
 /// `fallocate(2)`.
 pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     let (offset, len) = (off(offset)?, off(len)?);

@@ -1,4 +1,5 @@
-//! The block-device conformance suite against every engine, with and without `O_DIRECT`.
+//! The block-device conformance suite against every engine, with and without `O_DIRECT`, and
+//! with the inline page-cache path in front of the engine.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use strata_bdev::conformance::{self, Expect};
 use strata_bdev::BlockDevice;
 use strata_bdev_file::{FileDevice, FileOptions, IoEngine};
 
-async fn run(engine: IoEngine, direct: bool) {
+async fn run(engine: IoEngine, direct: bool, engine_only: bool) {
     let dir = tempfile::tempdir().expect("make a temporary directory");
     let n = AtomicUsize::new(0);
     conformance::run(Expect::default(), |size| {
@@ -20,6 +21,7 @@ async fn run(engine: IoEngine, direct: bool) {
                 direct,
                 engine,
                 read_only: false,
+                engine_only,
             };
             let dev = FileDevice::open(&path, options).expect("open a new file device");
             assert_eq!(dev.engine(), engine, "{dev:?} uses the engine asked for");
@@ -39,20 +41,26 @@ async fn run(engine: IoEngine, direct: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn io_uring() {
-    run(IoEngine::Uring, false).await;
+    run(IoEngine::Uring, false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads() {
-    run(IoEngine::Threads, false).await;
+    run(IoEngine::Threads, false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn io_uring_direct() {
-    run(IoEngine::Uring, true).await;
+    run(IoEngine::Uring, true, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_direct() {
-    run(IoEngine::Threads, true).await;
+    run(IoEngine::Threads, true, false).await;
+}
+
+/// The default: page-cache hits inline, the rest through io_uring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_then_io_uring() {
+    run(IoEngine::Uring, false, false).await;
 }

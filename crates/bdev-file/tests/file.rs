@@ -243,6 +243,7 @@ async fn trim_and_zeroing_make_holes_that_block_status_reports() {
                 direct,
                 engine,
                 read_only: false,
+                engine_only: false,
             },
         )
         .unwrap();
