@@ -12,6 +12,7 @@
 pub mod client;
 pub mod codec;
 pub mod server;
+mod transmission;
 
 pub use client::{NbdDevice, NbdOpener};
 pub use server::{Export, Server, ServerConfig, TlsMode, TlsSettings};

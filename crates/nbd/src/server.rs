@@ -13,22 +13,20 @@
 //! connection stays usable; only a broken framing (bad magic) or a vanished client ends it.
 
 use std::collections::BTreeMap;
-use std::io::IoSlice;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use strata_bdev::{BlockDevice, Error as DevError, ErrorKind, Extent, WriteOpts, ZeroOpts};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use bytes::BytesMut;
+use strata_bdev::BlockDevice;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::codec::{
-    self, cmd, cmd_flags, errno, opt, rep, reply, tx_flags, BlockSizes, ClientOption,
-};
+use crate::codec::{self, opt, rep, tx_flags, BlockSizes, ClientOption};
+use crate::transmission;
 
 /// One exported device.
 #[derive(Debug)]
@@ -44,7 +42,7 @@ pub struct Export {
 }
 
 impl Export {
-    fn read_only(&self) -> bool {
+    pub(crate) fn is_read_only(&self) -> bool {
         self.read_only || self.device.capabilities().read_only
     }
 
@@ -53,7 +51,7 @@ impl Export {
         let caps = self.device.capabilities();
         let mut f =
             tx_flags::HAS_FLAGS | tx_flags::SEND_FLUSH | tx_flags::SEND_FUA | tx_flags::SEND_CACHE;
-        if self.read_only() {
+        if self.is_read_only() {
             f |= tx_flags::READ_ONLY;
         } else {
             // Zeroing is always possible (emulated by writes when not native), and a device
@@ -132,10 +130,6 @@ impl Default for ServerConfig {
 const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Option data longer than this is not even read: the connection is closed.
 const MAX_DISCARD_LEN: u32 = 16 << 20;
-/// The meta-context id of `base:allocation`.
-const BASE_ALLOCATION_ID: u32 = 1;
-/// Block status descriptors sent per reply at most.
-const MAX_EXTENTS: usize = 1 << 16;
 
 /// An NBD server over a set of exports.
 #[derive(Debug)]
@@ -515,7 +509,11 @@ impl Server {
                                 .any(|q| q == "base:" || q == codec::BASE_ALLOCATION)
                     };
                     if selected {
-                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                        let id = if set {
+                            transmission::BASE_ALLOCATION_ID
+                        } else {
+                            0
+                        };
                         let d = codec::encode_rep_meta_context(id, codec::BASE_ALLOCATION);
                         send_option_reply(stream, &mut out, h.option, rep::META_CONTEXT, &d)
                             .await?;
@@ -609,8 +607,7 @@ impl Server {
         }
     }
 
-    /// The transmission phase: read requests, run each as its own task, and let one writer send
-    /// the replies in completion order.
+    /// The transmission phase, on this task: see [`transmission`](crate::transmission).
     async fn transmission<S>(
         self: Arc<Self>,
         stream: S,
@@ -621,94 +618,20 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         debug!(export = %export.name, structured = s.structured, tls = s.tls, "transmission");
-        let (reader, writer) = tokio::io::split(stream);
-        let mut reader = BufReader::with_capacity(256 << 10, reader);
-        let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-        let writer_task = tokio::spawn(write_replies(writer, rx));
-        let budget = Arc::new(Semaphore::new(self.config.max_in_flight_bytes));
-        let ctx = Arc::new(Ctx {
+        let ctx = Arc::new(transmission::Ctx {
             block_size: u64::from(export.device.geometry().block_size.max(1)),
             export,
             structured: s.structured,
             block_status: s.meta_export.is_some(),
             max_payload: self.config.max_payload,
         });
-        let requests = TaskTracker::new();
-        let result = loop {
-            let mut header = [0u8; codec::REQUEST_LEN];
-            let read = tokio::select! {
-                _ = self.shutdown.cancelled() => break Ok(()),
-                r = reader.read_exact(&mut header) => r,
-            };
-            match read {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-                Err(e) => break Err(e),
-            }
-            let req = match codec::decode_request(&header) {
-                Ok(r) => r,
-                Err(e) => {
-                    break Err(invalid(format!(
-                        "request: {e}; closing, as framing is lost"
-                    )))
-                }
-            };
-            if req.command == cmd::DISC {
-                break Ok(());
-            }
-            // Charge the payload (write) or the reply (read) to the in-flight budget before
-            // reading further: a client that outruns the device waits here.
-            let charge = match req.command {
-                cmd::READ | cmd::WRITE => {
-                    (req.length as usize).clamp(1, self.config.max_in_flight_bytes)
-                }
-                _ => 1,
-            };
-            let permit = budget
-                .clone()
-                .acquire_many_owned(charge as u32)
-                .await
-                .expect("budget semaphore is never closed");
-            let payload = if req.command == cmd::WRITE {
-                if req.length > ctx.max_payload {
-                    // Keep the stream in sync, then refuse.
-                    if let Err(e) = tokio::io::copy(
-                        &mut (&mut reader).take(u64::from(req.length)),
-                        &mut tokio::io::sink(),
-                    )
-                    .await
-                    {
-                        break Err(e);
-                    }
-                    None
-                } else {
-                    let mut buf = BytesMut::zeroed(req.length as usize);
-                    if let Err(e) = reader.read_exact(&mut buf).await {
-                        break Err(e);
-                    }
-                    Some(buf.freeze())
-                }
-            } else {
-                None
-            };
-            let ctx = ctx.clone();
-            let tx = tx.clone();
-            requests.spawn(async move {
-                let reply = execute(&ctx, req, payload).await;
-                let _ = tx.send(Reply {
-                    bytes: reply,
-                    _permit: permit,
-                });
-            });
-        };
-        // Drain: every request read is answered before the connection closes.
-        requests.close();
-        requests.wait().await;
-        drop(tx);
-        let written = writer_task
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        result.and(written)
+        transmission::serve(
+            stream,
+            ctx,
+            self.config.max_in_flight_bytes,
+            self.shutdown.clone(),
+        )
+        .await
     }
 }
 
@@ -778,347 +701,4 @@ async fn with_timeout<T>(
 
 fn invalid(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
-}
-
-/// Per-connection state the request tasks share.
-struct Ctx {
-    export: Arc<Export>,
-    structured: bool,
-    block_status: bool,
-    block_size: u64,
-    max_payload: u32,
-}
-
-/// A reply ready to send: its header (and for reads, the data) as a few buffers, and the
-/// in-flight budget it holds until written.
-struct Reply {
-    bytes: ReplyBytes,
-    _permit: OwnedSemaphorePermit,
-}
-
-enum ReplyBytes {
-    Header(BytesMut),
-    WithData(BytesMut, Bytes),
-}
-
-/// The one writer of a connection: takes replies as they complete and writes as many as are
-/// ready with one vectored write.
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-) -> std::io::Result<()> {
-    const BATCH: usize = 64;
-    let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
-    let vectored = w.is_write_vectored();
-    let mut coalesced = BytesMut::new();
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        if vectored {
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-            for r in &batch {
-                match &r.bytes {
-                    ReplyBytes::Header(h) => slices.push(IoSlice::new(h)),
-                    ReplyBytes::WithData(h, d) => {
-                        slices.push(IoSlice::new(h));
-                        slices.push(IoSlice::new(d));
-                    }
-                }
-            }
-            write_all_vectored(&mut w, &mut slices).await?;
-        } else {
-            coalesced.clear();
-            for r in &batch {
-                match &r.bytes {
-                    ReplyBytes::Header(h) => coalesced.extend_from_slice(h),
-                    ReplyBytes::WithData(h, d) => {
-                        coalesced.extend_from_slice(h);
-                        coalesced.extend_from_slice(d);
-                    }
-                }
-            }
-            w.write_all(&coalesced).await?;
-        }
-        w.flush().await?;
-        batch.clear();
-    }
-    w.shutdown().await.or_else(|e| {
-        if e.kind() == std::io::ErrorKind::NotConnected {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    })
-}
-
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    mut slices: &mut [IoSlice<'_>],
-) -> std::io::Result<()> {
-    while !slices.is_empty() {
-        let n = w.write_vectored(slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut slices, n);
-    }
-    Ok(())
-}
-
-/// An error to send back: the NBD errno and a message for the user.
-struct Failure {
-    errno: u32,
-    message: String,
-}
-
-impl Failure {
-    fn new(errno: u32, message: impl Into<String>) -> Failure {
-        Failure {
-            errno,
-            message: message.into(),
-        }
-    }
-
-    fn from_device(e: DevError, write_like: bool) -> Failure {
-        let errno = match e.kind() {
-            ErrorKind::OutOfRange if write_like => errno::ENOSPC,
-            kind => errno::from_os(kind.errno()),
-        };
-        Failure {
-            errno,
-            message: e.chain(),
-        }
-    }
-}
-
-enum Success {
-    Done,
-    Data(Bytes),
-    Extents(Vec<Extent>),
-}
-
-/// Run one request against the device and encode its reply.
-async fn execute(ctx: &Ctx, req: codec::Request, payload: Option<Bytes>) -> ReplyBytes {
-    let result = run(ctx, &req, payload).await;
-    let mut h = BytesMut::with_capacity(32);
-    match result {
-        Ok(Success::Data(data)) if ctx.structured => {
-            codec::encode_chunk_header(
-                &mut h,
-                reply::FLAG_DONE,
-                reply::TYPE_OFFSET_DATA,
-                req.cookie,
-                8 + data.len() as u32,
-            );
-            h.extend_from_slice(&req.offset.to_be_bytes());
-            ReplyBytes::WithData(h, data)
-        }
-        Ok(Success::Data(data)) => {
-            codec::encode_simple_reply(&mut h, 0, req.cookie);
-            ReplyBytes::WithData(h, data)
-        }
-        Ok(Success::Extents(extents)) => {
-            let mut payload = BytesMut::with_capacity(4 + 8 * extents.len());
-            payload.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-            let max_len = (u64::from(u32::MAX) / ctx.block_size) * ctx.block_size;
-            let want_one = req.flags & cmd_flags::REQ_ONE != 0;
-            'outer: for e in extents {
-                let flags = (if e.hole { codec::alloc_flags::HOLE } else { 0 })
-                    | (if e.zero { codec::alloc_flags::ZERO } else { 0 });
-                let mut left = e.len;
-                while left > 0 {
-                    let n = left.min(max_len);
-                    payload.extend_from_slice(&(n as u32).to_be_bytes());
-                    payload.extend_from_slice(&flags.to_be_bytes());
-                    left -= n;
-                    if want_one || payload.len() >= 4 + 8 * MAX_EXTENTS {
-                        break 'outer;
-                    }
-                }
-            }
-            codec::encode_chunk_header(
-                &mut h,
-                reply::FLAG_DONE,
-                reply::TYPE_BLOCK_STATUS,
-                req.cookie,
-                payload.len() as u32,
-            );
-            h.extend_from_slice(&payload);
-            ReplyBytes::Header(h)
-        }
-        Ok(Success::Done) => {
-            codec::encode_simple_reply(&mut h, 0, req.cookie);
-            ReplyBytes::Header(h)
-        }
-        Err(f) => {
-            if f.errno != errno::EINVAL || req.command != cmd::READ {
-                debug!(cookie = req.cookie, command = req.command, errno = f.errno, message = %f.message, "request failed");
-            }
-            if ctx.structured {
-                codec::encode_error_chunk(&mut h, req.cookie, f.errno, &f.message);
-            } else {
-                codec::encode_simple_reply(&mut h, f.errno, req.cookie);
-            }
-            ReplyBytes::Header(h)
-        }
-    }
-}
-
-/// The flags each command accepts (FUA is valid on all).
-fn allowed_flags(command: u16) -> u16 {
-    cmd_flags::FUA
-        | match command {
-            cmd::READ => cmd_flags::DF,
-            cmd::WRITE_ZEROES => cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
-            cmd::BLOCK_STATUS => cmd_flags::REQ_ONE,
-            _ => 0,
-        }
-}
-
-fn command_name(command: u16) -> &'static str {
-    match command {
-        cmd::READ => "read",
-        cmd::WRITE => "write",
-        cmd::FLUSH => "flush",
-        cmd::TRIM => "trim",
-        cmd::CACHE => "cache",
-        cmd::WRITE_ZEROES => "write zeroes",
-        cmd::BLOCK_STATUS => "block status",
-        _ => "unknown command",
-    }
-}
-
-async fn run(ctx: &Ctx, req: &codec::Request, payload: Option<Bytes>) -> Result<Success, Failure> {
-    let name = command_name(req.command);
-    if !matches!(
-        req.command,
-        cmd::READ
-            | cmd::WRITE
-            | cmd::FLUSH
-            | cmd::TRIM
-            | cmd::CACHE
-            | cmd::WRITE_ZEROES
-            | cmd::BLOCK_STATUS
-    ) {
-        return Err(Failure::new(
-            errno::EINVAL,
-            format!(
-                "command {} is not an NBD command this server knows",
-                req.command
-            ),
-        ));
-    }
-    let bad_flags = req.flags & !allowed_flags(req.command);
-    if bad_flags != 0 {
-        return Err(Failure::new(
-            errno::EINVAL,
-            format!("{name}: flags {bad_flags:#x} are not valid for this command"),
-        ));
-    }
-    if req.flags & cmd_flags::DF != 0 && !ctx.structured {
-        return Err(Failure::new(
-            errno::EINVAL,
-            "read: DF needs structured replies",
-        ));
-    }
-    let dev = &ctx.export.device;
-    let fua = req.flags & cmd_flags::FUA != 0;
-    let write_like = matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
-    if write_like && ctx.export.read_only() {
-        return Err(Failure::new(
-            errno::EPERM,
-            format!("{name}: export {:?} is read-only", ctx.export.name),
-        ));
-    }
-    let (offset, length) = (req.offset, u64::from(req.length));
-    if req.command != cmd::FLUSH {
-        if length == 0 {
-            return Err(Failure::new(
-                errno::EINVAL,
-                format!("{name}: a length of 0 is not valid"),
-            ));
-        }
-        if matches!(req.command, cmd::READ | cmd::WRITE) && req.length > ctx.max_payload {
-            return Err(Failure::new(
-                errno::EINVAL,
-                format!(
-                    "{name}: {length} bytes is over the {}-byte maximum payload",
-                    ctx.max_payload
-                ),
-            ));
-        }
-        let size = dev.geometry().size;
-        if offset.checked_add(length).is_none_or(|end| end > size) {
-            let e = if matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES) {
-                errno::ENOSPC
-            } else {
-                errno::EINVAL
-            };
-            return Err(Failure::new(e, format!("{name}: {length} bytes at offset {offset} reach past the end of the export ({size} bytes)")));
-        }
-        if offset % ctx.block_size != 0 || length % ctx.block_size != 0 {
-            return Err(Failure::new(
-                errno::EINVAL,
-                format!(
-                    "{name}: offset and length must be multiples of {} bytes",
-                    ctx.block_size
-                ),
-            ));
-        }
-    }
-    let dev_err = |e| Failure::from_device(e, write_like);
-    match req.command {
-        cmd::READ => dev
-            .read_at(offset, length as usize)
-            .await
-            .map(Success::Data)
-            .map_err(dev_err),
-        cmd::WRITE => {
-            let data =
-                payload.ok_or_else(|| Failure::new(errno::EINVAL, "write: payload missing"))?;
-            dev.write_at(offset, data, WriteOpts { fua })
-                .await
-                .map(|_| Success::Done)
-                .map_err(dev_err)
-        }
-        cmd::FLUSH => dev.flush().await.map(|_| Success::Done).map_err(dev_err),
-        cmd::TRIM => {
-            if !dev.capabilities().trim {
-                // Trim is advisory: without support it is done by doing nothing, as the spec allows.
-                return Ok(Success::Done);
-            }
-            dev.trim(offset, length, WriteOpts { fua })
-                .await
-                .map(|_| Success::Done)
-                .map_err(dev_err)
-        }
-        cmd::CACHE => dev
-            .cache(offset, length)
-            .await
-            .map(|_| Success::Done)
-            .map_err(dev_err),
-        cmd::WRITE_ZEROES => {
-            let opts = ZeroOpts {
-                fua,
-                may_trim: req.flags & cmd_flags::NO_HOLE == 0,
-                fast_only: req.flags & cmd_flags::FAST_ZERO != 0,
-            };
-            dev.write_zeroes(offset, length, opts)
-                .await
-                .map(|_| Success::Done)
-                .map_err(dev_err)
-        }
-        cmd::BLOCK_STATUS => {
-            if !ctx.block_status {
-                return Err(Failure::new(errno::EINVAL, "block status: no meta context was selected (NBD_OPT_SET_META_CONTEXT base:allocation)"));
-            }
-            let ext = dev.block_status(offset, length).await.map_err(dev_err)?;
-            if ext.is_empty() || ext.iter().any(|e| e.len == 0) {
-                return Err(Failure::new(
-                    errno::EIO,
-                    "block status: the device returned an empty extent",
-                ));
-            }
-            Ok(Success::Extents(ext))
-        }
-        _ => unreachable!("commands were checked above"),
-    }
 }

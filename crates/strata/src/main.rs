@@ -31,7 +31,19 @@ enum Command {
     Serve(serve::ServeArgs),
 }
 
+/// Keep I/O buffers on the heap. By default glibc gives every allocation over 128 KiB fresh
+/// pages from `mmap` and unmaps them on free, so each 1 MiB read buffer costs 256 page faults
+/// and the kernel zeroing them; measured, that halved sequential throughput.
+fn tune_allocator() {
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
