@@ -2,9 +2,10 @@
 # Side-by-side NBD benchmark: the same fio jobs (nbd engine, one job, 1 GiB region) against
 # Strata, nbdkit, qemu-nbd and nbd-server on the same backing file, and against Strata and
 # nbdkit on memory. Prints IOPS, MiB/s, server CPU microseconds per request, and Strata/peer
-# ratios. One server runs at a time.
+# ratios. One server runs at a time; backends are interleaved over ROUNDS rounds and each cell
+# is the median, because this machine is shared and single runs swing by 30%.
 #
-#   bench/nbd.sh                      # defaults: 15 s per job
+#   bench/nbd.sh                      # defaults: 3 rounds of 10 s per job
 #   RUNTIME=30 bench/nbd.sh           # longer runs
 #   JOBS="randread randwrite" bench/nbd.sh
 #   BACKENDS="strata-file nbdkit-file" bench/nbd.sh
@@ -13,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUNTIME=${RUNTIME:-15}
+RUNTIME=${RUNTIME:-10}
+ROUNDS=${ROUNDS:-3}
 RAMP=${RAMP:-2}
 SIZE_MB=${SIZE_MB:-1024}
 JOBS=${JOBS:-"randread randwrite seqread seqwrite"}
@@ -43,6 +45,13 @@ kill_server() {
     wait "$SERVER_PID" 2>/dev/null || true
   fi
   SERVER_PID=""
+  # nbd-server daemonizes and forks a process per client.
+  pkill -f "nbd-server -C $WORK/nbd-server.conf" 2>/dev/null || true
+}
+
+# The processes serving the benchmark: the server and, for nbd-server, its per-client children.
+server_pids() {
+  if [ -n "$SERVER_PID" ]; then echo "$SERVER_PID"; else pgrep -f "nbd-server -C $WORK/nbd-server.conf"; fi
 }
 
 wait_port() {
@@ -83,7 +92,9 @@ start_server() {
 [bench]
     exportname = $FILE
 EOF
-      nbd-server -C "$WORK/nbd-server.conf" -d 2>/dev/null &
+      nbd-server -C "$WORK/nbd-server.conf" 2>/dev/null
+      wait_port
+      return
       ;;
     *) echo "unknown backend $backend" >&2; exit 1 ;;
   esac
@@ -105,26 +116,31 @@ fio_job() {
     --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --output-format=json >"$out"
 }
 
-# CPU time (user+system, in clock ticks) a process has used.
+# CPU time (user+system, in clock ticks) the serving processes have used.
 cpu_ticks() {
-  awk '{print $14 + $15}' "/proc/$1/stat"
+  local total=0 pid
+  for pid in $(server_pids); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
 }
 
-printf 'backend\tjob\tiops\tmibs\tcpu_us_per_req\n' >"$RESULTS"
-for backend in $BACKENDS; do
-  start_server "$backend"
-  if [[ $backend == *-mem ]]; then
-    # Fill the memory device so reads see data, as on the file.
-    fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/bench" --rw=write --bs=1M \
-      --iodepth=8 --size="${SIZE_MB}M" --output-format=terse >/dev/null
-  fi
-  for job in $JOBS; do
-    before=$(cpu_ticks "$SERVER_PID")
-    fio_job "$job" "$WORK/$backend-$job.json"
-    after=$(cpu_ticks "$SERVER_PID")
-    python3 - "$WORK/$backend-$job.json" "$backend" "$job" "$((after - before))" "$(getconf CLK_TCK)" "$RUNTIME" "$RAMP" >>"$RESULTS" <<'PY'
+printf 'round\tbackend\tjob\tiops\tmibs\tcpu_us_per_req\n' >"$RESULTS"
+for round in $(seq 1 "$ROUNDS"); do
+  for backend in $BACKENDS; do
+    start_server "$backend"
+    if [[ $backend == *-mem ]]; then
+      # Fill the memory device so reads see data, as on the file.
+      fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/bench" --rw=write --bs=1M \
+        --iodepth=8 --size="${SIZE_MB}M" --output-format=terse >/dev/null
+    fi
+    for job in $JOBS; do
+      before=$(cpu_ticks)
+      fio_job "$job" "$WORK/$backend-$job.json"
+      after=$(cpu_ticks)
+      python3 - "$WORK/$backend-$job.json" "$backend" "$job" "$((after - before))" "$(getconf CLK_TCK)" "$RUNTIME" "$RAMP" "$round" >>"$RESULTS" <<'PY'
 import json, sys
-path, backend, job, ticks, hz, runtime, ramp = sys.argv[1:]
+path, backend, job, ticks, hz, runtime, ramp, rnd = sys.argv[1:]
 text = open(path).read()  # the nbd engine prints a line before the JSON
 j = json.loads(text[text.index("{"):])["jobs"][0]
 side = j["read"] if j["read"]["io_bytes"] else j["write"]
@@ -132,18 +148,28 @@ iops = side["iops"]
 mibs = side["bw_bytes"] / 2**20
 ios = iops * (float(runtime) + float(ramp))  # the server worked through the ramp too
 cpu_us = int(ticks) / int(hz) * 1e6 / ios if ios else 0
-print(f"{backend}\t{job}\t{iops:.0f}\t{mibs:.1f}\t{cpu_us:.1f}")
+print(f"{rnd}\t{backend}\t{job}\t{iops:.0f}\t{mibs:.1f}\t{cpu_us:.1f}")
 PY
-    echo "$(tail -1 "$RESULTS")" >&2
+      tail -1 "$RESULTS" >&2
+    done
+    kill_server
   done
-  kill_server
 done
+cp "$RESULTS" "${BENCH_RESULTS:-/dev/null}" 2>/dev/null || true
 
 python3 - "$RESULTS" <<'PY'
 import csv, sys
+import statistics
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-res = {(r["backend"], r["job"]): r for r in rows}
+cells = {}
+for r in rows:
+    cells.setdefault((r["backend"], r["job"]), []).append(r)
+res = {}
+for key, rs in cells.items():
+    med = lambda f: statistics.median(float(r[f]) for r in rs)
+    res[key] = {"iops": f"{med('iops'):.0f}", "mibs": f"{med('mibs'):.0f}", "cpu_us_per_req": f"{med('cpu_us_per_req'):.1f}"}
 jobs = list(dict.fromkeys(r["job"] for r in rows))
+print(f"medians of {len(next(iter(cells.values())))} rounds")
 print()
 for medium in ("file", "mem"):
     backends = [b for b in dict.fromkeys(r["backend"] for r in rows) if b.endswith("-" + medium)]

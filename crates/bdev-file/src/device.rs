@@ -620,19 +620,24 @@ impl BlockDevice for FileDevice {
             return Ok(Bytes::new());
         }
         let what = || format!("read {len} bytes at offset {offset} of {}", self.name());
-        let buf = ReadBuf::zeroed(len, self.direct.then_some(self.mem_align)).ok_or_else(|| {
+        let too_large = || {
             Error::new(
                 ErrorKind::TooLarge,
                 format!("{}: cannot allocate a buffer that large", what()),
             )
-        })?;
-        let mut buf = buf;
+        };
         // Fast path: a page-cache hit completes here, on the caller's thread, with no handoff
-        // to the engine. Anything else (part of the range not cached, end of file) goes to the
-        // engine whole.
+        // to the engine and no zeroing of a buffer the read overwrites anyway. Anything else
+        // (part of the range not cached, end of file) goes to the engine whole.
         if self.nowait_read.load(Ordering::Relaxed) {
-            match sys::pread_nowait(&self.file, buf.as_mut_slice(), offset) {
-                Ok(n) if n == len => return Ok(buf.into_bytes()),
+            let mut v: Vec<u8> = Vec::new();
+            v.try_reserve_exact(len).map_err(|_| too_large())?;
+            match sys::pread_nowait(&self.file, &mut v.spare_capacity_mut()[..len], offset) {
+                Ok(n) if n == len => {
+                    // SAFETY: the kernel wrote all `len` bytes.
+                    unsafe { v.set_len(len) };
+                    return Ok(Bytes::from(v));
+                }
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
@@ -641,6 +646,8 @@ impl BlockDevice for FileDevice {
                 Err(e) => return Err(Error::io(what(), e)),
             }
         }
+        let buf =
+            ReadBuf::zeroed(len, self.direct.then_some(self.mem_align)).ok_or_else(too_large)?;
         let buf = self
             .engine
             .read(offset, buf)

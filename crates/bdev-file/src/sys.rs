@@ -24,15 +24,20 @@ fn off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
 }
 
-/// `preadv2(2)` with `RWF_NOWAIT`: reads what the page cache holds without ever blocking;
-/// `EAGAIN` when the data would have to come from the disk. Returns the bytes read.
-pub(crate) fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+/// `preadv2(2)` with `RWF_NOWAIT` into possibly uninitialised memory: reads what the page
+/// cache holds without ever blocking; `EAGAIN` when the data would have to come from the disk.
+/// Returns the bytes read, which are then initialised.
+pub(crate) fn pread_nowait(
+    file: &File,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+    offset: u64,
+) -> io::Result<usize> {
     let offset = off(offset)?;
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    // SAFETY: the iovec describes `buf`, which is borrowed mutably for the call.
+    // SAFETY: the iovec describes `buf`, borrowed mutably for the call; the kernel only writes it.
     let n = retry(|| unsafe {
         libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) as libc::c_long
     })?;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::device::{
     check_io, read_only_error, BlockDevice, Capabilities, Extent, Geometry, WriteOpts, ZeroOpts,
@@ -127,10 +127,12 @@ impl BlockDevice for MemDevice {
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
         check_io(self.geometry(), "read", offset, len as u64)?;
-        let mut buf = BytesMut::zeroed(len);
-        MemDevice::for_each_piece(offset, len as u64, |chunk, within, req| {
-            if let Some(c) = self.shard(chunk).read().expect("lock poisoned").get(&chunk) {
-                buf[req].copy_from_slice(&c[within]);
+        // Each byte is written once: copied from its chunk, or zero where none is allocated.
+        let mut buf = BytesMut::with_capacity(len);
+        MemDevice::for_each_piece(offset, len as u64, |chunk, within, _| {
+            match self.shard(chunk).read().expect("lock poisoned").get(&chunk) {
+                Some(c) => buf.extend_from_slice(&c[within]),
+                None => buf.put_bytes(0, within.len()),
             }
         });
         Ok(buf.freeze())

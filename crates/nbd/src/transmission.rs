@@ -163,12 +163,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 progress = true;
             }
             if self.reading && self.has_budget() {
-                let want = self.wanted();
-                if self.inbuf.capacity() - self.inbuf.len() < want {
-                    self.inbuf.reserve(want);
-                }
-                match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.inbuf)
-                {
+                match self.poll_fill(cx) {
                     Poll::Ready(Ok(0)) => {
                         if !self.inbuf.is_empty() || self.discard > 0 {
                             debug!(bytes = self.inbuf.len(), "client closed mid-request");
@@ -197,21 +192,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.in_flight < self.budget
     }
 
-    /// Free space the next read should have: enough for the message being assembled.
-    fn wanted(&self) -> usize {
-        let pending_payload = if self.inbuf.len() >= codec::REQUEST_LEN {
-            match codec::decode_request(&self.inbuf[..codec::REQUEST_LEN]) {
-                Ok(r) if r.command == cmd::WRITE && r.length <= self.ctx.max_payload => {
-                    codec::REQUEST_LEN + r.length as usize
-                }
-                _ => 0,
-            }
+    /// Read more from the socket into `inbuf`.
+    ///
+    /// Inside a large write payload the read stops exactly at the payload's end, so the
+    /// payload is split off whole and the buffer is empty afterwards: the next `reserve`
+    /// reclaims the allocation in place instead of copying over-read bytes to a new one.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let rest_of_payload = self.payload_remaining();
+        let limit = if rest_of_payload > 0 {
+            rest_of_payload
         } else {
-            0
+            READ_CHUNK
         };
-        pending_payload
-            .saturating_sub(self.inbuf.len())
-            .max(READ_CHUNK)
+        if self.inbuf.capacity() - self.inbuf.len() < limit {
+            self.inbuf.reserve(limit.max(READ_CHUNK));
+        }
+        let spare = &mut self.inbuf.spare_capacity_mut()[..limit];
+        let mut rb = tokio::io::ReadBuf::uninit(spare);
+        match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+                unsafe { self.inbuf.set_len(self.inbuf.len() + n) };
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Bytes still missing from the large write at the head of `inbuf` (0 if none).
+    fn payload_remaining(&self) -> usize {
+        if self.discard > 0 || self.inbuf.len() < codec::REQUEST_LEN {
+            return 0;
+        }
+        match codec::decode_request(&self.inbuf[..codec::REQUEST_LEN]) {
+            Ok(r) if r.command == cmd::WRITE && r.length <= self.ctx.max_payload => {
+                (codec::REQUEST_LEN + r.length as usize).saturating_sub(self.inbuf.len())
+            }
+            _ => 0,
+        }
     }
 
     /// Take one whole request from the read buffer, if there is one. Errors only when the
