@@ -120,7 +120,8 @@ fio_job() {
 cpu_ticks() {
   local total=0 pid
   for pid in $(server_pids); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    # utime + stime, plus the time of children already reaped (nbd-server's per-client ones).
+    total=$((total + $(awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
   done
   echo "$total"
 }
