@@ -135,7 +135,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 debug!("server shutting down: answering requests in flight, then closing");
                 self.reading = false;
             }
-            // Completed requests become replies.
+            // Take new requests while the budget allows.
+            while self.reading && self.has_budget() {
+                if !self.parse_one()? {
+                    break;
+                }
+                progress = true;
+            }
+            // Run them, and turn completed requests into replies. This comes before the next
+            // read so that a request done at once has released its payload, and the read
+            // buffer can be reused in place rather than reallocated.
             while let Poll::Ready(Some(reply)) = self.requests.poll_next_unpin(cx) {
                 self.out.push_back(reply);
                 progress = true;
@@ -154,13 +163,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {}
                 }
-            }
-            // Take new requests while the budget allows.
-            while self.reading && self.has_budget() {
-                if !self.parse_one()? {
-                    break;
-                }
-                progress = true;
             }
             if self.reading && self.has_budget() {
                 match self.poll_fill(cx) {
