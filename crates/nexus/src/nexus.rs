@@ -1,0 +1,1050 @@
+//! The [`Nexus`] device: fan-out of writes, read selection and retry, and the child lifecycle.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::future::join_all;
+use strata_bdev::{
+    check_io, read_only_error, BlockDevice, Capabilities, Error, ErrorKind, Extent, Geometry,
+    Result, WriteOpts, ZeroOpts,
+};
+
+use crate::dirty::DirtyMap;
+use crate::rangelock::RangeLock;
+use crate::rebuild::{self, Control, RebuildCtl, RebuildKind, RebuildOutcome, RebuildProgress};
+
+/// Tunables of one nexus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NexusSettings {
+    /// Bytes covered by one bit of a dirty-region map (default 1 MiB). A multiple of the nexus
+    /// block size.
+    pub dirty_granularity: u64,
+    /// Bytes a rebuild copies under one range lock (default 1 MiB); rounded up to a multiple of
+    /// `dirty_granularity`.
+    pub rebuild_segment: u64,
+    /// Segments a rebuild copies at once (default 4).
+    pub rebuild_parallel: usize,
+    /// A child whose I/O takes longer than this is faulted (default: no limit). Per-child
+    /// overrides: [`Nexus::set_io_timeout`].
+    pub io_timeout: Option<Duration>,
+}
+
+impl Default for NexusSettings {
+    fn default() -> NexusSettings {
+        NexusSettings {
+            dirty_granularity: 1 << 20,
+            rebuild_segment: 1 << 20,
+            rebuild_parallel: 4,
+            io_timeout: None,
+        }
+    }
+}
+
+/// The state of one child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildState {
+    /// Holds current data: written to and read from.
+    Online,
+    /// Being copied to: written to, never read from.
+    Rebuilding,
+    /// Failed (the reason says how); neither written nor read. Its missed writes are recorded.
+    Faulted(String),
+    /// Taken out by the operator; neither written nor read. Its missed writes are recorded.
+    Offline,
+}
+
+impl fmt::Display for ChildState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChildState::Online => f.write_str("online"),
+            ChildState::Rebuilding => f.write_str("rebuilding"),
+            ChildState::Faulted(reason) => write!(f, "faulted: {reason}"),
+            ChildState::Offline => f.write_str("offline"),
+        }
+    }
+}
+
+/// One child in a [`NexusStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildStatus {
+    /// The child's name (its URI).
+    pub name: String,
+    pub state: ChildState,
+    /// The current or last rebuild onto this child.
+    pub rebuild: Option<RebuildProgress>,
+    /// Bytes recorded as missed (dirty) while the child was away, if a map is kept for it.
+    pub dirty_bytes: Option<u64>,
+    /// I/O sent to the child and not yet answered.
+    pub outstanding: usize,
+}
+
+/// A snapshot of a nexus and its children.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NexusStatus {
+    pub name: String,
+    pub geometry: Geometry,
+    pub children: Vec<ChildStatus>,
+}
+
+impl NexusStatus {
+    /// The child named `name`.
+    pub fn child(&self, name: &str) -> Option<&ChildStatus> {
+        self.children.iter().find(|c| c.name == name)
+    }
+
+    /// Some child is not online.
+    pub fn is_degraded(&self) -> bool {
+        self.children.iter().any(|c| c.state != ChildState::Online)
+    }
+}
+
+/// A failed control operation on a nexus.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NexusError {
+    #[error("create nexus {nexus}: no children")]
+    NoChildren { nexus: String },
+    #[error("nexus {nexus}: invalid settings: {reason}")]
+    InvalidSettings { nexus: String, reason: String },
+    #[error("nexus {nexus}: no child named {child:?}")]
+    NoSuchChild { nexus: String, child: String },
+    #[error("nexus {nexus}: a child named {child:?} already exists")]
+    DuplicateChild { nexus: String, child: String },
+    #[error("nexus {nexus}: child {child:?} does not fit: {reason}")]
+    Incompatible {
+        nexus: String,
+        child: String,
+        reason: String,
+    },
+    #[error("nexus {nexus}: {action} child {child:?}: it is the last healthy child")]
+    LastHealthy {
+        nexus: String,
+        child: String,
+        action: &'static str,
+    },
+    #[error("nexus {nexus}: {action} child {child:?}: it is {state}")]
+    InvalidState {
+        nexus: String,
+        child: String,
+        action: &'static str,
+        state: ChildState,
+    },
+    #[error("nexus {nexus}: rebuild child {child:?}: no healthy child to copy from")]
+    NoSource { nexus: String, child: String },
+    #[error("nexus {nexus}: child {child:?} has no rebuild")]
+    NoRebuild { nexus: String, child: String },
+    #[error("nexus {nexus}: starting a rebuild needs a tokio runtime")]
+    NoRuntime { nexus: String },
+}
+
+/// A child as the I/O path sees it: enough to send I/O and account for it.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub(crate) id: u64,
+    pub(crate) name: Arc<str>,
+    pub(crate) dev: Arc<dyn BlockDevice>,
+    outstanding: Arc<AtomicUsize>,
+    timeout: Option<Duration>,
+    online: bool,
+}
+
+/// The children the I/O path uses, rebuilt whenever a child changes state.
+struct View {
+    generation: u64,
+    /// Online and rebuilding children.
+    writable: Vec<Target>,
+    /// Online children.
+    readable: Vec<Target>,
+    /// Every child is writable (no dirty map needs updating after a write that all answered).
+    all_writable: bool,
+}
+
+pub(crate) struct Slot {
+    pub(crate) id: u64,
+    pub(crate) name: Arc<str>,
+    pub(crate) dev: Arc<dyn BlockDevice>,
+    outstanding: Arc<AtomicUsize>,
+    timeout: Option<Duration>,
+    pub(crate) state: ChildState,
+    /// Regions this child has missed; `None` while it is online.
+    pub(crate) dirty: Option<DirtyMap>,
+    pub(crate) rebuild: Option<Arc<RebuildCtl>>,
+}
+
+impl Slot {
+    pub(crate) fn target(&self) -> Target {
+        Target {
+            id: self.id,
+            name: self.name.clone(),
+            dev: self.dev.clone(),
+            outstanding: self.outstanding.clone(),
+            timeout: self.timeout,
+            online: self.state == ChildState::Online,
+        }
+    }
+}
+
+pub(crate) struct State {
+    pub(crate) children: Vec<Slot>,
+    next_id: u64,
+    generation: u64,
+    view: Arc<View>,
+}
+
+impl State {
+    pub(crate) fn slot(&mut self, id: u64) -> Option<&mut Slot> {
+        self.children.iter_mut().find(|s| s.id == id)
+    }
+
+    fn index(&self, nexus: &str, name: &str) -> Result<usize, NexusError> {
+        self.children
+            .iter()
+            .position(|s| &*s.name == name)
+            .ok_or_else(|| NexusError::NoSuchChild {
+                nexus: nexus.to_string(),
+                child: name.to_string(),
+            })
+    }
+
+    fn online_count(&self) -> usize {
+        self.children
+            .iter()
+            .filter(|s| s.state == ChildState::Online)
+            .count()
+    }
+}
+
+/// What the nexus and its rebuild tasks share.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) geometry: Geometry,
+    caps: Capabilities,
+    pub(crate) settings: NexusSettings,
+    pub(crate) locks: RangeLock,
+    state: Mutex<State>,
+    generation: AtomicU64,
+    next_read: AtomicUsize,
+}
+
+/// An N-way mirror over child block devices. See the crate docs.
+pub struct Nexus {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Nexus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "nexus {} ({} bytes, {} children)",
+            self.shared.name,
+            self.shared.geometry.size,
+            self.shared.lock().children.len()
+        )
+    }
+}
+
+impl Drop for Nexus {
+    fn drop(&mut self) {
+        // Rebuild tasks hold the shared state; tell them to stop so that it is freed.
+        for slot in &self.shared.lock().children {
+            if let Some(ctl) = &slot.rebuild {
+                ctl.control.send_replace(Control::Cancel);
+            }
+        }
+    }
+}
+
+fn geometry_of(children: &[(String, Arc<dyn BlockDevice>)]) -> Geometry {
+    let block_size = children
+        .iter()
+        .map(|(_, d)| d.geometry().block_size.max(1))
+        .max()
+        .unwrap_or(1);
+    let bs = u64::from(block_size);
+    let size = children
+        .iter()
+        .map(|(_, d)| d.geometry().size)
+        .min()
+        .unwrap_or(0)
+        / bs
+        * bs;
+    let optimal = children
+        .iter()
+        .map(|(_, d)| d.geometry().optimal_io_size)
+        .max()
+        .unwrap_or(block_size)
+        .max(block_size)
+        .div_ceil(block_size)
+        * block_size;
+    Geometry {
+        size,
+        block_size,
+        optimal_io_size: optimal,
+    }
+}
+
+fn capabilities_of(children: &[(String, Arc<dyn BlockDevice>)]) -> Capabilities {
+    let all = |f: fn(&Capabilities) -> bool| children.iter().all(|(_, d)| f(&d.capabilities()));
+    let any = |f: fn(&Capabilities) -> bool| children.iter().any(|(_, d)| f(&d.capabilities()));
+    Capabilities {
+        read_only: any(|c| c.read_only),
+        // One child with a volatile cache is enough for the nexus to need flushes.
+        flush: any(|c| c.flush),
+        fua: all(|c| c.fua),
+        trim: all(|c| c.trim),
+        write_zeroes: all(|c| c.write_zeroes),
+        fast_zero: all(|c| c.fast_zero),
+        block_status: all(|c| c.block_status),
+        multi_conn: all(|c| c.multi_conn),
+        // The nexus has no resize of its own.
+        resize: false,
+    }
+}
+
+/// Why a child cannot join a nexus of this shape, if it cannot.
+fn misfit(geometry: Geometry, caps: Capabilities, dev: &dyn BlockDevice) -> Option<String> {
+    let g = dev.geometry();
+    let c = dev.capabilities();
+    if g.size < geometry.size {
+        return Some(format!(
+            "it has {} bytes, the nexus {}",
+            g.size, geometry.size
+        ));
+    }
+    if !geometry.block_size.is_multiple_of(g.block_size.max(1)) {
+        return Some(format!(
+            "its block size {} does not divide the nexus block size {}",
+            g.block_size, geometry.block_size
+        ));
+    }
+    if c.read_only && !caps.read_only {
+        return Some("it is read-only".into());
+    }
+    if c.flush && !caps.flush {
+        return Some("it needs flushes and the nexus tells clients it does not".into());
+    }
+    let lacks = [
+        (caps.fua, c.fua, "FUA"),
+        (caps.trim, c.trim, "trim"),
+        (caps.write_zeroes, c.write_zeroes, "write zeroes"),
+        (caps.fast_zero, c.fast_zero, "fast zero"),
+        (caps.block_status, c.block_status, "block status"),
+        (caps.multi_conn, c.multi_conn, "multi-conn"),
+    ];
+    lacks
+        .iter()
+        .find(|(nexus, child, _)| *nexus && !*child)
+        .map(|(_, _, what)| format!("it lacks {what}, which the nexus offers"))
+}
+
+/// Counts an I/O as outstanding on a child until dropped.
+struct Outstanding<'a>(&'a AtomicUsize);
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Run one child I/O, counting it as outstanding and applying the child's timeout.
+pub(crate) async fn call<T>(t: &Target, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    t.outstanding.fetch_add(1, Ordering::Relaxed);
+    let _count = Outstanding(&t.outstanding);
+    match t.timeout {
+        None => fut.await,
+        Some(limit) => match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorKind::TimedOut,
+                format!("child {} did not answer within {limit:?}", t.name),
+            )),
+        },
+    }
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("nexus state lock poisoned")
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.lock().view.clone()
+    }
+
+    /// Recompute the I/O path's view after a change to the children.
+    pub(crate) fn refresh(&self, state: &mut State) {
+        state.generation += 1;
+        let writable: Vec<Target> = state
+            .children
+            .iter()
+            .filter(|s| matches!(s.state, ChildState::Online | ChildState::Rebuilding))
+            .map(Slot::target)
+            .collect();
+        let readable = writable.iter().filter(|t| t.online).cloned().collect();
+        state.view = Arc::new(View {
+            generation: state.generation,
+            all_writable: writable.len() == state.children.len(),
+            writable,
+            readable,
+        });
+        self.generation.store(state.generation, Ordering::Release);
+    }
+
+    /// Fault the child `id` (unless it is already out); returns whether it changed.
+    pub(crate) fn fault_locked(&self, state: &mut State, id: u64, reason: String) -> bool {
+        let (size, gran) = (self.geometry.size, self.settings.dirty_granularity);
+        let Some(slot) = state.slot(id) else {
+            return false;
+        };
+        if matches!(slot.state, ChildState::Faulted(_) | ChildState::Offline) {
+            return false;
+        }
+        tracing::warn!(nexus = %self.name, child = %slot.name, %reason, "child faulted");
+        slot.dirty.get_or_insert_with(|| DirtyMap::new(size, gran));
+        if slot.state == ChildState::Rebuilding {
+            if let Some(ctl) = &slot.rebuild {
+                ctl.control.send_replace(Control::Cancel);
+            }
+        }
+        slot.state = ChildState::Faulted(reason);
+        self.refresh(state);
+        true
+    }
+
+    /// "c1: online, c2: faulted: …" for error messages.
+    fn describe_children(&self) -> String {
+        let state = self.lock();
+        state
+            .children
+            .iter()
+            .map(|s| format!("{}: {}", s.name, s.state))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn no_healthy_child(&self, what: &str, last: Option<&Error>) -> Error {
+        Error::new(
+            last.map_or(ErrorKind::Io, Error::kind),
+            format!(
+                "{what} nexus {}: no healthy child left ({})",
+                self.name,
+                self.describe_children()
+            ),
+        )
+    }
+
+    /// Send a modifying operation to every writable child. `range` is the byte range it
+    /// changes (none for flush). Completes when every child has answered; faults those that
+    /// failed; succeeds if an online child succeeded.
+    async fn fan_out<F, Fut>(&self, what: &str, range: Option<(u64, u64)>, op: F) -> Result<()>
+    where
+        F: Fn(Arc<dyn BlockDevice>) -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
+        // Lock before taking the view: a rebuild that starts after the view was taken then
+        // copies this range only after this write has reached its source (see rebuild.rs).
+        let _guard = match range {
+            Some((offset, len)) => Some(self.locks.shared(offset, len).await),
+            None => None,
+        };
+        let view = self.view();
+        let results = join_all(
+            view.writable
+                .iter()
+                .map(|t| call(t, op(t.dev.clone())))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+        let mut online_ok = false;
+        let mut failed = Vec::new();
+        let mut succeeded = Vec::with_capacity(results.len());
+        for (t, r) in view.writable.iter().zip(results) {
+            match r {
+                Ok(()) => {
+                    online_ok |= t.online;
+                    succeeded.push(t.id);
+                }
+                Err(e) => failed.push((t, e)),
+            }
+        }
+        let unchanged = self.generation.load(Ordering::Acquire) == view.generation;
+        if !(failed.is_empty() && view.all_writable && unchanged) {
+            let mut state = self.lock();
+            for (t, e) in &failed {
+                self.fault_locked(&mut state, t.id, format!("{what}: {}", e.chain()));
+                if range.is_none() {
+                    // A failed flush may have lost any earlier write: all of it is suspect.
+                    if let Some(slot) = state.slot(t.id) {
+                        if let Some(map) = slot.dirty.as_mut() {
+                            map.set_granules(0, map.granules());
+                        }
+                    }
+                }
+            }
+            if let Some((offset, len)) = range {
+                for slot in &mut state.children {
+                    if !succeeded.contains(&slot.id) {
+                        if let Some(map) = slot.dirty.as_mut() {
+                            map.mark(offset, len);
+                        }
+                    }
+                }
+            }
+        }
+        if online_ok {
+            Ok(())
+        } else {
+            Err(self.no_healthy_child(what, failed.last().map(|(_, e)| e)))
+        }
+    }
+
+    /// Run a read-like operation on one online child, retrying on others after failures.
+    async fn read_one<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: Fn(Arc<dyn BlockDevice>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut tried: Vec<u64> = Vec::new();
+        let mut last: Option<Error> = None;
+        loop {
+            let view = self.view();
+            let n = view.readable.len();
+            let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+            let mut best: Option<&Target> = None;
+            for k in 0..n {
+                let t = &view.readable[(start + k) % n];
+                if tried.contains(&t.id) {
+                    continue;
+                }
+                let load = t.outstanding.load(Ordering::Relaxed);
+                if best.is_none_or(|b| load < b.outstanding.load(Ordering::Relaxed)) {
+                    best = Some(t);
+                }
+            }
+            let Some(t) = best else {
+                return Err(self.no_healthy_child(what, last.as_ref()));
+            };
+            match call(t, op(t.dev.clone())).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!(nexus = %self.name, child = %t.name, error = %e.chain(), "{what}: retrying on another child");
+                    tried.push(t.id);
+                    let mut state = self.lock();
+                    self.fault_locked(&mut state, t.id, format!("{what}: {}", e.chain()));
+                    drop(state);
+                    last = Some(e);
+                }
+            }
+        }
+    }
+}
+
+impl Nexus {
+    /// A nexus named `name` over `children` (name — usually the URI — and device), all online:
+    /// the caller vouches that they hold the same data (e.g. all new and zeroed).
+    pub fn new(
+        name: impl Into<String>,
+        children: Vec<(String, Arc<dyn BlockDevice>)>,
+        settings: NexusSettings,
+    ) -> Result<Nexus, NexusError> {
+        let name = name.into();
+        if children.is_empty() {
+            return Err(NexusError::NoChildren { nexus: name });
+        }
+        for (i, (child, _)) in children.iter().enumerate() {
+            if children[..i].iter().any(|(c, _)| c == child) {
+                return Err(NexusError::DuplicateChild {
+                    nexus: name,
+                    child: child.clone(),
+                });
+            }
+        }
+        let geometry = geometry_of(&children);
+        let caps = capabilities_of(&children);
+        let mut settings = settings;
+        let bs = u64::from(geometry.block_size);
+        if settings.dirty_granularity == 0 || !settings.dirty_granularity.is_multiple_of(bs) {
+            return Err(NexusError::InvalidSettings {
+                nexus: name,
+                reason: format!(
+                    "dirty_granularity {} is not a positive multiple of the block size {bs}",
+                    settings.dirty_granularity
+                ),
+            });
+        }
+        if settings.rebuild_parallel == 0 {
+            return Err(NexusError::InvalidSettings {
+                nexus: name,
+                reason: "rebuild_parallel must be at least 1".into(),
+            });
+        }
+        settings.rebuild_segment = settings
+            .rebuild_segment
+            .max(1)
+            .div_ceil(settings.dirty_granularity)
+            * settings.dirty_granularity;
+        let mut state = State {
+            children: Vec::new(),
+            next_id: 0,
+            generation: 0,
+            view: Arc::new(View {
+                generation: 0,
+                writable: Vec::new(),
+                readable: Vec::new(),
+                all_writable: true,
+            }),
+        };
+        for (child, dev) in children {
+            state.children.push(Slot {
+                id: state.next_id,
+                name: child.into(),
+                dev,
+                outstanding: Arc::default(),
+                timeout: settings.io_timeout,
+                state: ChildState::Online,
+                dirty: None,
+                rebuild: None,
+            });
+            state.next_id += 1;
+        }
+        let shared = Arc::new(Shared {
+            name,
+            geometry,
+            caps,
+            locks: RangeLock::new(settings.rebuild_segment),
+            settings,
+            state: Mutex::new(state),
+            generation: AtomicU64::new(0),
+            next_read: AtomicUsize::new(0),
+        });
+        shared.refresh(&mut shared.lock());
+        Ok(Nexus { shared })
+    }
+
+    /// The nexus's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The settings in force (the rebuild segment rounded to the dirty granularity).
+    pub fn settings(&self) -> &NexusSettings {
+        &self.shared.settings
+    }
+
+    /// A snapshot of every child's state and rebuild progress.
+    pub fn status(&self) -> NexusStatus {
+        let state = self.shared.lock();
+        NexusStatus {
+            name: self.shared.name.clone(),
+            geometry: self.shared.geometry,
+            children: state
+                .children
+                .iter()
+                .map(|s| ChildStatus {
+                    name: s.name.to_string(),
+                    state: s.state.clone(),
+                    rebuild: s.rebuild.as_ref().map(|r| r.progress()),
+                    dirty_bytes: s.dirty.as_ref().map(|m| {
+                        (m.dirty_granules() * m.granularity()).min(self.shared.geometry.size)
+                    }),
+                    outstanding: s.outstanding.load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+
+    fn err_state(&self, child: &Slot, action: &'static str) -> NexusError {
+        NexusError::InvalidState {
+            nexus: self.shared.name.clone(),
+            child: child.name.to_string(),
+            action,
+            state: child.state.clone(),
+        }
+    }
+
+    fn err_last(&self, child: &str, action: &'static str) -> NexusError {
+        NexusError::LastHealthy {
+            nexus: self.shared.name.clone(),
+            child: child.to_string(),
+            action,
+        }
+    }
+
+    /// Add a child. Its history is unknown, so it gets a full rebuild from an online child.
+    pub fn add_child(
+        &self,
+        name: impl Into<String>,
+        dev: Arc<dyn BlockDevice>,
+    ) -> Result<(), NexusError> {
+        let name: String = name.into();
+        let shared = &self.shared;
+        if let Some(reason) = misfit(shared.geometry, shared.caps, &*dev) {
+            return Err(NexusError::Incompatible {
+                nexus: shared.name.clone(),
+                child: name,
+                reason,
+            });
+        }
+        let runtime = self.runtime()?;
+        let mut state = shared.lock();
+        if state.children.iter().any(|s| *s.name == *name) {
+            return Err(NexusError::DuplicateChild {
+                nexus: shared.name.clone(),
+                child: name,
+            });
+        }
+        if state.online_count() == 0 {
+            return Err(NexusError::NoSource {
+                nexus: shared.name.clone(),
+                child: name,
+            });
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        state.children.push(Slot {
+            id,
+            name: name.into(),
+            dev,
+            outstanding: Arc::default(),
+            timeout: shared.settings.io_timeout,
+            state: ChildState::Offline,
+            dirty: Some(DirtyMap::full(
+                shared.geometry.size,
+                shared.settings.dirty_granularity,
+            )),
+            rebuild: None,
+        });
+        self.start_rebuild(&mut state, id, RebuildKind::Full, &runtime);
+        Ok(())
+    }
+
+    /// Remove a child (stopping a rebuild onto it). The last online child cannot be removed.
+    pub fn remove_child(&self, name: &str) -> Result<(), NexusError> {
+        let mut state = self.shared.lock();
+        let i = state.index(&self.shared.name, name)?;
+        if state.children[i].state == ChildState::Online && state.online_count() == 1 {
+            return Err(self.err_last(name, "remove"));
+        }
+        let slot = state.children.remove(i);
+        if let Some(ctl) = &slot.rebuild {
+            ctl.control.send_replace(Control::Cancel);
+        }
+        tracing::info!(nexus = %self.shared.name, child = name, "child removed");
+        self.shared.refresh(&mut state);
+        Ok(())
+    }
+
+    /// Take a child out of service (stopping a rebuild onto it); its missed writes are
+    /// recorded for a partial rebuild when it comes back. The last online child cannot be
+    /// taken offline.
+    pub fn offline_child(&self, name: &str) -> Result<(), NexusError> {
+        let (size, gran) = (
+            self.shared.geometry.size,
+            self.shared.settings.dirty_granularity,
+        );
+        let mut state = self.shared.lock();
+        let i = state.index(&self.shared.name, name)?;
+        if state.children[i].state == ChildState::Online && state.online_count() == 1 {
+            return Err(self.err_last(name, "offline"));
+        }
+        let slot = &mut state.children[i];
+        if slot.state == ChildState::Offline {
+            return Ok(());
+        }
+        if let Some(ctl) = &slot.rebuild {
+            ctl.control.send_replace(Control::Cancel);
+        }
+        slot.dirty.get_or_insert_with(|| DirtyMap::new(size, gran));
+        slot.state = ChildState::Offline;
+        tracing::info!(nexus = %self.shared.name, child = name, "child offline");
+        self.shared.refresh(&mut state);
+        Ok(())
+    }
+
+    /// Fault a child with `reason`, as a failed I/O would. The last online child cannot be
+    /// faulted this way.
+    pub fn fault_child(&self, name: &str, reason: impl Into<String>) -> Result<(), NexusError> {
+        let mut state = self.shared.lock();
+        let i = state.index(&self.shared.name, name)?;
+        if state.children[i].state == ChildState::Online && state.online_count() == 1 {
+            return Err(self.err_last(name, "fault"));
+        }
+        let id = state.children[i].id;
+        self.shared.fault_locked(&mut state, id, reason.into());
+        Ok(())
+    }
+
+    /// Bring a faulted or offline child back: a partial rebuild of the regions it missed, or a
+    /// full rebuild when nothing is known about what it missed.
+    pub fn online_child(&self, name: &str) -> Result<(), NexusError> {
+        let runtime = self.runtime()?;
+        let mut state = self.shared.lock();
+        let i = state.index(&self.shared.name, name)?;
+        let slot = &state.children[i];
+        match slot.state {
+            ChildState::Faulted(_) | ChildState::Offline => {}
+            _ => return Err(self.err_state(slot, "online")),
+        }
+        if state.online_count() == 0 {
+            return Err(NexusError::NoSource {
+                nexus: self.shared.name.clone(),
+                child: name.to_string(),
+            });
+        }
+        let id = slot.id;
+        let kind = match &slot.dirty {
+            Some(_) => RebuildKind::Partial,
+            None => RebuildKind::Full,
+        };
+        let (size, gran) = (
+            self.shared.geometry.size,
+            self.shared.settings.dirty_granularity,
+        );
+        let slot = &mut state.children[i];
+        slot.dirty.get_or_insert_with(|| DirtyMap::full(size, gran));
+        self.start_rebuild(&mut state, id, kind, &runtime);
+        Ok(())
+    }
+
+    /// Set a child's I/O timeout (`None`: wait forever); a child whose I/O takes longer is
+    /// faulted.
+    pub fn set_io_timeout(&self, name: &str, timeout: Option<Duration>) -> Result<(), NexusError> {
+        let mut state = self.shared.lock();
+        let i = state.index(&self.shared.name, name)?;
+        state.children[i].timeout = timeout;
+        self.shared.refresh(&mut state);
+        Ok(())
+    }
+
+    fn runtime(&self) -> Result<tokio::runtime::Handle, NexusError> {
+        tokio::runtime::Handle::try_current().map_err(|_| NexusError::NoRuntime {
+            nexus: self.shared.name.clone(),
+        })
+    }
+
+    fn start_rebuild(
+        &self,
+        state: &mut State,
+        id: u64,
+        kind: RebuildKind,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        let shared = &self.shared;
+        let slot = state
+            .slot(id)
+            .expect("the slot was just found under this lock");
+        let map = slot
+            .dirty
+            .as_ref()
+            .expect("a child being rebuilt has a dirty map");
+        let total = (map.dirty_granules() * map.granularity()).min(shared.geometry.size);
+        let ctl = Arc::new(RebuildCtl::new(kind, total));
+        slot.state = ChildState::Rebuilding;
+        slot.rebuild = Some(ctl.clone());
+        tracing::info!(nexus = %shared.name, child = %slot.name, ?kind, total_bytes = total, "rebuild started");
+        shared.refresh(state);
+        runtime.spawn(rebuild::run(shared.clone(), id, ctl));
+    }
+
+    fn rebuild_ctl(&self, name: &str) -> Result<Arc<RebuildCtl>, NexusError> {
+        let state = self.shared.lock();
+        let i = state.index(&self.shared.name, name)?;
+        state.children[i]
+            .rebuild
+            .clone()
+            .ok_or_else(|| NexusError::NoRebuild {
+                nexus: self.shared.name.clone(),
+                child: name.to_string(),
+            })
+    }
+
+    /// Pause the rebuild onto a child (segments in flight finish).
+    pub fn pause_rebuild(&self, name: &str) -> Result<(), NexusError> {
+        let ctl = self.rebuild_ctl(name)?;
+        ctl.control.send_if_modified(|c| {
+            let run = *c == Control::Run;
+            if run {
+                *c = Control::Pause;
+            }
+            run
+        });
+        Ok(())
+    }
+
+    /// Resume a paused rebuild.
+    pub fn resume_rebuild(&self, name: &str) -> Result<(), NexusError> {
+        let ctl = self.rebuild_ctl(name)?;
+        ctl.control.send_if_modified(|c| {
+            let paused = *c == Control::Pause;
+            if paused {
+                *c = Control::Run;
+            }
+            paused
+        });
+        Ok(())
+    }
+
+    /// Stop the rebuild onto a child; the child goes offline, keeping what is left to copy.
+    pub fn cancel_rebuild(&self, name: &str) -> Result<(), NexusError> {
+        let ctl = self.rebuild_ctl(name)?;
+        ctl.control.send_replace(Control::Cancel);
+        Ok(())
+    }
+
+    /// Wait until the current (or last) rebuild onto a child ends, and say how.
+    pub async fn wait_rebuild(&self, name: &str) -> Result<RebuildOutcome, NexusError> {
+        let ctl = self.rebuild_ctl(name)?;
+        Ok(ctl.wait().await)
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Nexus {
+    fn geometry(&self) -> Geometry {
+        self.shared.geometry
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.shared.caps
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        check_io(self.shared.geometry, "read", offset, len as u64)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let what = format!("read {len} bytes at offset {offset} from");
+        self.shared
+            .read_one(&what, |dev| async move { dev.read_at(offset, len).await })
+            .await
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
+        if self.shared.caps.read_only {
+            return Err(read_only_error("write"));
+        }
+        let len = data.len() as u64;
+        check_io(self.shared.geometry, "write", offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let what = format!("write {len} bytes at offset {offset} to");
+        self.shared
+            .fan_out(&what, Some((offset, len)), |dev| {
+                let data = data.clone();
+                async move { dev.write_at(offset, data, opts).await }
+            })
+            .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.shared
+            .fan_out("flush", None, |dev| async move { dev.flush().await })
+            .await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, opts: WriteOpts) -> Result<()> {
+        if self.shared.caps.read_only {
+            return Err(read_only_error("trim"));
+        }
+        check_io(self.shared.geometry, "trim", offset, len)?;
+        if !self.shared.caps.trim {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "trim on nexus {}: not every child supports trim",
+                    self.shared.name
+                ),
+            ));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let what = format!("trim {len} bytes at offset {offset} on");
+        self.shared
+            .fan_out(&what, Some((offset, len)), |dev| async move {
+                dev.trim(offset, len, opts).await
+            })
+            .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, opts: ZeroOpts) -> Result<()> {
+        if self.shared.caps.read_only {
+            return Err(read_only_error("write zeroes"));
+        }
+        check_io(self.shared.geometry, "write zeroes", offset, len)?;
+        if opts.fast_only && !self.shared.caps.fast_zero {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "write zeroes fast on nexus {}: not every child zeroes fast",
+                    self.shared.name
+                ),
+            ));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let what = format!("write zeroes over {len} bytes at offset {offset} on");
+        self.shared
+            .fan_out(&what, Some((offset, len)), |dev| async move {
+                match dev.write_zeroes(offset, len, opts).await {
+                    // A child that claimed fast zeroing and then refused it is zeroed slowly:
+                    // the mirrors must stay identical, and the others have already zeroed.
+                    Err(e) if opts.fast_only && e.kind() == ErrorKind::Unsupported => {
+                        let slow = ZeroOpts {
+                            fast_only: false,
+                            ..opts
+                        };
+                        dev.write_zeroes(offset, len, slow).await
+                    }
+                    r => r,
+                }
+            })
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_io(self.shared.geometry, "query block status", offset, len)?;
+        let what = format!("query block status of {len} bytes at offset {offset} on");
+        let bs = u64::from(self.shared.geometry.block_size);
+        let mut extents = self
+            .shared
+            .read_one(
+                &what,
+                |dev| async move { dev.block_status(offset, len).await },
+            )
+            .await?;
+        // A child with a smaller block size may describe runs the nexus cannot address: keep the
+        // aligned prefix (at least one block, reported as data).
+        let mut total = 0;
+        let mut keep = 0;
+        for e in &extents {
+            if !(total + e.len).is_multiple_of(bs) {
+                break;
+            }
+            total += e.len;
+            keep += 1;
+        }
+        if keep == 0 {
+            return Ok(vec![Extent::data(bs.min(len))]);
+        }
+        extents.truncate(keep);
+        Ok(extents)
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        check_io(self.shared.geometry, "prefetch", offset, len)?;
+        // A hint: sent to one online child; a failure is not worth faulting it over.
+        let view = self.shared.view();
+        match view.readable.first() {
+            Some(t) => call(t, t.dev.cache(offset, len)).await,
+            None => Ok(()),
+        }
+    }
+}
