@@ -1,0 +1,219 @@
+//! Random interleavings of writes, faults, offlines, onlines, injected write errors and rebuild
+//! progress: afterwards every online child holds exactly the data of one reference model.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use strata_bdev::fault::{Op as FaultOp, Rule};
+use strata_bdev::{
+    BlockDevice, Bytes, ErrorKind, FaultDevice, FaultHandle, MemDevice, WriteOpts, ZeroOpts,
+};
+use strata_nexus::{ChildState, Nexus, NexusSettings, RebuildOutcome};
+
+const SIZE: u64 = 256 * 1024;
+const CHILDREN: usize = 3;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        off: u64,
+        len: u64,
+        seed: u8,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+    },
+    Trim {
+        off: u64,
+        len: u64,
+    },
+    /// A write during which child `i` fails.
+    WriteFailing {
+        i: usize,
+        off: u64,
+        len: u64,
+        seed: u8,
+    },
+    Fault(usize),
+    Offline(usize),
+    Online(usize),
+    Pause(usize),
+    Resume(usize),
+    /// Let background rebuilds run for a while.
+    Yield(u8),
+    WaitRebuild(usize),
+    Read {
+        off: u64,
+        len: u64,
+    },
+}
+
+fn range() -> impl Strategy<Value = (u64, u64)> {
+    (0..SIZE - 1).prop_flat_map(|off| (Just(off), 1..=(SIZE - off).min(40_000)))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let i = 0..CHILDREN;
+    prop_oneof![
+        4 => (range(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+        1 => range().prop_map(|(off, len)| Op::Zero { off, len }),
+        1 => range().prop_map(|(off, len)| Op::Trim { off, len }),
+        1 => (i.clone(), range(), any::<u8>())
+            .prop_map(|(i, (off, len), seed)| Op::WriteFailing { i, off, len, seed }),
+        1 => i.clone().prop_map(Op::Fault),
+        1 => i.clone().prop_map(Op::Offline),
+        2 => i.clone().prop_map(Op::Online),
+        1 => i.clone().prop_map(Op::Pause),
+        1 => i.clone().prop_map(Op::Resume),
+        2 => (1..20u8).prop_map(Op::Yield),
+        1 => i.clone().prop_map(Op::WaitRebuild),
+        1 => range().prop_map(|(off, len)| Op::Read { off, len }),
+    ]
+}
+
+fn data(seed: u8, len: u64) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|k| seed.wrapping_add((k / 251) as u8) ^ (k as u8))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn online_count(nexus: &Nexus) -> usize {
+    nexus
+        .status()
+        .children
+        .iter()
+        .filter(|c| c.state == ChildState::Online)
+        .count()
+}
+
+async fn check(ops: Vec<Op>) {
+    let mut mems = Vec::new();
+    let mut faults: Vec<FaultHandle> = Vec::new();
+    let mut children: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+    for i in 0..CHILDREN {
+        let m = Arc::new(MemDevice::new(format!("c{i}"), SIZE));
+        let (f, h) = FaultDevice::new(m.clone());
+        children.push((format!("c{i}"), Arc::new(f)));
+        mems.push(m);
+        faults.push(h);
+    }
+    let settings = NexusSettings {
+        dirty_granularity: 8192,
+        rebuild_segment: 16384,
+        rebuild_parallel: 2,
+        io_timeout: None,
+    };
+    let nexus = Nexus::new("model", children, settings).expect("nexus");
+    let name = |i: usize| format!("c{i}");
+    let mut model = vec![0u8; SIZE as usize];
+    for op in ops {
+        match op {
+            Op::Write { off, len, seed } => {
+                let d = data(seed, len);
+                nexus
+                    .write_at(off, d.clone(), WriteOpts::default())
+                    .await
+                    .expect("write with an online child");
+                model[off as usize..(off + len) as usize].copy_from_slice(&d);
+            }
+            Op::Zero { off, len } => {
+                nexus
+                    .write_zeroes(off, len, ZeroOpts::default())
+                    .await
+                    .expect("zeroes");
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Trim { off, len } => {
+                nexus
+                    .trim(off, len, WriteOpts::default())
+                    .await
+                    .expect("trim");
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::WriteFailing { i, off, len, seed } => {
+                // Only while another child stays online, so that the write must succeed.
+                if online_count(&nexus) < 2 {
+                    continue;
+                }
+                faults[i].add(Rule::fail(FaultOp::Write, ErrorKind::Io).times(1));
+                let d = data(seed, len);
+                nexus
+                    .write_at(off, d.clone(), WriteOpts::default())
+                    .await
+                    .expect("write with another online child");
+                faults[i].clear();
+                model[off as usize..(off + len) as usize].copy_from_slice(&d);
+            }
+            Op::Fault(i) => {
+                let _ = nexus.fault_child(&name(i), "test");
+            }
+            Op::Offline(i) => {
+                let _ = nexus.offline_child(&name(i));
+            }
+            Op::Online(i) => {
+                let _ = nexus.online_child(&name(i));
+            }
+            Op::Pause(i) => {
+                let _ = nexus.pause_rebuild(&name(i));
+            }
+            Op::Resume(i) => {
+                let _ = nexus.resume_rebuild(&name(i));
+            }
+            Op::Yield(n) => {
+                for _ in 0..n {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Op::WaitRebuild(i) => {
+                if nexus.status().children[i].state == ChildState::Rebuilding {
+                    let _ = nexus.resume_rebuild(&name(i));
+                    let outcome = nexus.wait_rebuild(&name(i)).await.expect("wait");
+                    assert_eq!(outcome, RebuildOutcome::Completed);
+                }
+            }
+            Op::Read { off, len } => {
+                let back = nexus.read_at(off, len as usize).await.expect("read");
+                assert!(
+                    back[..] == model[off as usize..(off + len) as usize],
+                    "read {len} at {off} matches the model"
+                );
+            }
+        }
+    }
+    // Let every rebuild finish, then compare every online child with the model.
+    for i in 0..CHILDREN {
+        if nexus.status().children[i].state == ChildState::Rebuilding {
+            let _ = nexus.resume_rebuild(&name(i));
+            let outcome = nexus.wait_rebuild(&name(i)).await.expect("wait");
+            assert_eq!(outcome, RebuildOutcome::Completed);
+        }
+    }
+    let status = nexus.status();
+    assert!(online_count(&nexus) >= 1, "{status:?}");
+    for (i, c) in status.children.iter().enumerate() {
+        if c.state == ChildState::Online {
+            let got = mems[i].read_at(0, SIZE as usize).await.expect("read child");
+            assert!(
+                got[..] == model[..],
+                "online child {} equals the model",
+                c.name
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn online_children_match_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(check(ops));
+    }
+}
