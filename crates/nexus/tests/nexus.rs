@@ -386,3 +386,36 @@ async fn pause_resume_and_cancel() {
     );
     assert!(contents(&*r.mems[1], size).await == contents(&*r.mems[0], size).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_a_segment_copy_is_not_overwritten_by_older_data() {
+    let size = MIB;
+    let r = rig(1, size, small_settings());
+    write(&r.nexus, 0, pattern(50, size as usize)).await;
+    // The rebuild reads segment 0 (old data) and is held before writing it to the new child.
+    let (new, hold) = FaultDevice::new(mem("new", size));
+    hold.add(Rule {
+        ops: vec![Op::Write],
+        range: Some((0, 1)),
+        action: Action::Delay(Duration::from_millis(200)),
+        remaining: Some(1),
+    });
+    let new = Arc::new(new);
+    r.nexus.add_child("new", new.clone()).expect("add");
+    while hold.fired() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // This write reaches both children; without the range lock the held copy would then land
+    // on top of it with the old bytes.
+    let fresh = pattern(51, 4096);
+    write(&r.nexus, 0, fresh.clone()).await;
+    assert_eq!(
+        r.nexus.wait_rebuild("new").await.expect("rebuild"),
+        RebuildOutcome::Completed
+    );
+    assert!(
+        new.read_at(0, 4096).await.expect("read") == fresh,
+        "the new child holds the write made during the copy, not the copied older bytes"
+    );
+    assert!(contents(&*new, size).await == contents(&*r.mems[0], size).await);
+}
