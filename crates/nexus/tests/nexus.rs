@@ -262,13 +262,17 @@ async fn full_rebuild_onto_a_new_child_during_writes() {
     }
     let new = mem("new", size);
     r.nexus.add_child("new", new.clone()).expect("add");
-    assert_eq!(state(&r.nexus, "new"), ChildState::Rebuilding);
+    // No assertion on the state here: on a multi-threaded runtime an 8 MiB memory rebuild may
+    // already be over. The progress checked below proves a full rebuild ran.
     let writers: Vec<_> = (0..2u64)
         .map(|w| {
             let nexus = r.nexus.clone();
             tokio::spawn(async move {
                 for i in 0..200u64 {
-                    let off = (i * 7919 + w * 104_729) * 4096 % (size - 65536);
+                    // Each writer keeps to its own half: two in-flight writes to the same
+                    // bytes have no defined order, on a mirror as on a disk.
+                    let half = size / 2;
+                    let off = w * half + (i * 7919 * 4096) % (half - 65536);
                     nexus
                         .write_at(
                             off,
