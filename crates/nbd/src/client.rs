@@ -496,24 +496,9 @@ impl NbdDevice {
     }
 
     async fn write_pieces(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Failed> {
-        let native_fua = fua && self.has(tx_flags::SEND_FUA);
-        let flags = if native_fua { cmd_flags::FUA } else { 0 };
-        let mut pending = Vec::new();
-        for (off, n) in NbdDevice::pieces(offset, data.len() as u64, self.max_payload) {
-            let start = (off - offset) as usize;
-            let piece = data.slice(start..start + n as usize);
-            pending.push(
-                self.send(cmd::WRITE, flags, off, n as u32, piece, Expect::Done)
-                    .await?,
-            );
-        }
-        for rx in pending {
-            self.wait(rx).await?;
-        }
-        if fua && !native_fua {
-            self.flush_inner().await?;
-        }
-        Ok(())
+        let len = data.len() as u64;
+        self.send_pieces(cmd::WRITE, 0, offset, len, Some(&data), fua)
+            .await
     }
 
     /// Send `command` over `[offset, offset + len)` in pieces of at most `max_effect`, with FUA
@@ -521,19 +506,47 @@ impl NbdDevice {
     async fn effect_pieces(
         &self,
         command: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), Failed> {
+        self.send_pieces(command, flags, offset, len, None, fua)
+            .await
+    }
+
+    /// Send `command` over `[offset, offset + len)` in pieces (each carrying its slice of
+    /// `data` for writes, at most `max_payload`; otherwise at most `max_effect`), wait for all,
+    /// and do FUA natively or by a flush after.
+    async fn send_pieces(
+        &self,
+        command: u16,
         mut flags: u16,
         offset: u64,
         len: u64,
+        data: Option<&Bytes>,
         fua: bool,
     ) -> Result<(), Failed> {
         let native_fua = fua && self.has(tx_flags::SEND_FUA);
         if native_fua {
             flags |= cmd_flags::FUA;
         }
+        let max = if data.is_some() {
+            self.max_payload
+        } else {
+            self.max_effect
+        };
         let mut pending = Vec::new();
-        for (off, n) in NbdDevice::pieces(offset, len, self.max_effect) {
+        for (off, n) in NbdDevice::pieces(offset, len, max) {
+            let payload = match data {
+                Some(d) => {
+                    let start = (off - offset) as usize;
+                    d.slice(start..start + n as usize)
+                }
+                None => Bytes::new(),
+            };
             pending.push(
-                self.send(command, flags, off, n as u32, Bytes::new(), Expect::Done)
+                self.send(command, flags, off, n as u32, payload, Expect::Done)
                     .await?,
             );
         }
