@@ -26,13 +26,19 @@
 //!   a newer front-end write.
 //! - A child whose I/O exceeds its timeout ([`Nexus::set_io_timeout`]) is faulted.
 //!
-//! Not here yet: recording durably which children hold current data (the daemon's state store),
-//! opening `nexus://` URIs, and the daemon's control commands.
+//! - With a [`Ledger`] ([`Nexus::restore`]), a write some child missed is acknowledged only once
+//!   a [`NexusRecord`] saying so — the child's state and the regions it missed — is durable; after
+//!   a crash or restart the nexus is restored from it, so a stale child is never read from or
+//!   copied from, and heals by copying only what it missed. See `record.rs`.
 
 mod dirty;
 mod nexus;
 mod rangelock;
 mod rebuild;
+mod record;
 
-pub use nexus::{ChildState, ChildStatus, Nexus, NexusError, NexusSettings, NexusStatus};
+pub use nexus::{
+    ChildState, ChildStatus, Nexus, NexusError, NexusSettings, NexusStatus, RestoreChild,
+};
 pub use rebuild::{RebuildKind, RebuildOutcome, RebuildProgress, RebuildState};
+pub use record::{ChildRecord, Ledger, NexusRecord, RecordedState};

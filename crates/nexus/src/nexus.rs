@@ -17,6 +17,7 @@ use strata_bdev::{
 use crate::dirty::DirtyMap;
 use crate::rangelock::RangeLock;
 use crate::rebuild::{self, Control, RebuildCtl, RebuildKind, RebuildOutcome, RebuildProgress};
+use crate::record::{ChildRecord, Ledger, NexusRecord, RecordedState};
 
 /// Tunables of one nexus.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +141,15 @@ pub enum NexusError {
     NoRebuild { nexus: String, child: String },
     #[error("nexus {nexus}: starting a rebuild needs a tokio runtime")]
     NoRuntime { nexus: String },
+    #[error("restore nexus {nexus}: {reason}")]
+    Restore { nexus: String, reason: String },
+}
+
+/// A child given to [`Nexus::restore`]: its name and its device, or why it could not be opened.
+#[derive(Debug)]
+pub struct RestoreChild {
+    pub name: String,
+    pub device: Result<Arc<dyn BlockDevice>, Error>,
 }
 
 /// A child as the I/O path sees it: enough to send I/O and account for it.
@@ -171,12 +181,68 @@ pub(crate) struct Slot {
     outstanding: Arc<AtomicUsize>,
     timeout: Option<Duration>,
     pub(crate) state: ChildState,
-    /// Regions this child has missed; `None` while it is online.
+    /// Regions this child has missed and that no rebuild has taken yet; `None` while online.
     pub(crate) dirty: Option<DirtyMap>,
+    /// Regions this child may not hold current data for, as recorded: `dirty` plus what a
+    /// rebuild has taken and not yet finished with. Cleared only when the child is online.
+    pub(crate) durable: Option<DirtyMap>,
     pub(crate) rebuild: Option<Arc<RebuildCtl>>,
 }
 
 impl Slot {
+    /// Give a child that is leaving service its maps (a clean one if it has none).
+    fn keep_maps(&mut self, size: u64, granularity: u64) {
+        let dirty = self
+            .dirty
+            .get_or_insert_with(|| DirtyMap::new(size, granularity));
+        match &mut self.durable {
+            Some(d) => d.union(dirty),
+            None => self.durable = Some(dirty.clone()),
+        }
+    }
+
+    /// Record that the child missed `[offset, offset + len)`; returns whether the recorded map
+    /// grew.
+    pub(crate) fn mark_missed(&mut self, offset: u64, len: u64) -> bool {
+        if let Some(map) = self.dirty.as_mut() {
+            map.mark(offset, len);
+        }
+        self.durable
+            .as_mut()
+            .is_some_and(|map| map.mark(offset, len))
+    }
+
+    /// Record that the child may have missed anything.
+    fn mark_all(&mut self) {
+        for map in [self.dirty.as_mut(), self.durable.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            map.set_granules(0, map.granules());
+        }
+    }
+
+    fn record(&self) -> ChildRecord {
+        let state = match &self.state {
+            ChildState::Online => RecordedState::Online,
+            ChildState::Rebuilding => RecordedState::Rebuilding,
+            ChildState::Faulted(reason) => RecordedState::Faulted(reason.clone()),
+            ChildState::Offline => RecordedState::Offline,
+        };
+        ChildRecord {
+            name: self.name.to_string(),
+            dirty: match state {
+                RecordedState::Online => None,
+                _ => self
+                    .durable
+                    .as_ref()
+                    .or(self.dirty.as_ref())
+                    .map(DirtyMap::runs),
+            },
+            state,
+        }
+    }
+
     pub(crate) fn target(&self) -> Target {
         Target {
             id: self.id,
@@ -194,6 +260,8 @@ pub(crate) struct State {
     next_id: u64,
     generation: u64,
     view: Arc<View>,
+    /// Version of the record this state describes; bumped by every change a record shows.
+    pub(crate) version: u64,
 }
 
 impl State {
@@ -229,6 +297,11 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     generation: AtomicU64,
     next_read: AtomicUsize,
+    ledger: Option<Arc<dyn Ledger>>,
+    /// The version of the newest durable record.
+    persisted: AtomicU64,
+    /// Held while a record is saved; writers needing a newer record wait here (group commit).
+    saving: tokio::sync::Mutex<()>,
 }
 
 /// An N-way mirror over child block devices. See the crate docs.
@@ -342,6 +415,62 @@ fn misfit(geometry: Geometry, caps: Capabilities, dev: &dyn BlockDevice) -> Opti
         .map(|(_, _, what)| format!("it lacks {what}, which the nexus offers"))
 }
 
+/// A child as [`Nexus::assemble`] takes it: name, device, state and dirty map.
+type NewSlot = (String, Arc<dyn BlockDevice>, ChildState, Option<DirtyMap>);
+
+/// Stands in for a child whose device could not be opened: every I/O fails, saying why.
+#[derive(Debug)]
+struct Absent {
+    geometry: Geometry,
+    caps: Capabilities,
+    why: String,
+}
+
+impl Absent {
+    fn fail<T>(&self) -> Result<T> {
+        Err(Error::new(ErrorKind::Io, self.why.clone()))
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Absent {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    async fn read_at(&self, _offset: u64, _len: usize) -> Result<Bytes> {
+        self.fail()
+    }
+
+    async fn write_at(&self, _offset: u64, _data: Bytes, _opts: WriteOpts) -> Result<()> {
+        self.fail()
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.fail()
+    }
+
+    async fn trim(&self, _offset: u64, _len: u64, _opts: WriteOpts) -> Result<()> {
+        self.fail()
+    }
+
+    async fn write_zeroes(&self, _offset: u64, _len: u64, _opts: ZeroOpts) -> Result<()> {
+        self.fail()
+    }
+
+    async fn block_status(&self, _offset: u64, _len: u64) -> Result<Vec<Extent>> {
+        self.fail()
+    }
+
+    async fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+        self.fail()
+    }
+}
+
 /// Counts an I/O as outstanding on a child until dropped.
 struct Outstanding<'a>(&'a AtomicUsize);
 
@@ -405,15 +534,51 @@ impl Shared {
             return false;
         }
         tracing::warn!(nexus = %self.name, child = %slot.name, %reason, "child faulted");
-        slot.dirty.get_or_insert_with(|| DirtyMap::new(size, gran));
+        slot.keep_maps(size, gran);
         if slot.state == ChildState::Rebuilding {
             if let Some(ctl) = &slot.rebuild {
                 ctl.control.send_replace(Control::Cancel);
             }
         }
         slot.state = ChildState::Faulted(reason);
+        state.version += 1;
         self.refresh(state);
         true
+    }
+
+    /// The record of `state`.
+    fn record(&self, state: &State) -> NexusRecord {
+        NexusRecord {
+            version: state.version,
+            size: self.geometry.size,
+            granularity: self.settings.dirty_granularity,
+            children: state.children.iter().map(Slot::record).collect(),
+        }
+    }
+
+    /// Return once a record at least as new as `want` is durable (at once without a ledger).
+    pub(crate) async fn persist(&self, want: u64) -> std::io::Result<()> {
+        let Some(ledger) = &self.ledger else {
+            return Ok(());
+        };
+        while self.persisted.load(Ordering::Acquire) < want {
+            let _turn = self.saving.lock().await;
+            if self.persisted.load(Ordering::Acquire) >= want {
+                break;
+            }
+            let record = self.record(&self.lock());
+            ledger.save(&record).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "save the record of nexus {} (version {}): {e}",
+                        self.name, record.version
+                    ),
+                )
+            })?;
+            self.persisted.fetch_max(record.version, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// "c1: online, c2: faulted: …" for error messages.
@@ -473,6 +638,8 @@ impl Shared {
             }
         }
         let unchanged = self.generation.load(Ordering::Acquire) == view.generation;
+        // The record version to make durable before answering: some child missed this.
+        let mut must_record = None;
         if !(failed.is_empty() && view.all_writable && unchanged) {
             let mut state = self.lock();
             for (t, e) in &failed {
@@ -480,27 +647,44 @@ impl Shared {
                 if range.is_none() {
                     // A failed flush may have lost any earlier write: all of it is suspect.
                     if let Some(slot) = state.slot(t.id) {
-                        if let Some(map) = slot.dirty.as_mut() {
-                            map.set_granules(0, map.granules());
-                        }
+                        slot.mark_all();
+                        state.version += 1;
                     }
                 }
             }
-            if let Some((offset, len)) = range {
-                for slot in &mut state.children {
-                    if !succeeded.contains(&slot.id) {
-                        if let Some(map) = slot.dirty.as_mut() {
-                            map.mark(offset, len);
-                        }
+            let mut grew = false;
+            let mut missed = false;
+            for slot in &mut state.children {
+                if !succeeded.contains(&slot.id) {
+                    missed = true;
+                    if let Some((offset, len)) = range {
+                        grew |= slot.mark_missed(offset, len);
                     }
                 }
             }
+            if grew {
+                state.version += 1;
+            }
+            if missed && self.ledger.is_some() {
+                must_record = Some(state.version);
+            }
         }
-        if online_ok {
-            Ok(())
-        } else {
-            Err(self.no_healthy_child(what, failed.last().map(|(_, e)| e)))
+        if !online_ok {
+            return Err(self.no_healthy_child(what, failed.last().map(|(_, e)| e)));
         }
+        if let Some(version) = must_record {
+            self.persist(version).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "{what} nexus {}: the healthy children have it, but recording which \
+                         children missed it failed, so it is reported as failed: {e}",
+                        self.name
+                    ),
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// Run a read-like operation on one online child, retrying on others after failures.
@@ -546,27 +730,200 @@ impl Shared {
 
 impl Nexus {
     /// A nexus named `name` over `children` (name — usually the URI — and device), all online:
-    /// the caller vouches that they hold the same data (e.g. all new and zeroed).
+    /// the caller vouches that they hold the same data (e.g. all new and zeroed). Nothing is
+    /// recorded; see [`Nexus::restore`] for a nexus that survives restarts.
     pub fn new(
         name: impl Into<String>,
         children: Vec<(String, Arc<dyn BlockDevice>)>,
         settings: NexusSettings,
     ) -> Result<Nexus, NexusError> {
         let name = name.into();
+        let geometry = geometry_of(&children);
+        let caps = capabilities_of(&children);
+        let slots = children
+            .into_iter()
+            .map(|(child, dev)| (child, dev, ChildState::Online, None))
+            .collect();
+        Nexus::assemble(name, geometry, caps, settings, None, 0, slots)
+    }
+
+    /// Bring back a nexus from its last durable `record` (`None` for a new nexus), recording
+    /// every change in `ledger` from now on.
+    ///
+    /// - A new nexus takes its first child as holding current data and fully rebuilds the others.
+    /// - With a record, children it lists as online are online; faulted and offline ones stay so,
+    ///   remembering what they missed; a rebuild in progress resumes; children it does not know
+    ///   get a full rebuild; children it lists and `children` lacks are dropped.
+    /// - A child whose device could not be opened is faulted with the open error; onlining it
+    ///   later needs a device ([`Nexus::replace_device`]).
+    ///
+    /// Fails when no child known to hold current data has a device: serving would risk returning
+    /// stale data. Must be called within a tokio runtime when rebuilds are to start.
+    pub fn restore(
+        name: impl Into<String>,
+        children: Vec<RestoreChild>,
+        record: Option<&NexusRecord>,
+        settings: NexusSettings,
+        ledger: Option<Arc<dyn Ledger>>,
+    ) -> Result<Nexus, NexusError> {
+        let name = name.into();
+        let fail = |reason: String| NexusError::Restore {
+            nexus: name.clone(),
+            reason,
+        };
+        let present: Vec<(String, Arc<dyn BlockDevice>)> = children
+            .iter()
+            .filter_map(|c| c.device.as_ref().ok().map(|d| (c.name.clone(), d.clone())))
+            .collect();
         if children.is_empty() {
             return Err(NexusError::NoChildren { nexus: name });
         }
-        for (i, (child, _)) in children.iter().enumerate() {
-            if children[..i].iter().any(|(c, _)| c == child) {
+        if present.is_empty() {
+            let errors: Vec<String> = children
+                .iter()
+                .filter_map(|c| {
+                    c.device
+                        .as_ref()
+                        .err()
+                        .map(|e| format!("{}: {}", c.name, e.chain()))
+                })
+                .collect();
+            return Err(fail(format!(
+                "no child could be opened ({})",
+                errors.join("; ")
+            )));
+        }
+        let mut geometry = geometry_of(&present);
+        let caps = capabilities_of(&present);
+        if let Some(r) = record {
+            if r.size > geometry.size {
+                let small = present
+                    .iter()
+                    .min_by_key(|(_, d)| d.geometry().size)
+                    .map(|(n, d)| format!("{n} has {} bytes", d.geometry().size))
+                    .unwrap_or_default();
+                return Err(fail(format!(
+                    "the nexus has {} bytes but {small}; give it a child at least that large",
+                    r.size
+                )));
+            }
+            // Keep the size clients have seen, even if every remaining child is larger.
+            geometry.size = r.size;
+        }
+        let (size, gran) = (geometry.size, settings.dirty_granularity.max(1));
+        let mut slots = Vec::with_capacity(children.len());
+        for (i, child) in children.into_iter().enumerate() {
+            let known = record.map(|r| (r, r.child(&child.name)));
+            let recorded_map = |r: &NexusRecord, c: &ChildRecord| r.dirty_map(c, size, gran);
+            let (dev, state, dirty) = match child.device {
+                Ok(dev) => {
+                    let (state, dirty) = match known {
+                        None if i == 0 => (ChildState::Online, None),
+                        None | Some((_, None)) => (ChildState::Rebuilding, None),
+                        Some((r, Some(c))) => match &c.state {
+                            RecordedState::Online => (ChildState::Online, None),
+                            RecordedState::Rebuilding => {
+                                (ChildState::Rebuilding, recorded_map(r, c))
+                            }
+                            RecordedState::Faulted(reason) => {
+                                (ChildState::Faulted(reason.clone()), recorded_map(r, c))
+                            }
+                            RecordedState::Offline => (ChildState::Offline, recorded_map(r, c)),
+                        },
+                    };
+                    (dev, state, dirty)
+                }
+                Err(e) => {
+                    let reason = format!("open: {}", e.chain());
+                    let dirty = match known {
+                        None if i == 0 => {
+                            return Err(fail(format!(
+                                "child {} holds the data a new nexus starts from, and it \
+                                 cannot be opened: {reason}",
+                                child.name
+                            )))
+                        }
+                        None | Some((_, None)) => None,
+                        // Current until now: it has missed nothing yet.
+                        Some((_, Some(c))) if c.state == RecordedState::Online => {
+                            Some(DirtyMap::new(size, gran))
+                        }
+                        Some((r, Some(c))) => recorded_map(r, c),
+                    };
+                    let absent: Arc<dyn BlockDevice> = Arc::new(Absent {
+                        geometry,
+                        caps,
+                        why: format!("child {} is not open ({reason})", child.name),
+                    });
+                    (absent, ChildState::Faulted(reason), dirty)
+                }
+            };
+            // Nothing known about what a child missed: it may have missed anything.
+            let dirty = match state {
+                ChildState::Online => None,
+                _ => Some(dirty.unwrap_or_else(|| DirtyMap::full(size, gran))),
+            };
+            slots.push((child.name, dev, state, dirty));
+        }
+        if !slots.iter().any(|(_, _, s, _)| *s == ChildState::Online) {
+            let states: Vec<String> = slots
+                .iter()
+                .map(|(n, _, s, _)| format!("{n}: {s}"))
+                .collect();
+            return Err(fail(format!(
+                "no child known to hold current data can be used ({}); bring one of the \
+                 children last recorded as online back",
+                states.join(", ")
+            )));
+        }
+        let version = record.map_or(0, |r| r.version) + 1;
+        let rebuilding: Vec<String> = slots
+            .iter()
+            .filter(|(_, _, s, _)| *s == ChildState::Rebuilding)
+            .map(|(n, _, _, _)| n.clone())
+            .collect();
+        let runtime = if rebuilding.is_empty() {
+            None
+        } else {
+            Some(
+                tokio::runtime::Handle::try_current().map_err(|_| NexusError::NoRuntime {
+                    nexus: name.clone(),
+                })?,
+            )
+        };
+        let nexus = Nexus::assemble(name, geometry, caps, settings, ledger, version, slots)?;
+        if let Some(runtime) = runtime {
+            let mut state = nexus.shared.lock();
+            for child in rebuilding {
+                let i = state.index(&nexus.shared.name, &child)?;
+                let id = state.children[i].id;
+                nexus.start_rebuild(&mut state, id, &runtime);
+            }
+        }
+        Ok(nexus)
+    }
+
+    /// Build a nexus from its parts; children not online get their maps (`dirty`, or clean).
+    fn assemble(
+        name: String,
+        geometry: Geometry,
+        caps: Capabilities,
+        mut settings: NexusSettings,
+        ledger: Option<Arc<dyn Ledger>>,
+        version: u64,
+        children: Vec<NewSlot>,
+    ) -> Result<Nexus, NexusError> {
+        if children.is_empty() {
+            return Err(NexusError::NoChildren { nexus: name });
+        }
+        for (i, (child, ..)) in children.iter().enumerate() {
+            if children[..i].iter().any(|(c, ..)| c == child) {
                 return Err(NexusError::DuplicateChild {
                     nexus: name,
                     child: child.clone(),
                 });
             }
         }
-        let geometry = geometry_of(&children);
-        let caps = capabilities_of(&children);
-        let mut settings = settings;
         let bs = u64::from(geometry.block_size);
         if settings.dirty_granularity == 0 || !settings.dirty_granularity.is_multiple_of(bs) {
             return Err(NexusError::InvalidSettings {
@@ -598,18 +955,24 @@ impl Nexus {
                 readable: Vec::new(),
                 all_writable: true,
             }),
+            version,
         };
-        for (child, dev) in children {
-            state.children.push(Slot {
+        for (child, dev, child_state, dirty) in children {
+            let mut slot = Slot {
                 id: state.next_id,
                 name: child.into(),
                 dev,
                 outstanding: Arc::default(),
                 timeout: settings.io_timeout,
-                state: ChildState::Online,
-                dirty: None,
+                state: child_state,
+                dirty,
+                durable: None,
                 rebuild: None,
-            });
+            };
+            if slot.state != ChildState::Online {
+                slot.keep_maps(geometry.size, settings.dirty_granularity);
+            }
+            state.children.push(slot);
             state.next_id += 1;
         }
         let shared = Arc::new(Shared {
@@ -621,9 +984,24 @@ impl Nexus {
             state: Mutex::new(state),
             generation: AtomicU64::new(0),
             next_read: AtomicUsize::new(0),
+            ledger,
+            persisted: AtomicU64::new(0),
+            saving: tokio::sync::Mutex::new(()),
         });
         shared.refresh(&mut shared.lock());
         Ok(Nexus { shared })
+    }
+
+    /// Make the current record durable (at once without a ledger). Control operations change
+    /// the record; call this after them to have the change on disk before going on.
+    pub async fn save_record(&self) -> std::io::Result<()> {
+        let want = self.shared.lock().version;
+        self.shared.persist(want).await
+    }
+
+    /// The record as it stands.
+    pub fn record(&self) -> NexusRecord {
+        self.shared.record(&self.shared.lock())
     }
 
     /// The nexus's name.
@@ -717,9 +1095,10 @@ impl Nexus {
                 shared.geometry.size,
                 shared.settings.dirty_granularity,
             )),
+            durable: None,
             rebuild: None,
         });
-        self.start_rebuild(&mut state, id, RebuildKind::Full, &runtime);
+        self.start_rebuild(&mut state, id, &runtime);
         Ok(())
     }
 
@@ -735,6 +1114,7 @@ impl Nexus {
             ctl.control.send_replace(Control::Cancel);
         }
         tracing::info!(nexus = %self.shared.name, child = name, "child removed");
+        state.version += 1;
         self.shared.refresh(&mut state);
         Ok(())
     }
@@ -759,9 +1139,10 @@ impl Nexus {
         if let Some(ctl) = &slot.rebuild {
             ctl.control.send_replace(Control::Cancel);
         }
-        slot.dirty.get_or_insert_with(|| DirtyMap::new(size, gran));
+        slot.keep_maps(size, gran);
         slot.state = ChildState::Offline;
         tracing::info!(nexus = %self.shared.name, child = name, "child offline");
+        state.version += 1;
         self.shared.refresh(&mut state);
         Ok(())
     }
@@ -797,17 +1178,35 @@ impl Nexus {
             });
         }
         let id = slot.id;
-        let kind = match &slot.dirty {
-            Some(_) => RebuildKind::Partial,
-            None => RebuildKind::Full,
-        };
         let (size, gran) = (
             self.shared.geometry.size,
             self.shared.settings.dirty_granularity,
         );
         let slot = &mut state.children[i];
         slot.dirty.get_or_insert_with(|| DirtyMap::full(size, gran));
-        self.start_rebuild(&mut state, id, kind, &runtime);
+        self.start_rebuild(&mut state, id, &runtime);
+        Ok(())
+    }
+
+    /// Give a faulted or offline child a new device (reopened after its peer came back, say);
+    /// [`Nexus::online_child`] then rebuilds it. The device must fit the nexus as the old one did.
+    pub fn replace_device(&self, name: &str, dev: Arc<dyn BlockDevice>) -> Result<(), NexusError> {
+        let shared = &self.shared;
+        if let Some(reason) = misfit(shared.geometry, shared.caps, &*dev) {
+            return Err(NexusError::Incompatible {
+                nexus: shared.name.clone(),
+                child: name.to_string(),
+                reason,
+            });
+        }
+        let mut state = shared.lock();
+        let i = state.index(&shared.name, name)?;
+        let slot = &mut state.children[i];
+        match slot.state {
+            ChildState::Faulted(_) | ChildState::Offline => {}
+            _ => return Err(self.err_state(slot, "replace the device of")),
+        }
+        slot.dev = dev;
         Ok(())
     }
 
@@ -827,26 +1226,30 @@ impl Nexus {
         })
     }
 
-    fn start_rebuild(
-        &self,
-        state: &mut State,
-        id: u64,
-        kind: RebuildKind,
-        runtime: &tokio::runtime::Handle,
-    ) {
+    /// Start copying the dirty regions of child `id` onto it: a full rebuild when every region
+    /// is dirty, a partial one otherwise.
+    fn start_rebuild(&self, state: &mut State, id: u64, runtime: &tokio::runtime::Handle) {
         let shared = &self.shared;
+        let (size, gran) = (shared.geometry.size, shared.settings.dirty_granularity);
         let slot = state
             .slot(id)
             .expect("the slot was just found under this lock");
+        slot.keep_maps(size, gran);
         let map = slot
             .dirty
             .as_ref()
             .expect("a child being rebuilt has a dirty map");
-        let total = (map.dirty_granules() * map.granularity()).min(shared.geometry.size);
+        let kind = if map.dirty_granules() == map.granules() {
+            RebuildKind::Full
+        } else {
+            RebuildKind::Partial
+        };
+        let total = (map.dirty_granules() * map.granularity()).min(size);
         let ctl = Arc::new(RebuildCtl::new(kind, total));
         slot.state = ChildState::Rebuilding;
         slot.rebuild = Some(ctl.clone());
         tracing::info!(nexus = %shared.name, child = %slot.name, ?kind, total_bytes = total, "rebuild started");
+        state.version += 1;
         shared.refresh(state);
         runtime.spawn(rebuild::run(shared.clone(), id, ctl));
     }

@@ -212,17 +212,21 @@ pub(crate) async fn run(shared: Arc<Shared>, id: u64, ctl: Arc<RebuildCtl>) {
                     continue;
                 }
                 slot.dirty = None;
+                slot.durable = None;
                 slot.state = ChildState::Online;
+                state.version += 1;
                 shared.refresh(&mut state);
                 break RebuildOutcome::Completed;
             }
             Some(Stop::Cancelled) if slot.state == ChildState::Rebuilding => {
                 slot.state = ChildState::Offline;
+                state.version += 1;
                 shared.refresh(&mut state);
                 break RebuildOutcome::Cancelled;
             }
             Some(Stop::NoSource(reason)) if slot.state == ChildState::Rebuilding => {
                 slot.state = ChildState::Faulted(reason.clone());
+                state.version += 1;
                 shared.refresh(&mut state);
                 break RebuildOutcome::Failed(reason);
             }
@@ -233,6 +237,12 @@ pub(crate) async fn run(shared: Arc<Shared>, id: u64, ctl: Arc<RebuildCtl>) {
             },
         }
     };
+    // Record the outcome (a child back online is read from only after a restart if this is
+    // durable; until then the record keeps it stale, which is safe).
+    let version = shared.lock().version;
+    if let Err(e) = shared.persist(version).await {
+        tracing::warn!(nexus = %shared.name, child = id, error = %e, "record the rebuild's end");
+    }
     *ctl.finished.lock().expect("rebuild end lock poisoned") = Some(Instant::now());
     let p = ctl.progress();
     tracing::info!(nexus = %shared.name, child = id, ?outcome, copied = p.copied_bytes, zeroed = p.zeroed_bytes, "rebuild ended");
