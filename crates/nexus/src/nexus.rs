@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use strata_bdev::{
-    check_io, read_only_error, BlockDevice, Capabilities, Error, ErrorKind, Extent, Geometry,
-    Result, WriteOpts, ZeroOpts,
+    check_io, read_only_error, write_zeroes_by_writing, BlockDevice, Capabilities, Error,
+    ErrorKind, Extent, Geometry, Result, WriteOpts, ZeroOpts,
 };
 
 use crate::dirty::DirtyMap;
@@ -362,18 +362,20 @@ fn geometry_of(children: &[(String, Arc<dyn BlockDevice>)]) -> Geometry {
 }
 
 fn capabilities_of(children: &[(String, Arc<dyn BlockDevice>)]) -> Capabilities {
-    let all = |f: fn(&Capabilities) -> bool| children.iter().all(|(_, d)| f(&d.capabilities()));
-    let any = |f: fn(&Capabilities) -> bool| children.iter().any(|(_, d)| f(&d.capabilities()));
+    // What a child lacks, the nexus emulates on it (see `child_io`), so that a child that
+    // returns, or joins, with fewer features still fits and clients never see the set shrink.
     Capabilities {
-        read_only: any(|c| c.read_only),
-        // One child with a volatile cache is enough for the nexus to need flushes.
-        flush: any(|c| c.flush),
-        fua: all(|c| c.fua),
-        trim: all(|c| c.trim),
-        write_zeroes: all(|c| c.write_zeroes),
-        fast_zero: all(|c| c.fast_zero),
-        block_status: all(|c| c.block_status),
-        multi_conn: all(|c| c.multi_conn),
+        read_only: children.iter().any(|(_, d)| d.capabilities().read_only),
+        // Children may have volatile caches (one joining later may): flushes always pass.
+        flush: true,
+        fua: true,
+        trim: true,
+        write_zeroes: true,
+        // Cannot be promised for children that are not here yet.
+        fast_zero: false,
+        block_status: true,
+        // One nexus object serves every connection, and a flush reaches every child.
+        multi_conn: true,
         // The nexus has no resize of its own.
         resize: false,
     }
@@ -398,21 +400,106 @@ fn misfit(geometry: Geometry, caps: Capabilities, dev: &dyn BlockDevice) -> Opti
     if c.read_only && !caps.read_only {
         return Some("it is read-only".into());
     }
-    if c.flush && !caps.flush {
-        return Some("it needs flushes and the nexus tells clients it does not".into());
+    None
+}
+
+/// Operations on one child, emulating what it lacks so that every child ends with the same
+/// bytes: FUA as write-then-flush, trim and write-zeroes as zeroing (by writes if need be),
+/// block status as "all data", flush as nothing when it has no volatile cache.
+pub(crate) mod child_io {
+    use super::*;
+
+    async fn settle(dev: &dyn BlockDevice, fua: bool) -> Result<()> {
+        if fua && dev.capabilities().flush {
+            dev.flush().await
+        } else {
+            Ok(())
+        }
     }
-    let lacks = [
-        (caps.fua, c.fua, "FUA"),
-        (caps.trim, c.trim, "trim"),
-        (caps.write_zeroes, c.write_zeroes, "write zeroes"),
-        (caps.fast_zero, c.fast_zero, "fast zero"),
-        (caps.block_status, c.block_status, "block status"),
-        (caps.multi_conn, c.multi_conn, "multi-conn"),
-    ];
-    lacks
-        .iter()
-        .find(|(nexus, child, _)| *nexus && !*child)
-        .map(|(_, _, what)| format!("it lacks {what}, which the nexus offers"))
+
+    pub(crate) async fn write(
+        dev: &dyn BlockDevice,
+        offset: u64,
+        data: Bytes,
+        opts: WriteOpts,
+    ) -> Result<()> {
+        if !opts.fua || dev.capabilities().fua {
+            return dev.write_at(offset, data, opts).await;
+        }
+        dev.write_at(offset, data, WriteOpts { fua: false }).await?;
+        settle(dev, true).await
+    }
+
+    pub(crate) async fn zeroes(
+        dev: &dyn BlockDevice,
+        offset: u64,
+        len: u64,
+        opts: ZeroOpts,
+    ) -> Result<()> {
+        let caps = dev.capabilities();
+        if caps.write_zeroes {
+            let fua_ok = !opts.fua || caps.fua;
+            let o = ZeroOpts {
+                fua: opts.fua && caps.fua,
+                // The nexus never promises fast zeroing; children zero however they can.
+                fast_only: false,
+                ..opts
+            };
+            dev.write_zeroes(offset, len, o).await?;
+            return settle(dev, !fua_ok).await;
+        }
+        let o = ZeroOpts {
+            fast_only: false,
+            ..opts
+        };
+        write_zeroes_by_writing(dev, offset, len, o).await
+    }
+
+    pub(crate) async fn trim(
+        dev: &dyn BlockDevice,
+        offset: u64,
+        len: u64,
+        opts: WriteOpts,
+    ) -> Result<()> {
+        let caps = dev.capabilities();
+        if caps.trim {
+            dev.trim(
+                offset,
+                len,
+                WriteOpts {
+                    fua: opts.fua && caps.fua,
+                },
+            )
+            .await?;
+            return settle(dev, opts.fua && !caps.fua).await;
+        }
+        let zero = ZeroOpts {
+            fua: opts.fua,
+            may_trim: true,
+            fast_only: false,
+        };
+        zeroes(dev, offset, len, zero).await
+    }
+
+    pub(crate) async fn flush(dev: &dyn BlockDevice) -> Result<()> {
+        if dev.capabilities().flush {
+            dev.flush().await
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) async fn block_status(
+        dev: &dyn BlockDevice,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>> {
+        if dev.capabilities().block_status {
+            dev.block_status(offset, len).await
+        } else {
+            Ok(vec![Extent::data(len)])
+        }
+    }
 }
 
 /// A child as [`Nexus::assemble`] takes it: name, device, state and dirty map.
@@ -1210,6 +1297,25 @@ impl Nexus {
         Ok(())
     }
 
+    /// Take the device of a faulted or offline child out (to close it before opening it again),
+    /// leaving a stand-in that fails every I/O until [`Nexus::replace_device`].
+    pub fn close_device(&self, name: &str) -> Result<Arc<dyn BlockDevice>, NexusError> {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        let i = state.index(&shared.name, name)?;
+        let slot = &mut state.children[i];
+        match slot.state {
+            ChildState::Faulted(_) | ChildState::Offline => {}
+            _ => return Err(self.err_state(slot, "close the device of")),
+        }
+        let absent: Arc<dyn BlockDevice> = Arc::new(Absent {
+            geometry: shared.geometry,
+            caps: shared.caps,
+            why: format!("child {name} is closed"),
+        });
+        Ok(std::mem::replace(&mut slot.dev, absent))
+    }
+
     /// Set a child's I/O timeout (`None`: wait forever); a child whose I/O takes longer is
     /// faulted.
     pub fn set_io_timeout(&self, name: &str, timeout: Option<Duration>) -> Result<(), NexusError> {
@@ -1340,14 +1446,18 @@ impl BlockDevice for Nexus {
         self.shared
             .fan_out(&what, Some((offset, len)), |dev| {
                 let data = data.clone();
-                async move { dev.write_at(offset, data, opts).await }
+                async move { child_io::write(&*dev, offset, data, opts).await }
             })
             .await
     }
 
     async fn flush(&self) -> Result<()> {
         self.shared
-            .fan_out("flush", None, |dev| async move { dev.flush().await })
+            .fan_out(
+                "flush",
+                None,
+                |dev| async move { child_io::flush(&*dev).await },
+            )
             .await
     }
 
@@ -1356,22 +1466,13 @@ impl BlockDevice for Nexus {
             return Err(read_only_error("trim"));
         }
         check_io(self.shared.geometry, "trim", offset, len)?;
-        if !self.shared.caps.trim {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "trim on nexus {}: not every child supports trim",
-                    self.shared.name
-                ),
-            ));
-        }
         if len == 0 {
             return Ok(());
         }
         let what = format!("trim {len} bytes at offset {offset} on");
         self.shared
             .fan_out(&what, Some((offset, len)), |dev| async move {
-                dev.trim(offset, len, opts).await
+                child_io::trim(&*dev, offset, len, opts).await
             })
             .await
     }
@@ -1396,18 +1497,7 @@ impl BlockDevice for Nexus {
         let what = format!("write zeroes over {len} bytes at offset {offset} on");
         self.shared
             .fan_out(&what, Some((offset, len)), |dev| async move {
-                match dev.write_zeroes(offset, len, opts).await {
-                    // A child that claimed fast zeroing and then refused it is zeroed slowly:
-                    // the mirrors must stay identical, and the others have already zeroed.
-                    Err(e) if opts.fast_only && e.kind() == ErrorKind::Unsupported => {
-                        let slow = ZeroOpts {
-                            fast_only: false,
-                            ..opts
-                        };
-                        dev.write_zeroes(offset, len, slow).await
-                    }
-                    r => r,
-                }
+                child_io::zeroes(&*dev, offset, len, opts).await
             })
             .await
     }
@@ -1418,10 +1508,9 @@ impl BlockDevice for Nexus {
         let bs = u64::from(self.shared.geometry.block_size);
         let mut extents = self
             .shared
-            .read_one(
-                &what,
-                |dev| async move { dev.block_status(offset, len).await },
-            )
+            .read_one(&what, |dev| async move {
+                child_io::block_status(&*dev, offset, len).await
+            })
             .await?;
         // A child with a smaller block size may describe runs the nexus cannot address: keep the
         // aligned prefix (at least one block, reported as data).

@@ -23,7 +23,7 @@ use futures_util::future::join_all;
 use strata_bdev::{Error, ZeroOpts};
 use tokio::sync::watch;
 
-use crate::nexus::{call, ChildState, Shared, Target};
+use crate::nexus::{call, child_io, ChildState, Shared, Target};
 
 /// What a rebuild copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,7 +381,7 @@ async fn copy_range(
     let bs = u64::from(shared.geometry.block_size);
     let mut pos = offset;
     while pos < end {
-        let extents = call(source, source.dev.block_status(pos, end - pos))
+        let extents = call(source, child_io::block_status(&*source.dev, pos, end - pos))
             .await
             .map_err(CopyError::Source)?;
         let first = extents.first().copied().filter(|e| e.len > 0);
@@ -395,7 +395,7 @@ async fn copy_range(
                 may_trim: true,
                 ..ZeroOpts::default()
             };
-            call(target, target.dev.write_zeroes(pos, len, opts))
+            call(target, child_io::zeroes(&*target.dev, pos, len, opts))
                 .await
                 .map_err(CopyError::Target)?;
             ctl.counters().zeroed += len;

@@ -423,3 +423,97 @@ async fn a_write_during_a_segment_copy_is_not_overwritten_by_older_data() {
     );
     assert!(contents(&*new, size).await == contents(&*r.mems[0], size).await);
 }
+
+/// A memory device that claims none of the optional features.
+#[derive(Debug)]
+struct Plain(Arc<MemDevice>);
+
+#[async_trait::async_trait]
+impl BlockDevice for Plain {
+    fn geometry(&self) -> strata_bdev::Geometry {
+        self.0.geometry()
+    }
+
+    fn capabilities(&self) -> strata_bdev::Capabilities {
+        strata_bdev::Capabilities::default()
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> strata_bdev::Result<Bytes> {
+        self.0.read_at(offset, len).await
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> strata_bdev::Result<()> {
+        assert!(!opts.fua, "FUA sent to a child without it");
+        self.0.write_at(offset, data, opts).await
+    }
+
+    async fn flush(&self) -> strata_bdev::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_child_lacks_is_emulated_and_the_mirrors_stay_identical() {
+    let a = mem("ea", 4 * MIB);
+    let b = mem("eb", 4 * MIB);
+    let children: Vec<(String, Arc<dyn BlockDevice>)> = vec![
+        ("a".into(), a.clone()),
+        ("b".into(), Arc::new(Plain(b.clone()))),
+    ];
+    let nexus = Nexus::new("e", children, NexusSettings::default()).expect("nexus");
+    let caps = nexus.capabilities();
+    assert!(caps.trim && caps.write_zeroes && caps.fua && caps.block_status && caps.flush);
+    assert!(
+        !caps.fast_zero,
+        "fast zeroing cannot be promised for children to come"
+    );
+    nexus
+        .write_at(0, pattern(1, 4 * MIB as usize), WriteOpts { fua: true })
+        .await
+        .expect("write with FUA");
+    nexus
+        .trim(MIB, MIB, WriteOpts::default())
+        .await
+        .expect("trim");
+    nexus
+        .write_zeroes(
+            3 * MIB,
+            512 * 1024,
+            ZeroOpts {
+                fua: true,
+                ..ZeroOpts::default()
+            },
+        )
+        .await
+        .expect("zeroes");
+    let fast = ZeroOpts {
+        fast_only: true,
+        ..ZeroOpts::default()
+    };
+    let err = nexus
+        .write_zeroes(0, 4096, fast)
+        .await
+        .expect_err("no fast zero");
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    nexus.flush().await.expect("flush");
+    assert_eq!(contents(&*a, 4 * MIB).await, contents(&*b, 4 * MIB).await);
+    assert_eq!(
+        &contents(&*b, 4 * MIB).await[MIB as usize..2 * MIB as usize],
+        &vec![0u8; MIB as usize][..]
+    );
+    // Block status from either child is right: b reports all data.
+    for _ in 0..4 {
+        let extents = nexus.block_status(MIB, MIB).await.expect("block status");
+        assert_eq!(extents.iter().map(|e| e.len).sum::<u64>() % 4096, 0);
+    }
+    // A child with fewer features than the others can join and is rebuilt.
+    let c = mem("ec", 4 * MIB);
+    nexus
+        .add_child("c", Arc::new(Plain(c.clone())))
+        .expect("a plain child fits");
+    assert_eq!(
+        nexus.wait_rebuild("c").await.expect("rebuild"),
+        RebuildOutcome::Completed
+    );
+    assert_eq!(contents(&*a, 4 * MIB).await, contents(&*c, 4 * MIB).await);
+}
