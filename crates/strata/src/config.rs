@@ -18,6 +18,12 @@
 //! name = "demo"
 //! uri = "file://{data_dir}/demo.img?size=1G"
 //! description = "demo volume"
+//!
+//! [[volume]]                 # a nexus: every write goes to each replica
+//! name = "mirrored"
+//! replicas = ["file://{data_dir}/m0.img?size=1G", "nbd://10.0.0.2:10809/m1"]
+//! dirty_granularity = "1M"   # what a returning replica is known to have missed, per bit
+//! child_timeout_secs = 30    # a replica slower than this is faulted
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -62,6 +68,10 @@ pub struct Config {
     /// The volumes to open and export.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// The control socket the `strata` CLI talks to (default: `control.sock` in the data
+    /// directory).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
 }
 
 /// `[nbd]`: where and how the NBD target listens.
@@ -161,13 +171,64 @@ pub struct VolumeConfig {
     /// The export name.
     pub name: String,
     /// The device URI (`file://`, `mem://`, `nbd://`, …); `{data_dir}` expands.
-    pub uri: String,
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// Or: the URIs of the replicas of a nexus volume, which mirrors every write to each.
+    #[serde(default)]
+    pub replicas: Vec<String>,
     /// Shown by `nbdinfo --list`.
     #[serde(default)]
     pub description: String,
     /// Export read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// Nexus: bytes per bit of the map of what an absent replica missed.
+    #[serde(default)]
+    pub dirty_granularity: Option<Size>,
+    /// Nexus: bytes a rebuild copies at once under one range lock.
+    #[serde(default)]
+    pub rebuild_segment: Option<Size>,
+    /// Nexus: segments a rebuild copies in parallel.
+    #[serde(default)]
+    pub rebuild_parallel: Option<usize>,
+    /// Nexus: a replica whose I/O takes longer than this many seconds is faulted.
+    #[serde(default)]
+    pub child_timeout_secs: Option<f64>,
+}
+
+impl VolumeConfig {
+    /// A plain volume over one device.
+    pub fn device(name: &str, uri: &str) -> VolumeConfig {
+        VolumeConfig {
+            name: name.to_string(),
+            uri: Some(uri.to_string()),
+            replicas: Vec::new(),
+            description: String::new(),
+            read_only: false,
+            dirty_granularity: None,
+            rebuild_segment: None,
+            rebuild_parallel: None,
+            child_timeout_secs: None,
+        }
+    }
+
+    /// The nexus settings this volume asks for.
+    pub fn nexus_settings(&self) -> strata_nexus::NexusSettings {
+        let mut s = strata_nexus::NexusSettings::default();
+        if let Some(g) = self.dirty_granularity {
+            s.dirty_granularity = g.0;
+        }
+        if let Some(seg) = self.rebuild_segment {
+            s.rebuild_segment = seg.0;
+        }
+        if let Some(p) = self.rebuild_parallel {
+            s.rebuild_parallel = p;
+        }
+        s.io_timeout = self
+            .child_timeout_secs
+            .map(std::time::Duration::from_secs_f64);
+        s
+    }
 }
 
 impl Config {
@@ -186,11 +247,10 @@ impl Config {
             data_dir: None,
             nbd: NbdConfig::default(),
             volumes: vec![VolumeConfig {
-                name: "demo".to_string(),
-                uri: "file://{data_dir}/demo.img?size=1G".to_string(),
                 description: "Strata demo volume (thin, file-backed)".to_string(),
-                read_only: false,
+                ..VolumeConfig::device("demo", "file://{data_dir}/demo.img?size=1G")
             }],
+            control_socket: None,
         }
     }
 
@@ -203,6 +263,49 @@ impl Config {
             }
             if !seen.insert(v.name.as_str()) {
                 bail!("volume {:?} is declared twice", v.name);
+            }
+            match (&v.uri, v.replicas.len()) {
+                (Some(_), 0) => {
+                    let nexus_only = [
+                        ("dirty_granularity", v.dirty_granularity.is_some()),
+                        ("rebuild_segment", v.rebuild_segment.is_some()),
+                        ("rebuild_parallel", v.rebuild_parallel.is_some()),
+                        ("child_timeout_secs", v.child_timeout_secs.is_some()),
+                    ];
+                    if let Some((field, _)) = nexus_only.iter().find(|(_, set)| *set) {
+                        bail!(
+                            "volume {:?}: {field} applies to nexus volumes (replicas = [...]) only",
+                            v.name
+                        );
+                    }
+                }
+                (None, 0) => bail!(
+                    "volume {:?}: give it a device (uri = \"...\") or replicas (replicas = [\"...\", ...])",
+                    v.name
+                ),
+                (Some(_), _) => bail!(
+                    "volume {:?}: has both uri and replicas; a nexus volume lists its devices in replicas only",
+                    v.name
+                ),
+                (None, _) => {
+                    let mut uris = std::collections::HashSet::new();
+                    for r in &v.replicas {
+                        if !uris.insert(r) {
+                            bail!("volume {:?}: replica {r:?} is listed twice", v.name);
+                        }
+                    }
+                    if v.rebuild_parallel == Some(0) {
+                        bail!("volume {:?}: rebuild_parallel must be at least 1", v.name);
+                    }
+                    if let Some(t) = v.child_timeout_secs {
+                        if !(t > 0.0 && t.is_finite()) {
+                            bail!("volume {:?}: child_timeout_secs must be a positive number of seconds", v.name);
+                        }
+                    }
+                    if v.dirty_granularity.is_some_and(|g| g.0 == 0 || !g.0.is_multiple_of(4096)) {
+                        bail!("volume {:?}: dirty_granularity must be a positive multiple of 4 KiB", v.name);
+                    }
+                }
             }
         }
         if self.nbd.listen.is_empty() && self.nbd.unix.is_empty() {
@@ -276,7 +379,10 @@ mod tests {
         assert_eq!(c.nbd.max_in_flight_bytes, Size(128 << 20));
         assert_eq!(c.nbd.tls.unwrap().mode, TlsModeConfig::Optional);
         assert_eq!(
-            expand_uri(&c.volumes[1].uri, c.data_dir.as_deref().unwrap()),
+            expand_uri(
+                c.volumes[1].uri.as_deref().unwrap(),
+                c.data_dir.as_deref().unwrap()
+            ),
             "file:///tmp/x/b.img?size=1G"
         );
     }
@@ -291,5 +397,29 @@ mod tests {
         let mut c = Config::embedded_default();
         c.volumes.push(c.volumes[0].clone());
         assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        let bad = [
+            ("[[volume]]\nname = \"a\"\n", "give it a device"),
+            (
+                "[[volume]]\nname = \"a\"\nuri = \"mem://a\"\nreplicas = [\"mem://b\"]\n",
+                "both uri and replicas",
+            ),
+            (
+                "[[volume]]\nname = \"a\"\nreplicas = [\"mem://b\", \"mem://b\"]\n",
+                "listed twice",
+            ),
+            (
+                "[[volume]]\nname = \"a\"\nuri = \"mem://a\"\ndirty_granularity = \"1M\"\n",
+                "nexus volumes",
+            ),
+            (
+                "[[volume]]\nname = \"a\"\nreplicas = [\"mem://b\"]\ndirty_granularity = 1000\n",
+                "multiple of 4 KiB",
+            ),
+        ];
+        for (text, want) in bad {
+            let c: Config = toml::from_str(text).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 }

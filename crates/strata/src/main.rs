@@ -2,8 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+mod cli;
 mod config;
+mod control;
+mod ledger;
 mod serve;
+mod volume;
 
 /// Strata: a block-storage data plane.
 #[derive(Debug, Parser)]
@@ -12,6 +16,8 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    #[command(flatten)]
+    target: cli::Target,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,6 +35,14 @@ enum Command {
     /// With no arguments: a thin 1 GiB file-backed volume `demo` in the data directory,
     /// exported on 127.0.0.1:10809.
     Serve(serve::ServeArgs),
+    /// Show the running daemon's volumes, their replicas and rebuilds.
+    Status(cli::StatusArgs),
+    /// Add, remove, offline, online or fault a replica of a nexus volume.
+    #[command(subcommand)]
+    Child(cli::ChildCommand),
+    /// Follow, pause, resume or cancel a rebuild.
+    #[command(subcommand)]
+    Rebuild(cli::RebuildCommand),
 }
 
 /// Keep I/O buffers on the heap. By default glibc gives every allocation over 128 KiB fresh
@@ -56,6 +70,21 @@ fn main() -> std::process::ExitCode {
         LogFormat::Human => builder.init(),
         LogFormat::Compact => builder.compact().with_ansi(false).init(),
     }
+    let client = match &cli.command {
+        Command::Serve(_) => None,
+        Command::Status(args) => Some(cli::status(&cli.target, args)),
+        Command::Child(cmd) => Some(cli::child(&cli.target, cmd)),
+        Command::Rebuild(cmd) => Some(cli::rebuild(&cli.target, cmd)),
+    };
+    if let Some(result) = client {
+        return match result {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strata: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -69,6 +98,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            _ => unreachable!("client commands return above"),
         }
     });
     match result {

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use strata_bdev::BlockDevice;
 use strata_nbd::{Export, Server, ServerConfig, TlsMode, TlsSettings};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
-use crate::config::{default_data_dir, expand_uri, Config, TlsConfig, TlsModeConfig};
+use crate::config::{default_data_dir, Config, TlsConfig, TlsModeConfig};
+use crate::control::ControlServer;
+use crate::volume::{self, Volume};
 
 /// Flags that override the configuration file.
 #[derive(Debug, Default, clap::Args)]
@@ -69,12 +70,8 @@ impl ServeArgs {
             let (name, uri) = v
                 .split_once('=')
                 .with_context(|| format!("--volume {v:?}: expected NAME=URI"))?;
-            c.volumes.push(crate::config::VolumeConfig {
-                name: name.to_string(),
-                uri: uri.to_string(),
-                description: String::new(),
-                read_only: false,
-            });
+            c.volumes
+                .push(crate::config::VolumeConfig::device(name, uri));
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             c.nbd.tls = Some(TlsConfig {
@@ -90,13 +87,6 @@ impl ServeArgs {
     }
 }
 
-/// A volume that is open and exported.
-struct Volume {
-    name: String,
-    uri: String,
-    device: Arc<dyn BlockDevice>,
-}
-
 /// Run the daemon until a signal.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
@@ -107,22 +97,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         warn!("no volumes are configured; clients will find no exports");
     }
 
-    let registry = strata::registry();
+    let registry = Arc::new(strata::registry());
     let mut volumes = Vec::new();
     for v in &config.volumes {
-        let uri = expand_uri(&v.uri, &data_dir);
-        let device = registry
-            .open(&uri)
-            .await
-            .map_err(|e| anyhow::anyhow!("open volume {:?}: {}", v.name, e.chain()))?;
-        volumes.push((
-            Volume {
-                name: v.name.clone(),
-                uri,
-                device,
-            },
-            v,
-        ));
+        volumes.push((Arc::new(volume::open(v, &data_dir, &registry).await?), v));
     }
 
     let tls = config.nbd.tls.as_ref().map(load_tls).transpose()?;
@@ -143,7 +121,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .map(|(vol, cfg)| Export {
             name: vol.name.clone(),
             description: cfg.description.clone(),
-            device: vol.device.clone(),
+            device: vol.device(),
             read_only: cfg.read_only,
         })
         .collect();
@@ -190,10 +168,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
 
+    // The control socket the CLI talks to.
+    let control_path = config
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| data_dir.join("control.sock"));
+    let control = ControlServer::new(
+        volumes.iter().map(|(v, _)| v.clone()).collect(),
+        registry.clone(),
+    );
+    tasks.push(tokio::spawn(control.serve(bind_unix(&control_path)?)));
+
     print_banner(
         &data_dir,
-        &volumes.iter().map(|(v, _)| v).collect::<Vec<_>>(),
+        &volumes.iter().map(|(v, _)| &**v).collect::<Vec<_>>(),
         &listening,
+        &control_path,
         config.nbd.tls.is_some(),
     );
 
@@ -211,12 +201,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut failed = false;
     for (v, _) in &volumes {
-        if let Err(e) = v.device.flush().await {
+        if let Err(e) = v.device().flush().await {
             failed = true;
             warn!(volume = %v.name, error = %e.chain(), "flush volume on shutdown");
         }
     }
-    for path in &config.nbd.unix {
+    for path in config.nbd.unix.iter().chain([&control_path]) {
         let _ = std::fs::remove_file(path);
     }
     if failed {
@@ -226,7 +216,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(data_dir: &Path, volumes: &[&Volume], listening: &[String], tls: bool) {
+fn print_banner(
+    data_dir: &Path,
+    volumes: &[&Volume],
+    listening: &[String],
+    control: &Path,
+    tls: bool,
+) {
     println!(
         "strata {}: data directory {}",
         env!("CARGO_PKG_VERSION"),
@@ -236,13 +232,22 @@ fn print_banner(data_dir: &Path, volumes: &[&Volume], listening: &[String], tls:
         println!(
             "volume {}: {} bytes, {}",
             v.name,
-            v.device.geometry().size,
-            v.uri
+            v.device().geometry().size,
+            v.source
         );
+        if let Some(n) = v.nexus() {
+            for (i, c) in n.status().children.iter().enumerate() {
+                println!("  replica #{i} {}: {}", c.state, c.name);
+            }
+        }
     }
     for l in listening {
         println!("listening: {l}");
     }
+    println!(
+        "control: {} (strata status --control PATH)",
+        control.display()
+    );
     if let (Some(first), Some(tcp)) = (
         volumes.first(),
         listening.iter().find(|l| l.starts_with("nbd://")),

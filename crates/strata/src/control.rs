@@ -1,0 +1,441 @@
+//! The control endpoint the `strata` CLI drives the daemon through: a unix socket speaking one
+//! JSON request per line, answered by one JSON response per line.
+//!
+//! ```text
+//! → {"op":"status"}
+//! ← {"result":"status","volumes":[{"name":"m","size":1073741824,"source":"nexus of 3 replicas",
+//!     "children":[{"index":0,"name":"file:///…","state":"online",…},…]}]}
+//! → {"op":"online_child","volume":"m","child":"2"}
+//! ← {"result":"done","message":"replica #2 nbd://…: partial rebuild of 66.0 MiB started"}
+//! ← {"result":"error","message":"…"}
+//! ```
+//!
+//! A child is named by its index in `status` or by its URI.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use strata_bdev::Registry;
+use strata_nexus::{ChildState, Nexus, RebuildKind, RebuildOutcome, RebuildState};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{info, warn};
+
+use crate::volume::{open_device, Volume};
+
+/// A request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    AddChild {
+        volume: String,
+        uri: String,
+    },
+    RemoveChild {
+        volume: String,
+        child: String,
+    },
+    OfflineChild {
+        volume: String,
+        child: String,
+    },
+    OnlineChild {
+        volume: String,
+        child: String,
+    },
+    FaultChild {
+        volume: String,
+        child: String,
+        reason: String,
+    },
+    PauseRebuild {
+        volume: String,
+        child: String,
+    },
+    ResumeRebuild {
+        volume: String,
+        child: String,
+    },
+    CancelRebuild {
+        volume: String,
+        child: String,
+    },
+}
+
+/// A response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status { volumes: Vec<VolumeInfo> },
+    Done { message: String },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub size: u64,
+    pub source: String,
+    /// The replicas of a nexus volume (empty for a plain device).
+    #[serde(default)]
+    pub children: Vec<ChildInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChildInfo {
+    pub index: usize,
+    pub name: String,
+    /// online, rebuilding, faulted or offline.
+    pub state: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Bytes it missed while away (still to be copied back).
+    #[serde(default)]
+    pub dirty_bytes: Option<u64>,
+    pub outstanding: usize,
+    #[serde(default)]
+    pub rebuild: Option<RebuildInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RebuildInfo {
+    /// partial or full.
+    pub kind: String,
+    /// running, paused, completed, cancelled or failed.
+    pub state: String,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub copied_bytes: u64,
+    pub zeroed_bytes: u64,
+    #[serde(default)]
+    pub source: Option<String>,
+    pub elapsed_secs: f64,
+    pub rate_bytes_per_sec: f64,
+    #[serde(default)]
+    pub eta_secs: Option<f64>,
+}
+
+fn volume_info(v: &Volume) -> VolumeInfo {
+    let children = v
+        .nexus()
+        .map(|n| {
+            n.status()
+                .children
+                .into_iter()
+                .enumerate()
+                .map(|(index, c)| {
+                    let (state, reason) = match c.state {
+                        ChildState::Online => ("online", None),
+                        ChildState::Rebuilding => ("rebuilding", None),
+                        ChildState::Faulted(r) => ("faulted", Some(r)),
+                        ChildState::Offline => ("offline", None),
+                    };
+                    ChildInfo {
+                        index,
+                        name: c.name,
+                        state: state.to_string(),
+                        reason,
+                        dirty_bytes: c.dirty_bytes,
+                        outstanding: c.outstanding,
+                        rebuild: c.rebuild.map(|p| {
+                            let (state, error) = match &p.state {
+                                RebuildState::Running => ("running", None),
+                                RebuildState::Paused => ("paused", None),
+                                RebuildState::Done(RebuildOutcome::Completed) => {
+                                    ("completed", None)
+                                }
+                                RebuildState::Done(RebuildOutcome::Cancelled) => {
+                                    ("cancelled", None)
+                                }
+                                RebuildState::Done(RebuildOutcome::Failed(e)) => {
+                                    ("failed", Some(e.clone()))
+                                }
+                            };
+                            RebuildInfo {
+                                kind: match p.kind {
+                                    RebuildKind::Partial => "partial",
+                                    RebuildKind::Full => "full",
+                                }
+                                .to_string(),
+                                state: state.to_string(),
+                                error,
+                                total_bytes: p.total_bytes,
+                                done_bytes: p.done_bytes,
+                                copied_bytes: p.copied_bytes,
+                                zeroed_bytes: p.zeroed_bytes,
+                                source: p.source.clone(),
+                                elapsed_secs: p.elapsed.as_secs_f64(),
+                                rate_bytes_per_sec: p.rate(),
+                                eta_secs: p.eta().map(|d| d.as_secs_f64()),
+                            }
+                        }),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    VolumeInfo {
+        name: v.name.clone(),
+        size: v.device().geometry().size,
+        source: v.source.clone(),
+        children,
+    }
+}
+
+/// "66.0 MiB"
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// The daemon side: answers requests against the open volumes.
+pub struct ControlServer {
+    volumes: Vec<Arc<Volume>>,
+    registry: Arc<Registry>,
+}
+
+impl ControlServer {
+    pub fn new(volumes: Vec<Arc<Volume>>, registry: Arc<Registry>) -> Arc<ControlServer> {
+        Arc::new(ControlServer { volumes, registry })
+    }
+
+    /// Serve connections on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.connection(stream).await {
+                            warn!(error = %format!("{e:#}"), "control connection");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept on the control socket");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(&self, stream: UnixStream) -> anyhow::Result<()> {
+        const MAX_REQUEST: u64 = 1 << 20;
+        let (read, mut write) = stream.into_split();
+        let mut reader = BufReader::new(read);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut reader)
+                .take(MAX_REQUEST)
+                .read_until(b'\n', &mut line)
+                .await?;
+            if n == 0 {
+                return Ok(());
+            }
+            let too_long = !line.ends_with(b"\n") && n as u64 == MAX_REQUEST;
+            let response = if too_long {
+                Response::Error {
+                    message: format!("request longer than {MAX_REQUEST} bytes"),
+                }
+            } else {
+                match serde_json::from_slice::<Request>(&line) {
+                    Ok(req) => self.handle(req).await,
+                    Err(e) => Response::Error {
+                        message: format!("malformed request: {e}"),
+                    },
+                }
+            };
+            let mut out = serde_json::to_vec(&response)?;
+            out.push(b'\n');
+            write.write_all(&out).await?;
+            if too_long {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request) -> Response {
+        match self.apply(req).await {
+            Ok(r) => r,
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+            },
+        }
+    }
+
+    fn nexus(&self, volume: &str) -> anyhow::Result<&Arc<Nexus>> {
+        let Some(v) = self.volumes.iter().find(|v| v.name == volume) else {
+            let names: Vec<&str> = self.volumes.iter().map(|v| v.name.as_str()).collect();
+            bail!("no volume {volume:?} (volumes: {})", names.join(", "));
+        };
+        v.nexus().with_context(|| {
+            format!(
+                "volume {volume:?} is a plain device ({}), not a nexus",
+                v.source
+            )
+        })
+    }
+
+    /// The child of `nexus` that `spec` names: its exact name, else its index.
+    fn child(nexus: &Nexus, spec: &str) -> anyhow::Result<(usize, String)> {
+        let children = nexus.status().children;
+        if let Some(i) = children.iter().position(|c| c.name == spec) {
+            return Ok((i, spec.to_string()));
+        }
+        if let Some(c) = spec.parse::<usize>().ok().and_then(|i| children.get(i)) {
+            return Ok((spec.parse().unwrap_or_default(), c.name.clone()));
+        }
+        let list: Vec<String> = children
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("#{i} {}", c.name))
+            .collect();
+        bail!(
+            "volume {:?} has no replica {spec:?} (give its index or URI: {})",
+            nexus.name(),
+            list.join(", ")
+        )
+    }
+
+    async fn apply(&self, req: Request) -> anyhow::Result<Response> {
+        let done = |message: String| {
+            info!("{message}");
+            Ok(Response::Done { message })
+        };
+        match req {
+            Request::Status => Ok(Response::Status {
+                volumes: self.volumes.iter().map(|v| volume_info(v)).collect(),
+            }),
+            Request::AddChild { volume, uri } => {
+                let nexus = self.nexus(&volume)?;
+                let dev = open_device(&self.registry, &uri)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("add replica to {volume:?}: {}", e.chain()))?;
+                nexus.add_child(uri.clone(), dev)?;
+                nexus.save_record().await?;
+                done(format!(
+                    "volume {volume}: replica {uri} added; full rebuild of {} started",
+                    human_bytes(strata_bdev::BlockDevice::geometry(&**nexus).size)
+                ))
+            }
+            Request::RemoveChild { volume, child } => {
+                let nexus = self.nexus(&volume)?;
+                let (i, name) = Self::child(nexus, &child)?;
+                nexus.remove_child(&name)?;
+                nexus.save_record().await?;
+                done(format!("volume {volume}: replica #{i} {name} removed"))
+            }
+            Request::OfflineChild { volume, child } => {
+                let nexus = self.nexus(&volume)?;
+                let (i, name) = Self::child(nexus, &child)?;
+                nexus.offline_child(&name)?;
+                nexus.save_record().await?;
+                done(format!("volume {volume}: replica #{i} {name} is offline"))
+            }
+            Request::FaultChild {
+                volume,
+                child,
+                reason,
+            } => {
+                let nexus = self.nexus(&volume)?;
+                let (i, name) = Self::child(nexus, &child)?;
+                nexus.fault_child(&name, reason)?;
+                nexus.save_record().await?;
+                done(format!("volume {volume}: replica #{i} {name} is faulted"))
+            }
+            Request::OnlineChild { volume, child } => {
+                let nexus = self.nexus(&volume)?;
+                let (i, name) = Self::child(nexus, &child)?;
+                let faulted = matches!(
+                    nexus.status().child(&name).map(|c| &c.state),
+                    Some(ChildState::Faulted(_))
+                );
+                if faulted {
+                    // Its device failed: close it (releasing locks and connections) and open
+                    // it again from its URI.
+                    let old = nexus.close_device(&name)?;
+                    tokio::task::spawn_blocking(move || drop(old)).await?;
+                    let dev = open_device(&self.registry, &name).await.map_err(|e| {
+                        anyhow::anyhow!(
+                            "online replica #{i} of {volume:?}: reopen it: {} (it stays faulted)",
+                            e.chain()
+                        )
+                    })?;
+                    nexus.replace_device(&name, dev)?;
+                }
+                nexus.online_child(&name)?;
+                nexus.save_record().await?;
+                let st = nexus.status();
+                let p = st.child(&name).and_then(|c| c.rebuild.clone());
+                let what = match p {
+                    Some(p) => format!(
+                        "{} rebuild of {} started",
+                        match p.kind {
+                            RebuildKind::Partial => "partial",
+                            RebuildKind::Full => "full",
+                        },
+                        human_bytes(p.total_bytes)
+                    ),
+                    None => "rebuild started".into(),
+                };
+                done(format!("volume {volume}: replica #{i} {name}: {what}"))
+            }
+            Request::PauseRebuild { volume, child } => {
+                let nexus = self.nexus(&volume)?;
+                let (i, name) = Self::child(nexus, &child)?;
+                nexus.pause_rebuild(&name)?;
+                done(format!("volume {volume}: rebuild of replica #{i} paused"))
+            }
+            Request::ResumeRebuild { volume, child } => {
+                let nexus = self.nexus(&volume)?;
+                let (i, name) = Self::child(nexus, &child)?;
+                nexus.resume_rebuild(&name)?;
+                done(format!("volume {volume}: rebuild of replica #{i} resumed"))
+            }
+            Request::CancelRebuild { volume, child } => {
+                let nexus = self.nexus(&volume)?;
+                let (i, name) = Self::child(nexus, &child)?;
+                nexus.cancel_rebuild(&name)?;
+                done(format!(
+                    "volume {volume}: rebuild of replica #{i} cancelled; it goes offline"
+                ))
+            }
+        }
+    }
+}
+
+/// The CLI side: one request, one response.
+pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    use std::io::{BufRead, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connect to the strata daemon at {} (is `strata serve` running? its control \
+             socket is `control.sock` in its data directory; pass --control PATH)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut answer)?;
+    if answer.is_empty() {
+        bail!("the daemon closed the control connection without answering");
+    }
+    serde_json::from_str(&answer).context("parse the daemon's answer")
+}

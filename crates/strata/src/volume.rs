@@ -1,0 +1,127 @@
+//! The daemon's volumes: a plain device, or a nexus over replicas restored from its record.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::future::join_all;
+use strata_bdev::{BlockDevice, Error, ErrorKind, Registry};
+use strata_nexus::{Nexus, RestoreChild};
+use tracing::{info, warn};
+
+use crate::config::{expand_uri, VolumeConfig};
+use crate::ledger::FileLedger;
+
+/// How long opening one replica may take before it is treated as unavailable.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a volume is made of.
+pub enum Backing {
+    Device(Arc<dyn BlockDevice>),
+    Nexus(Arc<Nexus>),
+}
+
+/// A volume that is open and exported.
+pub struct Volume {
+    pub name: String,
+    /// The device URI, or a summary of a nexus.
+    pub source: String,
+    pub backing: Backing,
+}
+
+impl Volume {
+    pub fn device(&self) -> Arc<dyn BlockDevice> {
+        match &self.backing {
+            Backing::Device(d) => d.clone(),
+            Backing::Nexus(n) => n.clone(),
+        }
+    }
+
+    pub fn nexus(&self) -> Option<&Arc<Nexus>> {
+        match &self.backing {
+            Backing::Nexus(n) => Some(n),
+            Backing::Device(_) => None,
+        }
+    }
+}
+
+/// Open a device, giving up after [`OPEN_TIMEOUT`].
+pub async fn open_device(
+    registry: &Registry,
+    uri: &str,
+) -> strata_bdev::Result<Arc<dyn BlockDevice>> {
+    match tokio::time::timeout(OPEN_TIMEOUT, registry.open(uri)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::new(
+            ErrorKind::TimedOut,
+            format!("open {uri}: no answer within {OPEN_TIMEOUT:?}"),
+        )),
+    }
+}
+
+/// Open the volume `v` describes.
+pub async fn open(
+    v: &VolumeConfig,
+    data_dir: &Path,
+    registry: &Registry,
+) -> anyhow::Result<Volume> {
+    if let Some(uri) = &v.uri {
+        let uri = expand_uri(uri, data_dir);
+        let device = registry
+            .open(&uri)
+            .await
+            .map_err(|e| anyhow::anyhow!("open volume {:?}: {}", v.name, e.chain()))?;
+        return Ok(Volume {
+            name: v.name.clone(),
+            source: uri,
+            backing: Backing::Device(device),
+        });
+    }
+    let uris: Vec<String> = v.replicas.iter().map(|r| expand_uri(r, data_dir)).collect();
+    let ledger = FileLedger::new(data_dir, &v.name);
+    let record = ledger
+        .load()
+        .with_context(|| format!("open nexus volume {:?}", v.name))?;
+    let opened = join_all(uris.iter().map(|u| open_device(registry, u))).await;
+    let children = uris
+        .iter()
+        .zip(opened)
+        .map(|(uri, device)| {
+            if let Err(e) = &device {
+                warn!(volume = %v.name, replica = %uri, error = %e.chain(), "replica cannot be opened; it is faulted until it is onlined");
+            }
+            RestoreChild {
+                name: uri.clone(),
+                device,
+            }
+        })
+        .collect();
+    let path = ledger.path().to_path_buf();
+    let nexus = Nexus::restore(
+        v.name.clone(),
+        children,
+        record.as_ref(),
+        v.nexus_settings(),
+        Some(Arc::new(ledger)),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "open nexus volume {:?}: {e} (record: {})",
+            v.name,
+            path.display()
+        )
+    })?;
+    nexus
+        .save_record()
+        .await
+        .with_context(|| format!("open nexus volume {:?}: save its record", v.name))?;
+    for c in nexus.status().children {
+        info!(volume = %v.name, replica = %c.name, state = %c.state, "replica");
+    }
+    Ok(Volume {
+        name: v.name.clone(),
+        source: format!("nexus of {} replicas", uris.len()),
+        backing: Backing::Nexus(Arc::new(nexus)),
+    })
+}
