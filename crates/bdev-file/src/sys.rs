@@ -84,12 +84,30 @@ pub(crate) fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result
     Ok(r as u64)
 }
 
-/// Take an exclusive advisory lock without waiting; `EWOULDBLOCK` if someone else holds one.
+/// How long [`lock_exclusive`] waits for a lock held by someone else to go away.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Take an exclusive advisory lock; `EWOULDBLOCK` if someone else still holds one after
+/// [`LOCK_WAIT`]. The wait covers a process that has just died: the kernel closes files still
+/// referenced by its io_uring only when it has torn the ring down, a moment after the exit.
 /// The lock belongs to the open file description and goes away when it is closed.
 pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
-    // SAFETY: flock reads no memory of ours; the fd is valid while `file` is borrowed.
-    retry(|| unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }.into())
-        .map(drop)
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        // SAFETY: flock reads no memory of ours; the fd is valid while `file` is borrowed.
+        let r = retry(|| {
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }.into()
+        });
+        match r {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EWOULDBLOCK)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r.map(drop),
+        }
+    }
 }
 
 /// `posix_fadvise(POSIX_FADV_WILLNEED)`: start reading a range into the page cache.

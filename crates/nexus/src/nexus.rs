@@ -16,7 +16,9 @@ use strata_bdev::{
 
 use crate::dirty::DirtyMap;
 use crate::rangelock::RangeLock;
-use crate::rebuild::{self, Control, RebuildCtl, RebuildKind, RebuildOutcome, RebuildProgress};
+use crate::rebuild::{
+    self, Control, RebuildCtl, RebuildKind, RebuildOutcome, RebuildProgress, RebuildState,
+};
 use crate::record::{ChildRecord, Ledger, NexusRecord, RecordedState};
 
 /// Tunables of one nexus.
@@ -137,7 +139,7 @@ pub enum NexusError {
     },
     #[error("nexus {nexus}: rebuild child {child:?}: no healthy child to copy from")]
     NoSource { nexus: String, child: String },
-    #[error("nexus {nexus}: child {child:?} has no rebuild")]
+    #[error("nexus {nexus}: child {child:?} has no rebuild running")]
     NoRebuild { nexus: String, child: String },
     #[error("nexus {nexus}: starting a rebuild needs a tokio runtime")]
     NoRuntime { nexus: String },
@@ -1372,9 +1374,21 @@ impl Nexus {
             })
     }
 
+    /// The running (or paused) rebuild onto a child.
+    fn running_rebuild(&self, name: &str) -> Result<Arc<RebuildCtl>, NexusError> {
+        let ctl = self.rebuild_ctl(name)?;
+        match ctl.progress().state {
+            RebuildState::Done(_) => Err(NexusError::NoRebuild {
+                nexus: self.shared.name.clone(),
+                child: name.to_string(),
+            }),
+            _ => Ok(ctl),
+        }
+    }
+
     /// Pause the rebuild onto a child (segments in flight finish).
     pub fn pause_rebuild(&self, name: &str) -> Result<(), NexusError> {
-        let ctl = self.rebuild_ctl(name)?;
+        let ctl = self.running_rebuild(name)?;
         ctl.control.send_if_modified(|c| {
             let run = *c == Control::Run;
             if run {
@@ -1387,7 +1401,7 @@ impl Nexus {
 
     /// Resume a paused rebuild.
     pub fn resume_rebuild(&self, name: &str) -> Result<(), NexusError> {
-        let ctl = self.rebuild_ctl(name)?;
+        let ctl = self.running_rebuild(name)?;
         ctl.control.send_if_modified(|c| {
             let paused = *c == Control::Pause;
             if paused {
@@ -1400,7 +1414,7 @@ impl Nexus {
 
     /// Stop the rebuild onto a child; the child goes offline, keeping what is left to copy.
     pub fn cancel_rebuild(&self, name: &str) -> Result<(), NexusError> {
-        let ctl = self.rebuild_ctl(name)?;
+        let ctl = self.running_rebuild(name)?;
         ctl.control.send_replace(Control::Cancel);
         Ok(())
     }
