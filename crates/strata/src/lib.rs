@@ -10,6 +10,8 @@
 //!   nbd+unix:///export?socket=  the same over a unix socket
 //! ```
 //!
+//! [`nexus`] mirrors a volume over several of them (`examples/nexus.rs`).
+//!
 //! ```no_run
 //! # async fn demo() -> strata::bdev::Result<()> {
 //! use strata::bdev::{BlockDevice, Bytes, WriteOpts};
@@ -25,6 +27,7 @@ use std::sync::Arc;
 pub use strata_bdev as bdev;
 pub use strata_bdev_file as file;
 pub use strata_nbd as nbd;
+pub use strata_nexus as nexus;
 
 /// A registry that opens every device scheme Strata ships.
 pub fn registry() -> bdev::Registry {

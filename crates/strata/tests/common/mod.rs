@@ -133,6 +133,19 @@ impl Strata {
     }
 }
 
+impl Strata {
+    /// SIGKILL, as a crash would: no draining, no flush. Returns the directory to restart in.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill strata");
+        child.wait().expect("wait for strata");
+        std::mem::replace(
+            &mut self.dir,
+            tempfile::tempdir().expect("temporary directory"),
+        )
+    }
+}
+
 impl Drop for Strata {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
