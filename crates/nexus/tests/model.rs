@@ -1,14 +1,19 @@
-//! Random interleavings of writes, faults, offlines, onlines, injected write errors and rebuild
-//! progress: afterwards every online child holds exactly the data of one reference model.
+//! Random interleavings of writes, faults, offlines, onlines, injected write errors, rebuild
+//! progress and crashes (restoring from the last durable record): afterwards, and right after
+//! every restore, every online child holds exactly the data of one reference model.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
 
 use proptest::prelude::*;
 use strata_bdev::fault::{Op as FaultOp, Rule};
 use strata_bdev::{
     BlockDevice, Bytes, ErrorKind, FaultDevice, FaultHandle, MemDevice, WriteOpts, ZeroOpts,
 };
-use strata_nexus::{ChildState, Nexus, NexusSettings, RebuildOutcome};
+use strata_nexus::{
+    ChildState, Ledger, Nexus, NexusRecord, NexusSettings, RebuildOutcome, RestoreChild,
+};
 
 const SIZE: u64 = 256 * 1024;
 const CHILDREN: usize = 3;
@@ -43,6 +48,8 @@ enum Op {
     /// Let background rebuilds run for a while.
     Yield(u8),
     WaitRebuild(usize),
+    /// The process dies; the nexus is restored from the last durable record.
+    Crash,
     Read {
         off: u64,
         len: u64,
@@ -68,6 +75,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => i.clone().prop_map(Op::Resume),
         2 => (1..20u8).prop_map(Op::Yield),
         1 => i.clone().prop_map(Op::WaitRebuild),
+        1 => Just(Op::Crash),
         1 => range().prop_map(|(off, len)| Op::Read { off, len }),
     ]
 }
@@ -89,14 +97,40 @@ fn online_count(nexus: &Nexus) -> usize {
         .count()
 }
 
+/// Keeps the last record saved: what survives a crash.
+#[derive(Default)]
+struct LastRecord(Mutex<Option<NexusRecord>>);
+
+#[async_trait]
+impl Ledger for LastRecord {
+    async fn save(&self, record: &NexusRecord) -> std::io::Result<()> {
+        *self.0.lock().expect("lock") = Some(record.clone());
+        Ok(())
+    }
+}
+
+/// Every online child of `nexus` equals the model.
+async fn online_children_match(nexus: &Nexus, mems: &[Arc<MemDevice>], model: &[u8], when: &str) {
+    for (i, c) in nexus.status().children.iter().enumerate() {
+        if c.state == ChildState::Online {
+            let got = mems[i].read_at(0, SIZE as usize).await.expect("read child");
+            assert!(
+                got[..] == model[..],
+                "{when}: online child {} equals the model",
+                c.name
+            );
+        }
+    }
+}
+
 async fn check(ops: Vec<Op>) {
     let mut mems = Vec::new();
     let mut faults: Vec<FaultHandle> = Vec::new();
-    let mut children: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+    let mut devices: Vec<Arc<dyn BlockDevice>> = Vec::new();
     for i in 0..CHILDREN {
         let m = Arc::new(MemDevice::new(format!("c{i}"), SIZE));
         let (f, h) = FaultDevice::new(m.clone());
-        children.push((format!("c{i}"), Arc::new(f)));
+        devices.push(Arc::new(f));
         mems.push(m);
         faults.push(h);
     }
@@ -106,8 +140,29 @@ async fn check(ops: Vec<Op>) {
         rebuild_parallel: 2,
         io_timeout: None,
     };
-    let nexus = Nexus::new("model", children, settings).expect("nexus");
+    let ledger = Arc::new(LastRecord::default());
     let name = |i: usize| format!("c{i}");
+    let restore = |record: Option<NexusRecord>| {
+        let children = devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| RestoreChild {
+                name: name(i),
+                device: Ok(d.clone()),
+            })
+            .collect();
+        let ledger = ledger.clone() as Arc<dyn Ledger>;
+        Nexus::restore(
+            "model",
+            children,
+            record.as_ref(),
+            settings.clone(),
+            Some(ledger),
+        )
+        .expect("restore: some child is recorded as current")
+    };
+    let mut nexus = restore(None);
+    nexus.save_record().await.expect("save");
     let mut model = vec![0u8; SIZE as usize];
     for op in ops {
         match op {
@@ -174,6 +229,19 @@ async fn check(ops: Vec<Op>) {
                     assert_eq!(outcome, RebuildOutcome::Completed);
                 }
             }
+            Op::Crash => {
+                let durable = ledger.0.lock().expect("lock").clone();
+                // Nothing of the old process may write after the restart: stop its rebuilds.
+                for i in 0..CHILDREN {
+                    if nexus.cancel_rebuild(&name(i)).is_ok() {
+                        nexus.wait_rebuild(&name(i)).await.expect("wait");
+                    }
+                }
+                drop(nexus);
+                nexus = restore(durable);
+                nexus.save_record().await.expect("save");
+                online_children_match(&nexus, &mems, &model, "after a restore").await;
+            }
             Op::Read { off, len } => {
                 let back = nexus.read_at(off, len as usize).await.expect("read");
                 assert!(
@@ -193,16 +261,7 @@ async fn check(ops: Vec<Op>) {
     }
     let status = nexus.status();
     assert!(online_count(&nexus) >= 1, "{status:?}");
-    for (i, c) in status.children.iter().enumerate() {
-        if c.state == ChildState::Online {
-            let got = mems[i].read_at(0, SIZE as usize).await.expect("read child");
-            assert!(
-                got[..] == model[..],
-                "online child {} equals the model",
-                c.name
-            );
-        }
-    }
+    online_children_match(&nexus, &mems, &model, "at the end").await;
 }
 
 proptest! {
