@@ -84,6 +84,10 @@ pub async fn open(
         .load()
         .with_context(|| format!("open nexus volume {:?}", v.name))?;
     let opened = join_all(uris.iter().map(|u| open_device(registry, u))).await;
+    let sizes: Vec<Option<u64>> = opened
+        .iter()
+        .map(|d| d.as_ref().ok().map(|d| d.geometry().size))
+        .collect();
     let children = uris
         .iter()
         .zip(opened)
@@ -116,8 +120,15 @@ pub async fn open(
         .save_record()
         .await
         .with_context(|| format!("open nexus volume {:?}: save its record", v.name))?;
+    let size = strata_bdev::BlockDevice::geometry(&nexus).size;
     for c in nexus.status().children {
         info!(volume = %v.name, replica = %c.name, state = %c.state, "replica");
+    }
+    for (uri, dev) in uris.iter().zip(&sizes) {
+        if let Some(bytes) = dev.filter(|&b| b > size) {
+            info!(volume = %v.name, replica = %uri, replica_bytes = bytes, volume_bytes = size,
+                "replica is larger than the volume, which is as large as its smallest replica; the rest is unused");
+        }
     }
     Ok(Volume {
         name: v.name.clone(),
