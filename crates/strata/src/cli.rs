@@ -142,7 +142,11 @@ pub fn status(target: &Target, args: &StatusArgs) -> anyhow::Result<()> {
                 line.push_str(&format!("\n       missed: {}", human_bytes(d)));
             }
             if let Some(r) = &c.rebuild {
-                line.push_str(&format!("\n       rebuild: {}", rebuild_line(r)));
+                let label = match r.state.as_str() {
+                    "running" | "paused" => "rebuild",
+                    _ => "last rebuild",
+                };
+                line.push_str(&format!("\n       {label}: {}", rebuild_line(r)));
             }
             println!("{line}");
         }
