@@ -1,0 +1,1030 @@
+//! An image: a virtual disk whose pages live in the write buffer until a checkpoint moves them
+//! into segment objects named by a new manifest version.
+//!
+//! ```text
+//!  write ─► WAL (append; FLUSH/FUA: commit + fdatasync) ─► answer
+//!  read  ─► WAL generations, newest first ─► page map of the manifest (segment, slot) ─► zeroes
+//!  checkpoint task: rotate WAL ─► segment objects ─► manifest v+1 (create-only: fencing)
+//!                   ─► page map updated ─► WAL generation deleted; compaction when too many segments
+//! ```
+//!
+//! The page map holds, for every page the manifest maps, where its newest version is (one
+//! hash-map entry: about 32 bytes per mapped page). Segment indexes are read once, at open and
+//! when a segment is made, and not kept.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, TryStreamExt};
+use strata_bdev::{
+    check_io, BlockDevice, Capabilities, Error, ErrorKind, Extent, Geometry, Result, WriteOpts,
+    ZeroOpts,
+};
+use tokio::sync::Notify;
+
+use crate::cache::Cache;
+use crate::failpoint::failpoint;
+use crate::format::{self, Entry, Manifest, SegmentBuilder, SegmentRef, FOOTER_LEN, TOMBSTONE};
+use crate::objects::{retry, ObjError, Objects};
+use crate::wal::{Loc, Wal};
+
+/// Tunables of the page store.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Checkpoint when the active write-buffer generation holds this many bytes (default 64 MiB).
+    pub checkpoint_bytes: u64,
+    /// Checkpoint buffered writes at least this often (default 30 s).
+    pub checkpoint_age: Duration,
+    /// Largest segment object, in bytes of page data (default 32 MiB).
+    pub segment_bytes: u64,
+    /// Writes wait while the write buffer holds more than this (default 512 MiB).
+    pub max_buffered_bytes: u64,
+    /// Compact when an image has more segments than this (default 24).
+    pub max_segments: usize,
+    /// Bytes of segment pages cached in memory (default 64 MiB).
+    pub cache_bytes: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            checkpoint_bytes: 64 << 20,
+            checkpoint_age: Duration::from_secs(30),
+            segment_bytes: 32 << 20,
+            max_buffered_bytes: 512 << 20,
+            max_segments: 24,
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A page store: an object store for images and a local directory for their write buffers.
+#[derive(Debug, Clone)]
+pub struct PageStore {
+    pub objects: Arc<dyn Objects>,
+    pub buffer_dir: PathBuf,
+    pub settings: Settings,
+}
+
+/// Where a page of the manifest lives.
+#[derive(Debug, Clone, Copy)]
+struct SegLoc {
+    seg: u32,
+    slot: u32,
+    crc: u32,
+}
+
+#[derive(Debug, Clone)]
+struct SegInfo {
+    key: String,
+}
+
+#[derive(Debug)]
+struct Base {
+    manifest: Manifest,
+    /// Segment ids of the manifest, oldest first.
+    order: Vec<u32>,
+    segs: HashMap<u32, SegInfo>,
+    next_seg: u32,
+    map: HashMap<u64, SegLoc>,
+}
+
+/// Counters for one image.
+#[derive(Debug, Default)]
+pub struct ImageStats {
+    pub checkpoints: AtomicU64,
+    pub compactions: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+}
+
+struct Inner {
+    name: String,
+    store: PageStore,
+    page_bits: u32,
+    page_size: usize,
+    size: u64,
+    wal: Wal,
+    base: RwLock<Base>,
+    cache: Mutex<Cache>,
+    writer: String,
+    fenced: Mutex<Option<String>>,
+    kick: Notify,
+    progress: Notify,
+    closed: AtomicBool,
+    /// When the active generation last became non-empty (or was last checkpointed).
+    last_checkpoint: Mutex<Instant>,
+    checkpointing: tokio::sync::Mutex<()>,
+    stats: ImageStats,
+}
+
+/// A page-store image, as a block device. Dropping it stops its checkpoint task; what is
+/// buffered stays in the write buffer for the next open.
+pub struct Image {
+    inner: Arc<Inner>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "image {}", self.inner.name)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.progress.notify_waiters();
+        self.task.abort();
+    }
+}
+
+fn manifest_key(name: &str, version: u64) -> String {
+    format!("images/{name}/manifest/{version:020}")
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn obj_err(what: &str, e: ObjError) -> Error {
+    Error::new(ErrorKind::Io, format!("{what}: object store: {e}"))
+}
+
+/// Check an image name: it becomes part of object keys and a directory name.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("image name {name:?}: use 1 to 200 of A-Z a-z 0-9 - _ . (not starting with .)"),
+        ))
+    }
+}
+
+/// The newest manifest of `name`, if the image exists.
+async fn latest_manifest(objects: &dyn Objects, name: &str) -> Result<Option<Manifest>> {
+    let prefix = format!("images/{name}/manifest/");
+    let keys = retry(
+        objects,
+        "list manifests",
+        5,
+        || false,
+        || objects.list(&prefix),
+    )
+    .await
+    .map_err(|e| obj_err(&format!("open image {name}"), e))?;
+    let newest = keys
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix(&prefix)?.parse::<u64>().ok())
+        .max();
+    let Some(v) = newest else {
+        return Ok(None);
+    };
+    let key = manifest_key(name, v);
+    let bytes = retry(objects, "read manifest", 5, || false, || objects.get(&key))
+        .await
+        .map_err(|e| obj_err(&format!("open image {name}"), e))?;
+    let m = Manifest::decode(&key, &bytes).map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+    Ok(Some(m))
+}
+
+/// Read a segment's index: footer, then index, with ranged GETs.
+async fn read_index(objects: &dyn Objects, key: &str, size: u64) -> Result<Vec<Entry>> {
+    if size < FOOTER_LEN {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("segment {key}: only {size} bytes"),
+        ));
+    }
+    let tail = retry(
+        objects,
+        "read segment footer",
+        5,
+        || false,
+        || objects.get_range(key, size - FOOTER_LEN..size),
+    )
+    .await
+    .map_err(|e| obj_err("read segment footer", e))?;
+    let footer =
+        format::parse_footer(key, &tail).map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+    let range = footer.index_range();
+    if range.end > size - FOOTER_LEN {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("segment {key}: index beyond its end"),
+        ));
+    }
+    let index = retry(
+        objects,
+        "read segment index",
+        5,
+        || false,
+        || objects.get_range(key, range.clone()),
+    )
+    .await
+    .map_err(|e| obj_err("read segment index", e))?;
+    format::parse_index(key, &footer, &index).map_err(|e| Error::new(ErrorKind::Io, e.to_string()))
+}
+
+impl PageStore {
+    /// Open image `name`. With `create` (size, page-size bits) a missing image is created;
+    /// an existing one must match it.
+    pub async fn open(&self, name: &str, create: Option<(u64, u32)>) -> Result<Image> {
+        check_name(name)?;
+        let objects = &*self.store_objects();
+        let manifest = match latest_manifest(objects, name).await? {
+            Some(m) => {
+                if let Some((size, bits)) = create {
+                    if m.image_size != size || m.page_size_bits != bits {
+                        return Err(Error::new(
+                            ErrorKind::InvalidInput,
+                            format!(
+                                "image {name} exists with {} bytes in pages of {} bytes; asked \
+                                 for {size} bytes in pages of {} bytes",
+                                m.image_size,
+                                1u64 << m.page_size_bits,
+                                1u64 << bits
+                            ),
+                        ));
+                    }
+                }
+                m
+            }
+            None => {
+                let Some((size, bits)) = create else {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("image {name} does not exist (give a size to create it)"),
+                    ));
+                };
+                if !(9..=16).contains(&bits) {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("page size 2^{bits}: must be 512 bytes to 64 KiB"),
+                    ));
+                }
+                if size == 0 || size % (1u64 << bits) != 0 {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "image size {size} must be a positive multiple of the page size {}",
+                            1u64 << bits
+                        ),
+                    ));
+                }
+                let m = Manifest {
+                    image: name.to_string(),
+                    version: 1,
+                    image_size: size,
+                    page_size_bits: bits,
+                    segments: Vec::new(),
+                    wal_generation: 0,
+                    writer: String::new(),
+                    created: now_secs(),
+                };
+                let key = manifest_key(name, 1);
+                match objects.put_create(&key, Bytes::from(m.encode())).await {
+                    Ok(()) => m,
+                    // Created meanwhile by someone else: use theirs.
+                    Err(ObjError::AlreadyExists(_)) => latest_manifest(objects, name)
+                        .await?
+                        .ok_or_else(|| Error::new(ErrorKind::Io, "image vanished"))?,
+                    Err(e) => return Err(obj_err(&format!("create image {name}"), e)),
+                }
+            }
+        };
+        // The page map, oldest segment first so that newer entries win.
+        let mut base = Base {
+            order: Vec::new(),
+            segs: HashMap::new(),
+            next_seg: 0,
+            map: HashMap::new(),
+            manifest: manifest.clone(),
+        };
+        let wanted: Vec<(String, u64)> = manifest
+            .segments
+            .iter()
+            .map(|s| (format!("images/{name}/{}", s.key), s.size))
+            .collect();
+        let indexes: Vec<Vec<Entry>> = futures_util::stream::iter(wanted)
+            .map(|(key, size)| async move { read_index(objects, &key, size).await })
+            .buffered(8)
+            .try_collect()
+            .await?;
+        for (s, entries) in manifest.segments.iter().zip(indexes) {
+            let id = base.next_seg;
+            base.next_seg += 1;
+            base.order.push(id);
+            base.segs.insert(
+                id,
+                SegInfo {
+                    key: format!("images/{name}/{}", s.key),
+                },
+            );
+            for e in entries {
+                if e.page < manifest.image_size >> manifest.page_size_bits {
+                    base.map.insert(
+                        e.page,
+                        SegLoc {
+                            seg: id,
+                            slot: e.slot,
+                            crc: e.crc,
+                        },
+                    );
+                }
+            }
+        }
+        let page_size = 1usize << manifest.page_size_bits;
+        let dir = self.buffer_dir.join(name);
+        let (wal, replayed) = Wal::open(&dir, page_size, manifest.wal_generation)?;
+        for (g, r) in &replayed {
+            tracing::info!(
+                image = name,
+                generation = g,
+                records = r.records,
+                dropped_bytes = r.dropped,
+                "write buffer replayed"
+            );
+        }
+        let writer = format!("{:016x}", rand::random::<u64>());
+        let inner = Arc::new(Inner {
+            name: name.to_string(),
+            store: self.clone(),
+            page_bits: manifest.page_size_bits,
+            page_size,
+            size: manifest.image_size,
+            wal,
+            base: RwLock::new(base),
+            cache: Mutex::new(Cache::new(self.settings.cache_bytes)),
+            writer,
+            fenced: Mutex::new(None),
+            kick: Notify::new(),
+            progress: Notify::new(),
+            closed: AtomicBool::new(false),
+            last_checkpoint: Mutex::new(Instant::now()),
+            checkpointing: tokio::sync::Mutex::new(()),
+            stats: ImageStats::default(),
+        });
+        tracing::info!(
+            image = name,
+            version = manifest.version,
+            segments = manifest.segments.len(),
+            size = manifest.image_size,
+            "image open"
+        );
+        let task = tokio::spawn(checkpointer(inner.clone()));
+        if !inner.wal.frozen_ids().is_empty() {
+            inner.kick.notify_one();
+        }
+        Ok(Image { inner, task })
+    }
+
+    fn store_objects(&self) -> Arc<dyn Objects> {
+        self.objects.clone()
+    }
+}
+
+/// The background task: checkpoints by size and age, compaction, retries.
+async fn checkpointer(inner: Arc<Inner>) {
+    loop {
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let due = {
+            let (active, _) = inner.wal.sizes();
+            let age = inner.last_checkpoint.lock().expect("lock").elapsed();
+            active >= inner.store.settings.checkpoint_bytes
+                || (active > 0 && age >= inner.store.settings.checkpoint_age)
+                || !inner.wal.frozen_ids().is_empty()
+        };
+        if due && inner.fenced().is_none() {
+            if let Err(e) = inner.checkpoint().await {
+                tracing::warn!(image = %inner.name, error = %e.chain(), "checkpoint");
+            }
+        }
+        let tick = Duration::from_secs(1).min(inner.store.settings.checkpoint_age);
+        let _ = tokio::time::timeout(tick, inner.kick.notified()).await;
+    }
+}
+
+impl Inner {
+    fn fenced(&self) -> Option<String> {
+        self.fenced.lock().expect("lock").clone()
+    }
+
+    fn check_fenced(&self, what: &str) -> Result<()> {
+        match self.fenced() {
+            None => Ok(()),
+            Some(why) => Err(Error::new(
+                ErrorKind::Io,
+                format!("{what} image {}: {why}", self.name),
+            )),
+        }
+    }
+
+    fn give_up(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.fenced().is_some()
+    }
+
+    /// Move everything buffered so far into segments and a new manifest.
+    async fn checkpoint(&self) -> Result<()> {
+        let _turn = self.checkpointing.lock().await;
+        self.wal.rotate()?;
+        *self.last_checkpoint.lock().expect("lock") = Instant::now();
+        for g in self.wal.frozen_ids() {
+            self.checkpoint_generation(g).await?;
+            self.progress.notify_waiters();
+        }
+        let too_many =
+            self.base.read().expect("lock").order.len() > self.store.settings.max_segments;
+        if too_many {
+            self.compact().await?;
+        }
+        Ok(())
+    }
+
+    /// Upload `objects` as segments under a fresh key each; returns their references.
+    async fn put_segment(
+        &self,
+        key_rel: String,
+        object: Vec<u8>,
+        entries: &[Entry],
+    ) -> Result<SegmentRef> {
+        let objects = &*self.store.objects;
+        let key = format!("images/{}/{key_rel}", self.name);
+        let size = object.len() as u64;
+        let data = Bytes::from(object);
+        retry(
+            objects,
+            "upload segment",
+            u32::MAX,
+            || self.give_up(),
+            || objects.put(&key, data.clone()),
+        )
+        .await
+        .map_err(|e| obj_err(&format!("checkpoint image {}", self.name), e))?;
+        Ok(SegmentRef {
+            key: key_rel,
+            size,
+            entries: entries.len() as u64,
+            pages: entries.iter().filter(|e| e.slot != TOMBSTONE).count() as u64,
+        })
+    }
+
+    /// Publish `next` as the new manifest version: create-only, so a second writer that took
+    /// this version fences us.
+    async fn publish(&self, next: &Manifest) -> Result<()> {
+        let objects = &*self.store.objects;
+        let key = manifest_key(&self.name, next.version);
+        let bytes = Bytes::from(next.encode());
+        let r = retry(
+            objects,
+            "publish manifest",
+            u32::MAX,
+            || self.closed.load(Ordering::Acquire),
+            || objects.put_create(&key, bytes.clone()),
+        )
+        .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(ObjError::AlreadyExists(_)) => {
+                // Ours, if a retried request had in fact succeeded.
+                if let Ok(existing) = objects.get(&key).await {
+                    if existing == bytes {
+                        return Ok(());
+                    }
+                }
+                let why = format!(
+                    "another writer published version {} of this image; this server stopped \
+                     writing to it (writes buffered here since the last checkpoint stay in {} \
+                     and are not published)",
+                    next.version,
+                    self.store.buffer_dir.join(&self.name).display()
+                );
+                tracing::error!(image = %self.name, "{why}");
+                *self.fenced.lock().expect("lock") = Some(why.clone());
+                self.progress.notify_waiters();
+                Err(Error::new(ErrorKind::Io, why))
+            }
+            Err(e) => Err(obj_err(&format!("checkpoint image {}", self.name), e)),
+        }
+    }
+
+    async fn checkpoint_generation(&self, g: u64) -> Result<()> {
+        let Some((file, pages)) = self.wal.frozen(g) else {
+            return Ok(());
+        };
+        let ps = self.page_size;
+        let mut refs = Vec::new();
+        let mut all_entries = Vec::new();
+        let mut builder = SegmentBuilder::new(ps);
+        let mut buf = vec![0u8; ps];
+        let mut part = 0;
+        for (i, (page, loc)) in pages.iter().enumerate() {
+            match loc {
+                Loc::Data(off) => {
+                    file.read_exact_at(&mut buf, *off).map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::Io,
+                            format!("read write buffer of image {}", self.name),
+                            e,
+                        )
+                    })?;
+                    builder.page(*page, &buf);
+                }
+                Loc::Zero => builder.tombstone(*page),
+            }
+            let last = i + 1 == pages.len();
+            if builder.data_len() as u64 >= self.store.settings.segment_bytes
+                || (last && !builder.is_empty())
+            {
+                let done = std::mem::replace(&mut builder, SegmentBuilder::new(ps));
+                let (object, entries) = done.finish(self.page_bits);
+                let key = format!("segments/{g:016x}-{}-{part}.seg", self.writer);
+                part += 1;
+                refs.push(self.put_segment(key, object, &entries).await?);
+                all_entries.push(entries);
+            }
+        }
+        failpoint("checkpoint-after-segments");
+        let next = {
+            let base = self.base.read().expect("lock");
+            let mut m = base.manifest.clone();
+            m.version += 1;
+            m.segments.extend(refs.iter().cloned());
+            m.wal_generation = g;
+            m.writer = self.writer.clone();
+            m.created = now_secs();
+            m
+        };
+        self.publish(&next).await?;
+        failpoint("checkpoint-after-manifest");
+        {
+            let mut base = self.base.write().expect("lock");
+            for (r, entries) in refs.iter().zip(all_entries) {
+                let id = base.next_seg;
+                base.next_seg += 1;
+                base.order.push(id);
+                base.segs.insert(
+                    id,
+                    SegInfo {
+                        key: format!("images/{}/{}", self.name, r.key),
+                    },
+                );
+                for e in entries {
+                    base.map.insert(
+                        e.page,
+                        SegLoc {
+                            seg: id,
+                            slot: e.slot,
+                            crc: e.crc,
+                        },
+                    );
+                }
+            }
+            base.manifest = next;
+        }
+        self.wal.retire(g)?;
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(image = %self.name, generation = g, segments = refs.len(), "checkpoint done");
+        Ok(())
+    }
+
+    /// Merge the oldest segments into as few as the data needs, dropping overwritten pages and
+    /// tombstones that hide nothing, then publish the shorter list.
+    async fn compact(&self) -> Result<()> {
+        let (victims, live, version) = {
+            let base = self.base.read().expect("lock");
+            let keep = self.store.settings.max_segments / 2;
+            let n = base.order.len().saturating_sub(keep.max(1));
+            if n < 2 {
+                return Ok(());
+            }
+            let victims: Vec<u32> = base.order[..n].to_vec();
+            let mut live: Vec<(u64, SegLoc)> = base
+                .map
+                .iter()
+                .filter(|(_, l)| victims.contains(&l.seg) && l.slot != TOMBSTONE)
+                .map(|(p, l)| (*p, *l))
+                .collect();
+            live.sort_unstable_by_key(|(p, _)| *p);
+            // Only worth it if the merge leaves fewer objects than it reads.
+            let out = (live.len() as u64 * self.page_size as u64)
+                .div_ceil(self.store.settings.segment_bytes.max(1));
+            if out >= victims.len() as u64 {
+                return Ok(());
+            }
+            (victims, live, base.manifest.version)
+        };
+        let ps = self.page_size;
+        let mut refs = Vec::new();
+        let mut moved: Vec<Vec<Entry>> = Vec::new();
+        let mut builder = SegmentBuilder::new(ps);
+        let mut part = 0;
+        let chunk = (self.store.settings.segment_bytes / ps as u64).max(1) as usize;
+        for (ci, run) in live.chunks(chunk).enumerate() {
+            for (page, loc) in run {
+                let data = self.read_segment_page(*page, *loc).await?;
+                builder.page(*page, &data);
+            }
+            let last = (ci + 1) * chunk >= live.len();
+            if !builder.is_empty()
+                && (builder.data_len() as u64 >= self.store.settings.segment_bytes || last)
+            {
+                let done = std::mem::replace(&mut builder, SegmentBuilder::new(ps));
+                let (object, entries) = done.finish(self.page_bits);
+                let key = format!("segments/c{version:016x}-{}-{part}.seg", self.writer);
+                part += 1;
+                refs.push(self.put_segment(key, object, &entries).await?);
+                moved.push(entries);
+            }
+        }
+        failpoint("compaction-after-segments");
+        let next = {
+            let base = self.base.read().expect("lock");
+            let mut m = base.manifest.clone();
+            m.version += 1;
+            m.segments = refs
+                .iter()
+                .cloned()
+                .chain(m.segments[victims.len()..].iter().cloned())
+                .collect();
+            m.writer = self.writer.clone();
+            m.created = now_secs();
+            m
+        };
+        self.publish(&next).await?;
+        failpoint("compaction-after-manifest");
+        {
+            let mut base = self.base.write().expect("lock");
+            let mut new_ids = Vec::new();
+            for (r, entries) in refs.iter().zip(moved) {
+                let id = base.next_seg;
+                base.next_seg += 1;
+                new_ids.push(id);
+                base.segs.insert(
+                    id,
+                    SegInfo {
+                        key: format!("images/{}/{}", self.name, r.key),
+                    },
+                );
+                for e in entries {
+                    base.map.insert(
+                        e.page,
+                        SegLoc {
+                            seg: id,
+                            slot: e.slot,
+                            crc: e.crc,
+                        },
+                    );
+                }
+            }
+            // Tombstones in the merged segments hid nothing older: drop them.
+            base.map.retain(|_, l| !victims.contains(&l.seg));
+            for v in &victims {
+                base.segs.remove(v);
+            }
+            let rest: Vec<u32> = base.order[victims.len()..].to_vec();
+            base.order = new_ids.into_iter().chain(rest).collect();
+            base.manifest = next;
+        }
+        self.cache
+            .lock()
+            .expect("lock")
+            .forget(|seg| victims.contains(&seg));
+        self.stats.compactions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(image = %self.name, merged = victims.len(), into = refs.len(), "compaction done");
+        Ok(())
+    }
+
+    /// One page from a segment, through the cache, checked against its checksum.
+    async fn read_segment_page(&self, page: u64, loc: SegLoc) -> Result<Bytes> {
+        let mut out = self
+            .read_segment_run(loc.seg, loc.slot, &[(page, loc.crc)])
+            .await?;
+        Ok(out.remove(0))
+    }
+
+    /// Pages at consecutive slots of one segment (`pages`: page number and checksum per slot).
+    async fn read_segment_run(
+        &self,
+        seg: u32,
+        first_slot: u32,
+        pages: &[(u64, u32)],
+    ) -> Result<Vec<Bytes>> {
+        let ps = self.page_size as u64;
+        let cached: Option<Vec<Bytes>> = {
+            let mut c = self.cache.lock().expect("lock");
+            (0..pages.len())
+                .map(|i| c.get(seg, first_slot + i as u32))
+                .collect()
+        };
+        if let Some(hit) = cached {
+            self.stats
+                .cache_hits
+                .fetch_add(pages.len() as u64, Ordering::Relaxed);
+            return Ok(hit);
+        }
+        self.stats
+            .cache_misses
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        let key = {
+            let base = self.base.read().expect("lock");
+            base.segs.get(&seg).map(|s| s.key.clone()).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("image {}: segment {seg} vanished", self.name),
+                )
+            })?
+        };
+        let objects = &*self.store.objects;
+        let start = u64::from(first_slot) * ps;
+        let range = start..start + pages.len() as u64 * ps;
+        let bytes = retry(
+            objects,
+            "read segment",
+            4,
+            || false,
+            || objects.get_range(&key, range.clone()),
+        )
+        .await
+        .map_err(|e| obj_err(&format!("read image {}", self.name), e))?;
+        let mut out = Vec::with_capacity(pages.len());
+        let mut c = self.cache.lock().expect("lock");
+        for (i, (page, crc)) in pages.iter().enumerate() {
+            let b = bytes.slice(i * ps as usize..(i + 1) * ps as usize);
+            if crc32c::crc32c(&b) != *crc {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "read image {}: page {page} fails its checksum in segment {key} (the object is \
+                         corrupt); not served",
+                        self.name
+                    ),
+                ));
+            }
+            c.put(seg, first_slot + i as u32, b.clone());
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    async fn wait_for_room(&self) -> Result<()> {
+        loop {
+            self.check_fenced("write to")?;
+            let (active, total) = self.wal.sizes();
+            if active >= self.store.settings.checkpoint_bytes {
+                self.kick.notify_one();
+            }
+            if total <= self.store.settings.max_buffered_bytes {
+                return Ok(());
+            }
+            let wait = self.progress.notified();
+            self.kick.notify_one();
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::new(
+                    ErrorKind::Shutdown,
+                    format!("image {} is closing", self.name),
+                ));
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+        }
+    }
+
+    fn first_and_count(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset >> self.page_bits, len >> self.page_bits)
+    }
+}
+
+/// Where one page of a read comes from.
+enum Src {
+    Wal(Arc<File>, u64),
+    Seg(SegLoc),
+    Zero,
+}
+
+impl Image {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The manifest version the image is at.
+    pub fn version(&self) -> u64 {
+        self.inner.base.read().expect("lock").manifest.version
+    }
+
+    /// Segments in the current manifest.
+    pub fn segment_count(&self) -> usize {
+        self.inner.base.read().expect("lock").order.len()
+    }
+
+    pub fn stats(&self) -> &ImageStats {
+        &self.inner.stats
+    }
+
+    /// Pages mapped by the manifest and by the write buffer (memory: about 32 bytes each).
+    pub fn mapped_pages(&self) -> (usize, usize) {
+        (
+            self.inner.base.read().expect("lock").map.len(),
+            self.inner.wal.mapped_pages(),
+        )
+    }
+
+    /// Checkpoint now: everything written so far goes to the object store.
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.inner.check_fenced("checkpoint")?;
+        self.inner.checkpoint().await
+    }
+
+    /// Stop the checkpoint task and release the write buffer (what is buffered stays there for
+    /// the next open). Dropping does the same without waiting.
+    pub async fn close(mut self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.task.abort();
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = task.await;
+    }
+
+    /// Why the image stopped writing, if it did.
+    pub fn fenced(&self) -> Option<String> {
+        self.inner.fenced()
+    }
+
+    fn sources(&self, first: u64, count: u64) -> Vec<Src> {
+        let wal = self.inner.wal.lookup_run(first, count);
+        let base = self.inner.base.read().expect("lock");
+        wal.into_iter()
+            .enumerate()
+            .map(|(i, w)| match w {
+                Some((f, Loc::Data(off))) => Src::Wal(f, off),
+                Some((_, Loc::Zero)) => Src::Zero,
+                None => match base.map.get(&(first + i as u64)) {
+                    Some(l) if l.slot != TOMBSTONE => Src::Seg(*l),
+                    _ => Src::Zero,
+                },
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Image {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            size: self.inner.size,
+            block_size: self.inner.page_size as u32,
+            optimal_io_size: self.inner.page_size.max(64 * 1024) as u32,
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: false,
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            block_status: true,
+            multi_conn: true,
+            resize: false,
+        }
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        check_io(self.geometry(), "read", offset, len as u64)?;
+        let inner = &*self.inner;
+        let ps = inner.page_size;
+        let (first, count) = inner.first_and_count(offset, len as u64);
+        let srcs = self.sources(first, count);
+        let mut out = BytesMut::zeroed(len);
+        let mut i = 0;
+        while i < srcs.len() {
+            match &srcs[i] {
+                Src::Zero => i += 1,
+                Src::Wal(f, off) => {
+                    // Consecutive pages at consecutive offsets of one file: one read.
+                    let mut n = 1;
+                    while let Some(Src::Wal(f2, o2)) = srcs.get(i + n) {
+                        if !Arc::ptr_eq(f, f2) || *o2 != off + (n * ps) as u64 {
+                            break;
+                        }
+                        n += 1;
+                    }
+                    f.read_exact_at(&mut out[i * ps..(i + n) * ps], *off)
+                        .map_err(|e| {
+                            Error::with_source(
+                                ErrorKind::Io,
+                                format!("read write buffer of image {}", inner.name),
+                                e,
+                            )
+                        })?;
+                    i += n;
+                }
+                Src::Seg(l) => {
+                    let mut run = vec![(first + i as u64, l.crc)];
+                    while let Some(Src::Seg(l2)) = srcs.get(i + run.len()) {
+                        if l2.seg != l.seg || l2.slot != l.slot + run.len() as u32 {
+                            break;
+                        }
+                        run.push((first + (i + run.len()) as u64, l2.crc));
+                    }
+                    let pages = inner.read_segment_run(l.seg, l.slot, &run).await?;
+                    for (k, p) in pages.iter().enumerate() {
+                        out[(i + k) * ps..(i + k + 1) * ps].copy_from_slice(p);
+                    }
+                    i += run.len();
+                }
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
+        check_io(self.geometry(), "write", offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.inner.wait_for_room().await?;
+        self.inner
+            .wal
+            .write(offset >> self.inner.page_bits, &data)?;
+        if opts.fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.check_fenced("flush")?;
+        self.inner.wal.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, opts: WriteOpts) -> Result<()> {
+        self.write_zeroes(
+            offset,
+            len,
+            ZeroOpts {
+                fua: opts.fua,
+                may_trim: true,
+                fast_only: false,
+            },
+        )
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, opts: ZeroOpts) -> Result<()> {
+        check_io(self.geometry(), "write zeroes", offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.inner.wait_for_room().await?;
+        let (first, count) = self.inner.first_and_count(offset, len);
+        self.inner.wal.zero(first, count)?;
+        if opts.fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_io(self.geometry(), "query block status", offset, len)?;
+        let (first, count) = self.inner.first_and_count(offset, len);
+        let ps = self.inner.page_size as u64;
+        let srcs = self.sources(first, count.min(1 << 20));
+        let mut out: Vec<Extent> = Vec::new();
+        for s in &srcs {
+            let hole = matches!(s, Src::Zero);
+            match out.last_mut() {
+                Some(e) if e.hole == hole => e.len += ps,
+                _ => out.push(if hole {
+                    Extent::hole(ps)
+                } else {
+                    Extent::data(ps)
+                }),
+            }
+            if out.len() >= 1024 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,27 @@
+//! Strata's page store: log-structured virtual disks ("images") whose durable home is an object
+//! store — a local directory or any S3-compatible service — with the local disk only as a write
+//! buffer.
+//!
+//! ```text
+//!   Image (BlockDevice)
+//!     write ─► Wal: checksummed records, commit + fdatasync on FLUSH/FUA (group commit)
+//!     read  ─► Wal generations ─► page map (segment, slot) ─► cache ─► ranged GET ─► zeroes
+//!     checkpointer ─► segments (checksummed pages + index) ─► manifest v+1 (create-only PUT)
+//!   Objects: Store (object_store: LocalFileSystem, AmazonS3) · FaultyObjects (tests)
+//! ```
+//!
+//! Formats: `docs/FORMAT.md`. What is durable when: a write is in the page cache when it is
+//! acknowledged; FLUSH, and a write with FUA, return once the write buffer is fdatasync'ed; a
+//! checkpoint makes writes independent of the local disk once its manifest is published.
+
+mod cache;
+mod failpoint;
+pub mod format;
+mod image;
+pub mod objects;
+mod opener;
+mod wal;
+
+pub use image::{check_name, Image, ImageStats, PageStore, Settings};
+pub use objects::{FaultyObjects, ObjError, Objects, Stats, Store, StoreConfig};
+pub use opener::ImageOpener;

@@ -1,0 +1,53 @@
+//! `image://STORE/NAME?size=SIZE&page_size=BYTES`: open (creating if missing) a page-store image.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use strata_bdev::{BlockDevice, DeviceUri, Opener, Result};
+
+use crate::image::PageStore;
+
+/// Opens images in the named page stores.
+#[derive(Debug, Default)]
+pub struct ImageOpener {
+    stores: HashMap<String, PageStore>,
+}
+
+impl ImageOpener {
+    pub fn new() -> ImageOpener {
+        ImageOpener::default()
+    }
+
+    /// Make `store` reachable as `image://NAME/…`.
+    pub fn add_store(&mut self, name: &str, store: PageStore) {
+        self.stores.insert(name.to_string(), store);
+    }
+}
+
+#[async_trait]
+impl Opener for ImageOpener {
+    async fn open(&self, mut uri: DeviceUri) -> Result<Arc<dyn BlockDevice>> {
+        let store_name = uri.authority.clone();
+        let Some(store) = self.stores.get(&store_name) else {
+            let mut known: Vec<&str> = self.stores.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err(uri.invalid(&format!(
+                "no page store named {store_name:?} (configured: {})",
+                known.join(", ")
+            )));
+        };
+        let name = uri.path.trim_start_matches('/').to_string();
+        let size = uri.take_size("size")?;
+        let page_size = uri.take_size("page_size")?.unwrap_or(4096);
+        uri.finish(&["size", "page_size"])?;
+        if !page_size.is_power_of_two() {
+            return Err(uri.invalid(&format!(
+                "page_size {page_size}: must be a power of two from 512 to 65536"
+            )));
+        }
+        let bits = page_size.trailing_zeros();
+        let image = store.open(&name, size.map(|s| (s, bits))).await?;
+        Ok(Arc::new(image))
+    }
+}

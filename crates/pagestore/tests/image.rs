@@ -1,0 +1,247 @@
+//! Page-store images on a local-directory object store: the block-device contract, checkpoints
+//! and reopening, compaction, corruption, fencing, and a failing object store.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_bdev::conformance::{self, Expect};
+use strata_bdev::{BlockDevice, Bytes, WriteOpts, ZeroOpts};
+use strata_pagestore::{FaultyObjects, Image, Objects, PageStore, Settings, Store, StoreConfig};
+
+const PS: usize = 4096;
+
+fn store(root: &Path, buffer: &str, settings: Settings) -> PageStore {
+    let objects: Arc<dyn Objects> = Arc::new(
+        Store::open(&StoreConfig::Dir {
+            path: root.join("objects"),
+        })
+        .unwrap(),
+    );
+    PageStore {
+        objects,
+        buffer_dir: root.join(buffer),
+        settings,
+    }
+}
+
+fn small() -> Settings {
+    Settings {
+        checkpoint_bytes: 256 * 1024,
+        checkpoint_age: Duration::from_secs(3600),
+        segment_bytes: 128 * 1024,
+        max_buffered_bytes: 64 << 20,
+        max_segments: 6,
+        cache_bytes: 1 << 20,
+    }
+}
+
+fn page(seed: u8) -> Bytes {
+    Bytes::from((0..PS).map(|i| seed ^ (i as u8)).collect::<Vec<u8>>())
+}
+
+async fn write(img: &Image, p: u64, seed: u8) {
+    img.write_at(p * PS as u64, page(seed), WriteOpts::default())
+        .await
+        .unwrap();
+}
+
+async fn read(img: &Image, p: u64) -> Bytes {
+    img.read_at(p * PS as u64, PS).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_on_a_directory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let ps = store(dir.path(), "buffer", small());
+    let n = AtomicUsize::new(0);
+    conformance::run(Expect::default(), |size| {
+        let name = format!("conf{}", n.fetch_add(1, Ordering::Relaxed));
+        let ps = ps.clone();
+        async move { Arc::new(ps.open(&name, Some((size, 12))).await.unwrap()) as Arc<dyn BlockDevice> }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpointed_and_buffered_writes_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let ps = store(dir.path(), "buffer", small());
+    let img = ps.open("disk", Some((64 << 20, 12))).await.unwrap();
+    for p in 0..200 {
+        write(&img, p, p as u8).await;
+    }
+    img.flush().await.unwrap();
+    img.checkpoint().await.unwrap();
+    assert!(img.version() >= 2 && img.segment_count() >= 1);
+    // Overwrites and zeroes after the checkpoint stay in the write buffer.
+    write(&img, 5, 0xee).await;
+    img.write_zeroes(6 * PS as u64, PS as u64, ZeroOpts::default())
+        .await
+        .unwrap();
+    img.flush().await.unwrap();
+    write(&img, 7, 0x77).await; // not flushed: may or may not survive
+    img.close().await;
+
+    let img = ps.open("disk", None).await.unwrap();
+    assert_eq!(read(&img, 5).await, page(0xee));
+    assert_eq!(read(&img, 6).await, Bytes::from(vec![0u8; PS]));
+    assert_eq!(read(&img, 100).await, page(100));
+    let p7 = read(&img, 7).await;
+    assert!(
+        p7 == page(7) || p7 == page(0x77),
+        "page 7 holds a version that was written"
+    );
+    assert_eq!(
+        read(&img, 300).await,
+        Bytes::from(vec![0u8; PS]),
+        "never written"
+    );
+    // Block status: written pages are data, the rest holes.
+    let ext = img.block_status(0, 1 << 20).await.unwrap();
+    assert!(!ext[0].hole && ext[0].len >= 6 * PS as u64, "{ext:?}");
+    // A different size for an existing image is refused.
+    let e = ps.open("disk", Some((32 << 20, 12))).await.unwrap_err();
+    assert!(e.to_string().contains("exists with"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_bounds_segments_and_keeps_every_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        segment_bytes: 1 << 20,
+        ..small()
+    };
+    let ps = store(dir.path(), "buffer", settings);
+    let img = ps.open("c", Some((16 << 20, 12))).await.unwrap();
+    let mut model = vec![None; 512];
+    for round in 0..12u8 {
+        for k in 0..40u64 {
+            let p = (k * 13 + u64::from(round) * 7) % 512;
+            write(&img, p, round.wrapping_mul(31).wrapping_add(k as u8)).await;
+            model[p as usize] = Some(round.wrapping_mul(31).wrapping_add(k as u8));
+        }
+        if round % 3 == 0 {
+            let p = u64::from(round) * 5;
+            img.trim(p * PS as u64, PS as u64, WriteOpts::default())
+                .await
+                .unwrap();
+            model[p as usize] = None;
+        }
+        img.checkpoint().await.unwrap();
+    }
+    assert!(img.stats().compactions.load(Ordering::Relaxed) >= 1);
+    assert!(
+        img.segment_count() <= small().max_segments,
+        "{}",
+        img.segment_count()
+    );
+    img.close().await;
+    let img = ps.open("c", None).await.unwrap();
+    for (p, m) in model.iter().enumerate() {
+        let want = m.map_or_else(|| Bytes::from(vec![0u8; PS]), page);
+        assert_eq!(read(&img, p as u64).await, want, "page {p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_segment_page_is_reported_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let ps = store(dir.path(), "buffer", small());
+    let img = ps.open("bad", Some((1 << 20, 12))).await.unwrap();
+    write(&img, 3, 3).await;
+    img.checkpoint().await.unwrap();
+    img.close().await;
+    // Flip one byte of the page data in the segment.
+    let segs = dir.path().join("objects/images/bad/segments");
+    let seg = std::fs::read_dir(&segs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut b = std::fs::read(&seg).unwrap();
+    b[100] ^= 0x01;
+    std::fs::write(&seg, &b).unwrap();
+    let img = ps.open("bad", None).await.unwrap();
+    let e = img.read_at(3 * PS as u64, PS).await.unwrap_err();
+    assert!(e.to_string().contains("fails its checksum"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_is_fenced_and_the_image_stays_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = store(dir.path(), "buffer-a", small());
+    let b = store(dir.path(), "buffer-b", small());
+    let ia = a.open("f", Some((1 << 20, 12))).await.unwrap();
+    let ib = b.open("f", None).await.unwrap();
+    write(&ia, 1, 0xa1).await;
+    write(&ib, 2, 0xb2).await;
+    ia.checkpoint().await.unwrap();
+    // b's checkpoint finds the version it wanted taken: it stops writing, saying why.
+    let e = ib.checkpoint().await.unwrap_err();
+    assert!(e.to_string().contains("another writer"), "{e}");
+    let e = ib
+        .write_at(0, page(1), WriteOpts::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("stopped writing"), "{e}");
+    assert!(ib.flush().await.is_err());
+    // a goes on.
+    write(&ia, 3, 0xa3).await;
+    ia.checkpoint().await.unwrap();
+    ia.close().await;
+    ib.close().await;
+    let c = store(dir.path(), "buffer-c", small());
+    let ic = c.open("f", None).await.unwrap();
+    assert_eq!(read(&ic, 1).await, page(0xa1));
+    assert_eq!(read(&ic, 3).await, page(0xa3));
+    assert_eq!(
+        read(&ic, 2).await,
+        Bytes::from(vec![0u8; PS]),
+        "the fenced write is not published"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_object_store_slows_checkpoints_but_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner: Arc<dyn Objects> = Arc::new(
+        Store::open(&StoreConfig::Dir {
+            path: dir.path().join("objects"),
+        })
+        .unwrap(),
+    );
+    let faulty = Arc::new(FaultyObjects::new(inner.clone()));
+    let ps = PageStore {
+        objects: faulty.clone(),
+        buffer_dir: dir.path().join("buffer"),
+        settings: small(),
+    };
+    let img = ps.open("flaky", Some((4 << 20, 12))).await.unwrap();
+    faulty.fail_per_mille.store(300, Ordering::Relaxed);
+    for p in 0..600 {
+        write(&img, p % 1024, p as u8).await;
+    }
+    img.flush().await.unwrap();
+    img.checkpoint().await.unwrap();
+    faulty.fail_per_mille.store(0, Ordering::Relaxed);
+    let [_, _, _, _, errors, retries] = inner.stats().counts();
+    assert!(
+        errors > 0 && retries > 0,
+        "errors {errors}, retries {retries}"
+    );
+    img.close().await;
+    let ps = PageStore {
+        objects: inner,
+        buffer_dir: dir.path().join("buffer-elsewhere"),
+        settings: small(),
+    };
+    // Everything is in the object store: a server with an empty buffer reads it all.
+    let img = ps.open("flaky", None).await.unwrap();
+    for p in 0..600u64 {
+        assert_eq!(read(&img, p).await, page(p as u8), "page {p}");
+    }
+}
