@@ -72,6 +72,132 @@ pub struct Config {
     /// directory).
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// Object stores for page-store images (`image://STORE/NAME`). A store named `local`
+    /// (the directory `{data_dir}/objects`) exists unless one is declared with that name.
+    #[serde(default, rename = "store")]
+    pub stores: Vec<StoreEntry>,
+    /// Page-store tunables and the write-buffer directory.
+    #[serde(default)]
+    pub pagestore: PageStoreConfig,
+}
+
+/// `[[store]]`: where page-store images live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreEntry {
+    /// The name `image://NAME/…` URIs use.
+    pub name: String,
+    /// `dir` (a local directory) or `s3` (any S3-compatible service).
+    #[serde(rename = "type")]
+    pub kind: StoreKind,
+    /// dir: the directory (`{data_dir}` expands).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// s3: the service's URL (default: AWS).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// s3: the region (default us-east-1).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// s3: the bucket.
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// s3: a key prefix inside the bucket.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// s3: credentials (default: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Dir,
+    S3,
+}
+
+/// `[pagestore]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageStoreConfig {
+    /// Where write buffers live (default `{data_dir}/buffer`); on a local disk.
+    #[serde(default)]
+    pub buffer_dir: Option<String>,
+    /// Checkpoint when an image has this much buffered.
+    #[serde(default)]
+    pub checkpoint_bytes: Option<Size>,
+    /// Checkpoint buffered writes at least this often.
+    #[serde(default)]
+    pub checkpoint_secs: Option<u64>,
+    /// Largest segment object.
+    #[serde(default)]
+    pub segment_bytes: Option<Size>,
+    /// Writes wait while an image's buffer holds more than this.
+    #[serde(default)]
+    pub max_buffered_bytes: Option<Size>,
+    /// Compact an image with more segments than this.
+    #[serde(default)]
+    pub max_segments: Option<usize>,
+    /// Memory for cached segment pages, per image.
+    #[serde(default)]
+    pub cache_bytes: Option<Size>,
+}
+
+impl PageStoreConfig {
+    pub fn settings(&self) -> strata_pagestore::Settings {
+        let mut s = strata_pagestore::Settings::default();
+        if let Some(v) = self.checkpoint_bytes {
+            s.checkpoint_bytes = v.0;
+        }
+        if let Some(v) = self.checkpoint_secs {
+            s.checkpoint_age = std::time::Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = self.segment_bytes {
+            s.segment_bytes = v.0;
+        }
+        if let Some(v) = self.max_buffered_bytes {
+            s.max_buffered_bytes = v.0;
+        }
+        if let Some(v) = self.max_segments {
+            s.max_segments = v;
+        }
+        if let Some(v) = self.cache_bytes {
+            s.cache_bytes = v.0;
+        }
+        s
+    }
+}
+
+impl StoreEntry {
+    /// The store this entry describes, with `{data_dir}` expanded.
+    pub fn store_config(&self, data_dir: &Path) -> anyhow::Result<strata_pagestore::StoreConfig> {
+        match self.kind {
+            StoreKind::Dir => {
+                let Some(path) = &self.path else {
+                    bail!("store {:?}: type \"dir\" needs path = \"...\"", self.name);
+                };
+                Ok(strata_pagestore::StoreConfig::Dir {
+                    path: PathBuf::from(expand_uri(path, data_dir)),
+                })
+            }
+            StoreKind::S3 => {
+                let Some(bucket) = &self.bucket else {
+                    bail!("store {:?}: type \"s3\" needs bucket = \"...\"", self.name);
+                };
+                Ok(strata_pagestore::StoreConfig::S3 {
+                    endpoint: self.endpoint.clone(),
+                    region: self.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                    bucket: bucket.clone(),
+                    prefix: self.prefix.clone().unwrap_or_default(),
+                    access_key_id: self.access_key_id.clone(),
+                    secret_access_key: self.secret_access_key.clone(),
+                })
+            }
+        }
+    }
 }
 
 /// `[nbd]`: where and how the NBD target listens.
@@ -247,10 +373,13 @@ impl Config {
             data_dir: None,
             nbd: NbdConfig::default(),
             volumes: vec![VolumeConfig {
-                description: "Strata demo volume (thin, file-backed)".to_string(),
-                ..VolumeConfig::device("demo", "file://{data_dir}/demo.img?size=1G")
+                description: "Strata demo volume (a thin page-store image in the data directory)"
+                    .to_string(),
+                ..VolumeConfig::device("demo", "image://local/demo?size=1G")
             }],
             control_socket: None,
+            stores: Vec::new(),
+            pagestore: PageStoreConfig::default(),
         }
     }
 
@@ -307,6 +436,16 @@ impl Config {
                     }
                 }
             }
+        }
+        let mut stores = std::collections::HashSet::new();
+        for st in &self.stores {
+            if strata_pagestore::check_name(&st.name).is_err() {
+                bail!("store name {:?}: use letters, digits, - _ .", st.name);
+            }
+            if !stores.insert(st.name.as_str()) {
+                bail!("store {:?} is declared twice", st.name);
+            }
+            st.store_config(Path::new("/"))?;
         }
         if self.nbd.listen.is_empty() && self.nbd.unix.is_empty() {
             bail!("no NBD listeners: set [nbd] listen or unix, or pass --listen");

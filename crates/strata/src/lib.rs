@@ -8,6 +8,7 @@
 //!   mem://name?size=64M         sparse memory
 //!   nbd://host:port/export      a remote NBD export
 //!   nbd+unix:///export?socket=  the same over a unix socket
+//!   image://STORE/NAME?size=1G  a page-store image ([`registry_with_images`])
 //! ```
 //!
 //! [`nexus`] mirrors a volume over several of them (`examples/nexus.rs`).
@@ -28,6 +29,7 @@ pub use strata_bdev as bdev;
 pub use strata_bdev_file as file;
 pub use strata_nbd as nbd;
 pub use strata_nexus as nexus;
+pub use strata_pagestore as pagestore;
 
 /// A registry that opens every device scheme Strata ships.
 pub fn registry() -> bdev::Registry {
@@ -36,5 +38,12 @@ pub fn registry() -> bdev::Registry {
     let nbd = Arc::new(nbd::NbdOpener::default());
     r.register("nbd", nbd.clone());
     r.register("nbd+unix", nbd);
+    r
+}
+
+/// [`registry`] plus `image://STORE/NAME` for the page stores `images` knows.
+pub fn registry_with_images(images: pagestore::ImageOpener) -> bdev::Registry {
+    let mut r = registry();
+    r.register("image", Arc::new(images));
     r
 }

@@ -97,7 +97,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         warn!("no volumes are configured; clients will find no exports");
     }
 
-    let registry = Arc::new(strata::registry());
+    let registry = Arc::new(strata::registry_with_images(image_opener(
+        &config, &data_dir,
+    )?));
     let mut volumes = Vec::new();
     for v in &config.volumes {
         volumes.push((Arc::new(volume::open(v, &data_dir, &registry).await?), v));
@@ -214,6 +216,44 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     info!("stopped cleanly");
     Ok(())
+}
+
+/// The page stores the configuration names (and `local`, unless it names one so).
+fn image_opener(config: &Config, data_dir: &Path) -> anyhow::Result<strata_pagestore::ImageOpener> {
+    use strata_pagestore::{ImageOpener, PageStore, Store, StoreConfig};
+    let buffer_dir = config
+        .pagestore
+        .buffer_dir
+        .as_deref()
+        .map(|b| PathBuf::from(crate::config::expand_uri(b, data_dir)))
+        .unwrap_or_else(|| data_dir.join("buffer"));
+    let settings = config.pagestore.settings();
+    let mut entries: Vec<(String, StoreConfig)> = Vec::new();
+    for st in &config.stores {
+        entries.push((st.name.clone(), st.store_config(data_dir)?));
+    }
+    if !entries.iter().any(|(n, _)| n == "local") {
+        entries.push((
+            "local".into(),
+            StoreConfig::Dir {
+                path: data_dir.join("objects"),
+            },
+        ));
+    }
+    let mut opener = ImageOpener::new();
+    for (name, sc) in entries {
+        let objects = Store::open(&sc).map_err(|e| anyhow::anyhow!("store {name:?}: {e}"))?;
+        opener.add_store(
+            &name,
+            PageStore {
+                objects: Arc::new(objects),
+                // One buffer directory per store, so that equal image names never meet.
+                buffer_dir: buffer_dir.join(&name),
+                settings: settings.clone(),
+            },
+        );
+    }
+    Ok(opener)
 }
 
 fn print_banner(
