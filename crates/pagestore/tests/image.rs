@@ -245,3 +245,72 @@ async fn a_failing_object_store_slows_checkpoints_but_loses_nothing() {
         assert_eq!(read(&img, p).await, page(p as u8), "page {p}");
     }
 }
+
+/// A write buffer on a full disk: the write fails with ENOSPC, nothing half-written stays, and
+/// once space is back writing goes on and everything flushed replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_disk_is_enospc_and_never_a_corrupt_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let small_fs = dir.path().join("small");
+    std::fs::create_dir_all(&small_fs).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2M", "tmpfs"])
+        .arg(&small_fs)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mount a 2 MiB tmpfs (the tests run as root)"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small_fs.clone());
+    let settings = Settings {
+        checkpoint_bytes: 1 << 30,
+        ..small()
+    };
+    let objects: Arc<dyn Objects> = Arc::new(
+        Store::open(&StoreConfig::Dir {
+            path: dir.path().join("objects"),
+        })
+        .unwrap(),
+    );
+    let ps = PageStore {
+        objects,
+        buffer_dir: small_fs.clone(),
+        settings,
+    };
+    let img = ps.open("full", Some((16 << 20, 12))).await.unwrap();
+    let mut written = 0u64;
+    let err = loop {
+        match img
+            .write_at(
+                written * PS as u64,
+                page(written as u8),
+                WriteOpts::default(),
+            )
+            .await
+        {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 4096, "a 2 MiB disk cannot hold 16 MiB");
+    };
+    assert_eq!(err.kind(), strata_bdev::ErrorKind::NoSpace, "{err}");
+    assert!(written > 100, "{written} pages fit");
+    img.flush().await.unwrap();
+    // Room again: a checkpoint moves the buffer to the object store.
+    img.checkpoint().await.unwrap();
+    write(&img, written, 0x5a).await;
+    img.flush().await.unwrap();
+    img.close().await;
+    let img = ps.open("full", None).await.unwrap();
+    for p in 0..written {
+        assert_eq!(read(&img, p).await, page(p as u8), "page {p}");
+    }
+    assert_eq!(read(&img, written).await, page(0x5a));
+}
