@@ -840,6 +840,16 @@ impl Image {
         &self.inner.stats
     }
 
+    /// Requests made to the image's object store (shared by every image in the store).
+    pub fn store_stats(&self) -> &crate::objects::Stats {
+        self.inner.store.objects.stats()
+    }
+
+    /// Bytes in the write buffer: the active generation, and all of them.
+    pub fn buffered_bytes(&self) -> (u64, u64) {
+        self.inner.wal.sizes()
+    }
+
     /// Pages mapped by the manifest and by the write buffer (memory: about 32 bytes each).
     pub fn mapped_pages(&self) -> (usize, usize) {
         (

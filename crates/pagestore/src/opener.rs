@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use strata_bdev::{BlockDevice, DeviceUri, Opener, Result};
 
-use crate::image::PageStore;
+use crate::image::{Image, PageStore};
 
 /// Opens images in the named page stores.
 #[derive(Debug, Default)]
@@ -25,9 +25,13 @@ impl ImageOpener {
     }
 }
 
-#[async_trait]
-impl Opener for ImageOpener {
-    async fn open(&self, mut uri: DeviceUri) -> Result<Arc<dyn BlockDevice>> {
+impl ImageOpener {
+    /// Open the image an `image://` URI names.
+    pub async fn open_image(&self, uri: &str) -> Result<Arc<Image>> {
+        self.open_parsed(DeviceUri::parse(uri)?).await
+    }
+
+    async fn open_parsed(&self, mut uri: DeviceUri) -> Result<Arc<Image>> {
         let store_name = uri.authority.clone();
         let Some(store) = self.stores.get(&store_name) else {
             let mut known: Vec<&str> = self.stores.keys().map(String::as_str).collect();
@@ -49,5 +53,12 @@ impl Opener for ImageOpener {
         let bits = page_size.trailing_zeros();
         let image = store.open(&name, size.map(|s| (s, bits))).await?;
         Ok(Arc::new(image))
+    }
+}
+
+#[async_trait]
+impl Opener for ImageOpener {
+    async fn open(&self, uri: DeviceUri) -> Result<Arc<dyn BlockDevice>> {
+        Ok(self.open_parsed(uri).await?)
     }
 }

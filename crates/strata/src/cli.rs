@@ -133,6 +133,31 @@ pub fn status(target: &Target, args: &StatusArgs) -> anyhow::Result<()> {
             v.size,
             v.source
         );
+        if let Some(i) = &v.image {
+            println!(
+                "  image: version {}, {} segments, {} pages mapped, {} buffered ({}), \
+                 {} checkpoints, {} compactions",
+                i.version,
+                i.segments,
+                i.mapped_pages,
+                i.buffered_pages,
+                human_bytes(i.buffered_bytes),
+                i.checkpoints,
+                i.compactions
+            );
+            println!(
+                "  store: {} GETs, {} PUTs, {} errors, {} retries; cache {} hits, {} misses",
+                i.store_gets,
+                i.store_puts,
+                i.store_errors,
+                i.store_retries,
+                i.cache_hits,
+                i.cache_misses
+            );
+            if let Some(f) = &i.fenced {
+                println!("  STOPPED WRITING: {f}");
+            }
+        }
         for c in &v.children {
             let mut line = format!("  #{} {:<10} {}", c.index, c.state, c.name);
             if let Some(reason) = &c.reason {

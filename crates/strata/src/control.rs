@@ -82,6 +82,65 @@ pub struct VolumeInfo {
     /// The replicas of a nexus volume (empty for a plain device).
     #[serde(default)]
     pub children: Vec<ChildInfo>,
+    /// A page-store image's state.
+    #[serde(default)]
+    pub image: Option<ImageInfo>,
+}
+
+/// A page-store image as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// The manifest version it is at.
+    pub version: u64,
+    pub segments: usize,
+    /// Pages mapped by the manifest, and by the write buffer.
+    pub mapped_pages: usize,
+    pub buffered_pages: usize,
+    /// Bytes in the write buffer (all generations).
+    pub buffered_bytes: u64,
+    pub checkpoints: u64,
+    pub compactions: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Requests to its object store (shared by the images in that store).
+    pub store_gets: u64,
+    pub store_puts: u64,
+    pub store_lists: u64,
+    pub store_deletes: u64,
+    pub store_errors: u64,
+    pub store_retries: u64,
+    pub store_bytes_got: u64,
+    pub store_bytes_put: u64,
+    /// Why it stopped writing, if it did.
+    #[serde(default)]
+    pub fenced: Option<String>,
+}
+
+fn image_info(i: &strata_pagestore::Image) -> ImageInfo {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (mapped, buffered) = i.mapped_pages();
+    let st = i.stats();
+    let [gets, puts, lists, deletes, errors, retries] = i.store_stats().counts();
+    ImageInfo {
+        version: i.version(),
+        segments: i.segment_count(),
+        mapped_pages: mapped,
+        buffered_pages: buffered,
+        buffered_bytes: i.buffered_bytes().1,
+        checkpoints: st.checkpoints.load(Relaxed),
+        compactions: st.compactions.load(Relaxed),
+        cache_hits: st.cache_hits.load(Relaxed),
+        cache_misses: st.cache_misses.load(Relaxed),
+        store_gets: gets,
+        store_puts: puts,
+        store_lists: lists,
+        store_deletes: deletes,
+        store_errors: errors,
+        store_retries: retries,
+        store_bytes_got: i.store_stats().bytes_got.load(Relaxed),
+        store_bytes_put: i.store_stats().bytes_put.load(Relaxed),
+        fenced: i.fenced(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,6 +243,7 @@ fn volume_info(v: &Volume) -> VolumeInfo {
         size: v.device().geometry().size,
         source: v.source.clone(),
         children,
+        image: v.image().map(|i| image_info(i)),
     }
 }
 

@@ -42,8 +42,8 @@ pub fn registry() -> bdev::Registry {
 }
 
 /// [`registry`] plus `image://STORE/NAME` for the page stores `images` knows.
-pub fn registry_with_images(images: pagestore::ImageOpener) -> bdev::Registry {
+pub fn registry_with_images(images: Arc<pagestore::ImageOpener>) -> bdev::Registry {
     let mut r = registry();
-    r.register("image", Arc::new(images));
+    r.register("image", images);
     r
 }

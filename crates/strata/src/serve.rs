@@ -97,12 +97,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         warn!("no volumes are configured; clients will find no exports");
     }
 
-    let registry = Arc::new(strata::registry_with_images(image_opener(
-        &config, &data_dir,
-    )?));
+    let images = Arc::new(image_opener(&config, &data_dir)?);
+    let registry = Arc::new(strata::registry_with_images(images.clone()));
     let mut volumes = Vec::new();
     for v in &config.volumes {
-        volumes.push((Arc::new(volume::open(v, &data_dir, &registry).await?), v));
+        volumes.push((
+            Arc::new(volume::open(v, &data_dir, &registry, &images).await?),
+            v,
+        ));
     }
 
     let tls = config.nbd.tls.as_ref().map(load_tls).transpose()?;

@@ -20,6 +20,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Backing {
     Device(Arc<dyn BlockDevice>),
     Nexus(Arc<Nexus>),
+    Image(Arc<strata_pagestore::Image>),
 }
 
 /// A volume that is open and exported.
@@ -35,13 +36,21 @@ impl Volume {
         match &self.backing {
             Backing::Device(d) => d.clone(),
             Backing::Nexus(n) => n.clone(),
+            Backing::Image(i) => i.clone(),
         }
     }
 
     pub fn nexus(&self) -> Option<&Arc<Nexus>> {
         match &self.backing {
             Backing::Nexus(n) => Some(n),
-            Backing::Device(_) => None,
+            _ => None,
+        }
+    }
+
+    pub fn image(&self) -> Option<&Arc<strata_pagestore::Image>> {
+        match &self.backing {
+            Backing::Image(i) => Some(i),
+            _ => None,
         }
     }
 }
@@ -65,9 +74,21 @@ pub async fn open(
     v: &VolumeConfig,
     data_dir: &Path,
     registry: &Registry,
+    images: &strata_pagestore::ImageOpener,
 ) -> anyhow::Result<Volume> {
     if let Some(uri) = &v.uri {
         let uri = expand_uri(uri, data_dir);
+        if uri.starts_with("image://") {
+            let image = images
+                .open_image(&uri)
+                .await
+                .map_err(|e| anyhow::anyhow!("open volume {:?}: {}", v.name, e.chain()))?;
+            return Ok(Volume {
+                name: v.name.clone(),
+                source: uri,
+                backing: Backing::Image(image),
+            });
+        }
         let device = registry
             .open(&uri)
             .await
