@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -261,7 +261,6 @@ pub(crate) struct State {
     pub(crate) children: Vec<Slot>,
     next_id: u64,
     generation: u64,
-    view: Arc<View>,
     /// Version of the record this state describes; bumped by every change a record shows.
     pub(crate) version: u64,
 }
@@ -297,6 +296,10 @@ pub(crate) struct Shared {
     pub(crate) settings: NexusSettings,
     pub(crate) locks: RangeLock,
     state: Mutex<State>,
+    /// The I/O path's view of the children, replaced by `refresh` under the state lock. Apart
+    /// from `state` so that I/O never waits for control work holding that lock, and readers
+    /// never wait for each other.
+    view: RwLock<Arc<View>>,
     generation: AtomicU64,
     next_read: AtomicUsize,
     ledger: Option<Arc<dyn Ledger>>,
@@ -504,6 +507,169 @@ pub(crate) mod child_io {
     }
 }
 
+/// A front-end operation as the nexus sends it to one child. `Display` names it for error
+/// messages and fault reasons ("write 4096 bytes at offset 0 to"); it is formatted only when
+/// something failed, never on the way of an I/O that succeeds.
+pub(crate) trait ChildOp: fmt::Display + Sync {
+    type Output: Send;
+
+    /// The bytes it changes (for the range lock and dirty maps); `None` for reads and flush.
+    fn range(&self) -> Option<(u64, u64)> {
+        None
+    }
+
+    /// Run it on one child, borrowing the child from the caller's view.
+    fn run<'a>(
+        &'a self,
+        dev: &'a dyn BlockDevice,
+    ) -> impl Future<Output = Result<Self::Output>> + Send + 'a;
+}
+
+struct ReadOp {
+    offset: u64,
+    len: usize,
+}
+
+impl fmt::Display for ReadOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "read {} bytes at offset {} from", self.len, self.offset)
+    }
+}
+
+impl ChildOp for ReadOp {
+    type Output = Bytes;
+
+    fn run<'a>(
+        &'a self,
+        dev: &'a dyn BlockDevice,
+    ) -> impl Future<Output = Result<Bytes>> + Send + 'a {
+        dev.read_at(self.offset, self.len)
+    }
+}
+
+struct StatusOp {
+    offset: u64,
+    len: u64,
+}
+
+impl fmt::Display for StatusOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "query block status of {} bytes at offset {} on",
+            self.len, self.offset
+        )
+    }
+}
+
+impl ChildOp for StatusOp {
+    type Output = Vec<Extent>;
+
+    fn run<'a>(
+        &'a self,
+        dev: &'a dyn BlockDevice,
+    ) -> impl Future<Output = Result<Vec<Extent>>> + Send + 'a {
+        child_io::block_status(dev, self.offset, self.len)
+    }
+}
+
+struct WriteOp {
+    offset: u64,
+    data: Bytes,
+    opts: WriteOpts,
+}
+
+impl fmt::Display for WriteOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "write {} bytes at offset {} to",
+            self.data.len(),
+            self.offset
+        )
+    }
+}
+
+impl ChildOp for WriteOp {
+    type Output = ();
+
+    fn range(&self) -> Option<(u64, u64)> {
+        Some((self.offset, self.data.len() as u64))
+    }
+
+    fn run<'a>(&'a self, dev: &'a dyn BlockDevice) -> impl Future<Output = Result<()>> + Send + 'a {
+        child_io::write(dev, self.offset, self.data.clone(), self.opts)
+    }
+}
+
+struct FlushOp;
+
+impl fmt::Display for FlushOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("flush")
+    }
+}
+
+impl ChildOp for FlushOp {
+    type Output = ();
+
+    fn run<'a>(&'a self, dev: &'a dyn BlockDevice) -> impl Future<Output = Result<()>> + Send + 'a {
+        child_io::flush(dev)
+    }
+}
+
+struct TrimOp {
+    offset: u64,
+    len: u64,
+    opts: WriteOpts,
+}
+
+impl fmt::Display for TrimOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "trim {} bytes at offset {} on", self.len, self.offset)
+    }
+}
+
+impl ChildOp for TrimOp {
+    type Output = ();
+
+    fn range(&self) -> Option<(u64, u64)> {
+        Some((self.offset, self.len))
+    }
+
+    fn run<'a>(&'a self, dev: &'a dyn BlockDevice) -> impl Future<Output = Result<()>> + Send + 'a {
+        child_io::trim(dev, self.offset, self.len, self.opts)
+    }
+}
+
+struct ZeroOp {
+    offset: u64,
+    len: u64,
+    opts: ZeroOpts,
+}
+
+impl fmt::Display for ZeroOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "write zeroes over {} bytes at offset {} on",
+            self.len, self.offset
+        )
+    }
+}
+
+impl ChildOp for ZeroOp {
+    type Output = ();
+
+    fn range(&self) -> Option<(u64, u64)> {
+        Some((self.offset, self.len))
+    }
+
+    fn run<'a>(&'a self, dev: &'a dyn BlockDevice) -> impl Future<Output = Result<()>> + Send + 'a {
+        child_io::zeroes(dev, self.offset, self.len, self.opts)
+    }
+}
+
 /// A child as [`Nexus::assemble`] takes it: name, device, state and dirty map.
 type NewSlot = (String, Arc<dyn BlockDevice>, ChildState, Option<DirtyMap>);
 
@@ -591,7 +757,7 @@ impl Shared {
     }
 
     fn view(&self) -> Arc<View> {
-        self.lock().view.clone()
+        self.view.read().expect("nexus view lock poisoned").clone()
     }
 
     /// Recompute the I/O path's view after a change to the children.
@@ -604,13 +770,18 @@ impl Shared {
             .map(Slot::target)
             .collect();
         let readable = writable.iter().filter(|t| t.online).cloned().collect();
-        state.view = Arc::new(View {
+        let view = Arc::new(View {
             generation: state.generation,
             all_writable: writable.len() == state.children.len(),
             writable,
             readable,
         });
+        let old = std::mem::replace(
+            &mut *self.view.write().expect("nexus view lock poisoned"),
+            view,
+        );
         self.generation.store(state.generation, Ordering::Release);
+        drop(old);
     }
 
     /// Fault the child `id` (unless it is already out); returns whether it changed.
@@ -681,7 +852,7 @@ impl Shared {
             .join(", ")
     }
 
-    fn no_healthy_child(&self, what: &str, last: Option<&Error>) -> Error {
+    fn no_healthy_child(&self, what: &dyn fmt::Display, last: Option<&Error>) -> Error {
         Error::new(
             last.map_or(ErrorKind::Io, Error::kind),
             format!(
@@ -692,47 +863,34 @@ impl Shared {
         )
     }
 
-    /// Send a modifying operation to every writable child. `range` is the byte range it
-    /// changes (none for flush). Completes when every child has answered; faults those that
-    /// failed; succeeds if an online child succeeded.
-    async fn fan_out<F, Fut>(&self, what: &str, range: Option<(u64, u64)>, op: F) -> Result<()>
-    where
-        F: Fn(Arc<dyn BlockDevice>) -> Fut,
-        Fut: Future<Output = Result<()>>,
-    {
+    /// Send a modifying operation to every writable child. Completes when every child has
+    /// answered; faults those that failed; succeeds if an online child succeeded.
+    async fn fan_out<O: ChildOp<Output = ()>>(&self, op: &O) -> Result<()> {
+        let range = op.range();
         // Lock before taking the view: a rebuild that starts after the view was taken then
         // copies this range only after this write has reached its source (see rebuild.rs).
+        // It is taken even when no child is rebuilding: a write that skipped it could still be
+        // about to mark a child's dirty map when a rebuild of that child, started meanwhile,
+        // completes — and a mark made after the child is online is lost. Uncontended, the lock
+        // is an atomic add on one stripe and a release; see docs/BENCHMARKS.md for its cost.
         let _guard = match range {
             Some((offset, len)) => Some(self.locks.shared(offset, len).await),
             None => None,
         };
         let view = self.view();
-        let results = join_all(
-            view.writable
-                .iter()
-                .map(|t| call(t, op(t.dev.clone())))
-                .collect::<Vec<_>>(),
-        )
-        .await;
-        let mut online_ok = false;
-        let mut failed = Vec::new();
-        let mut succeeded = Vec::with_capacity(results.len());
-        for (t, r) in view.writable.iter().zip(results) {
-            match r {
-                Ok(()) => {
-                    online_ok |= t.online;
-                    succeeded.push(t.id);
-                }
-                Err(e) => failed.push((t, e)),
-            }
-        }
+        let results = join_all(view.writable.iter().map(|t| call(t, op.run(&*t.dev)))).await;
+        let answered = || view.writable.iter().zip(&results);
+        let online_ok = answered().any(|(t, r)| t.online && r.is_ok());
+        let all_ok = results.iter().all(Result::is_ok);
         let unchanged = self.generation.load(Ordering::Acquire) == view.generation;
         // The record version to make durable before answering: some child missed this.
         let mut must_record = None;
-        if !(failed.is_empty() && view.all_writable && unchanged) {
+        if !(all_ok && view.all_writable && unchanged) {
+            let succeeded = |id: u64| answered().any(|(t, r)| t.id == id && r.is_ok());
             let mut state = self.lock();
-            for (t, e) in &failed {
-                self.fault_locked(&mut state, t.id, format!("{what}: {}", e.chain()));
+            for (t, r) in answered() {
+                let Err(e) = r else { continue };
+                self.fault_locked(&mut state, t.id, format!("{op}: {}", e.chain()));
                 if range.is_none() {
                     // A failed flush may have lost any earlier write: all of it is suspect.
                     if let Some(slot) = state.slot(t.id) {
@@ -744,7 +902,7 @@ impl Shared {
             let mut grew = false;
             let mut missed = false;
             for slot in &mut state.children {
-                if !succeeded.contains(&slot.id) {
+                if !succeeded(slot.id) {
                     missed = true;
                     if let Some((offset, len)) = range {
                         grew |= slot.mark_missed(offset, len);
@@ -759,14 +917,15 @@ impl Shared {
             }
         }
         if !online_ok {
-            return Err(self.no_healthy_child(what, failed.last().map(|(_, e)| e)));
+            let last = results.iter().rev().find_map(|r| r.as_ref().err());
+            return Err(self.no_healthy_child(op, last));
         }
         if let Some(version) = must_record {
             self.persist(version).await.map_err(|e| {
                 Error::new(
                     ErrorKind::Io,
                     format!(
-                        "{what} nexus {}: the healthy children have it, but recording which \
+                        "{op} nexus {}: the healthy children have it, but recording which \
                          children missed it failed, so it is reported as failed: {e}",
                         self.name
                     ),
@@ -777,11 +936,7 @@ impl Shared {
     }
 
     /// Run a read-like operation on one online child, retrying on others after failures.
-    async fn read_one<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
-    where
-        F: Fn(Arc<dyn BlockDevice>) -> Fut,
-        Fut: Future<Output = Result<T>>,
-    {
+    async fn read_one<O: ChildOp>(&self, op: &O) -> Result<O::Output> {
         let mut tried: Vec<u64> = Vec::new();
         let mut last: Option<Error> = None;
         loop {
@@ -800,15 +955,15 @@ impl Shared {
                 }
             }
             let Some(t) = best else {
-                return Err(self.no_healthy_child(what, last.as_ref()));
+                return Err(self.no_healthy_child(op, last.as_ref()));
             };
-            match call(t, op(t.dev.clone())).await {
+            match call(t, op.run(&*t.dev)).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    tracing::warn!(nexus = %self.name, child = %t.name, error = %e.chain(), "{what}: retrying on another child");
+                    tracing::warn!(nexus = %self.name, child = %t.name, error = %e.chain(), "{op}: retrying on another child");
                     tried.push(t.id);
                     let mut state = self.lock();
-                    self.fault_locked(&mut state, t.id, format!("{what}: {}", e.chain()));
+                    self.fault_locked(&mut state, t.id, format!("{op}: {}", e.chain()));
                     drop(state);
                     last = Some(e);
                 }
@@ -1038,12 +1193,6 @@ impl Nexus {
             children: Vec::new(),
             next_id: 0,
             generation: 0,
-            view: Arc::new(View {
-                generation: 0,
-                writable: Vec::new(),
-                readable: Vec::new(),
-                all_writable: true,
-            }),
             version,
         };
         for (child, dev, child_state, dirty) in children {
@@ -1071,6 +1220,12 @@ impl Nexus {
             locks: RangeLock::new(settings.rebuild_segment),
             settings,
             state: Mutex::new(state),
+            view: RwLock::new(Arc::new(View {
+                generation: 0,
+                writable: Vec::new(),
+                readable: Vec::new(),
+                all_writable: true,
+            })),
             generation: AtomicU64::new(0),
             next_read: AtomicUsize::new(0),
             ledger,
@@ -1441,10 +1596,7 @@ impl BlockDevice for Nexus {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let what = format!("read {len} bytes at offset {offset} from");
-        self.shared
-            .read_one(&what, |dev| async move { dev.read_at(offset, len).await })
-            .await
+        self.shared.read_one(&ReadOp { offset, len }).await
     }
 
     async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
@@ -1456,23 +1608,11 @@ impl BlockDevice for Nexus {
         if len == 0 {
             return Ok(());
         }
-        let what = format!("write {len} bytes at offset {offset} to");
-        self.shared
-            .fan_out(&what, Some((offset, len)), |dev| {
-                let data = data.clone();
-                async move { child_io::write(&*dev, offset, data, opts).await }
-            })
-            .await
+        self.shared.fan_out(&WriteOp { offset, data, opts }).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.shared
-            .fan_out(
-                "flush",
-                None,
-                |dev| async move { child_io::flush(&*dev).await },
-            )
-            .await
+        self.shared.fan_out(&FlushOp).await
     }
 
     async fn trim(&self, offset: u64, len: u64, opts: WriteOpts) -> Result<()> {
@@ -1483,12 +1623,7 @@ impl BlockDevice for Nexus {
         if len == 0 {
             return Ok(());
         }
-        let what = format!("trim {len} bytes at offset {offset} on");
-        self.shared
-            .fan_out(&what, Some((offset, len)), |dev| async move {
-                child_io::trim(&*dev, offset, len, opts).await
-            })
-            .await
+        self.shared.fan_out(&TrimOp { offset, len, opts }).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, opts: ZeroOpts) -> Result<()> {
@@ -1508,24 +1643,13 @@ impl BlockDevice for Nexus {
         if len == 0 {
             return Ok(());
         }
-        let what = format!("write zeroes over {len} bytes at offset {offset} on");
-        self.shared
-            .fan_out(&what, Some((offset, len)), |dev| async move {
-                child_io::zeroes(&*dev, offset, len, opts).await
-            })
-            .await
+        self.shared.fan_out(&ZeroOp { offset, len, opts }).await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_io(self.shared.geometry, "query block status", offset, len)?;
-        let what = format!("query block status of {len} bytes at offset {offset} on");
         let bs = u64::from(self.shared.geometry.block_size);
-        let mut extents = self
-            .shared
-            .read_one(&what, |dev| async move {
-                child_io::block_status(&*dev, offset, len).await
-            })
-            .await?;
+        let mut extents = self.shared.read_one(&StatusOp { offset, len }).await?;
         // A child with a smaller block size may describe runs the nexus cannot address: keep the
         // aligned prefix (at least one block, reported as data).
         let mut total = 0;

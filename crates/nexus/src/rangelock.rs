@@ -9,43 +9,55 @@
 //!
 //! Shared holders take their stripes in ascending order and an exclusive holder takes one stripe
 //! and nothing else while holding it, so no cycle of waits can form.
+//!
+//! Guards borrow the lock, and a range within one segment (every I/O up to the segment size that
+//! does not cross a segment boundary) takes its one stripe without allocating.
 
-use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
-
-use std::sync::Arc;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 const STRIPES: u64 = 1024;
 
 #[derive(Debug)]
 pub(crate) struct RangeLock {
     segment: u64,
-    stripes: Box<[Arc<RwLock<()>>]>,
+    stripes: Box<[RwLock<()>]>,
 }
 
-/// Held by a front-end write for its duration.
+/// Held by a front-end write for its duration: its lowest stripe, and any others.
 #[derive(Debug)]
-pub(crate) struct SharedGuard {
-    _guards: Vec<OwnedRwLockReadGuard<()>>,
+pub(crate) struct SharedGuard<'a> {
+    _first: RwLockReadGuard<'a, ()>,
+    _rest: Vec<RwLockReadGuard<'a, ()>>,
 }
 
 /// Held by a rebuild while it copies one segment.
 #[derive(Debug)]
-pub(crate) struct SegmentGuard {
-    _guard: OwnedRwLockWriteGuard<()>,
+pub(crate) struct SegmentGuard<'a> {
+    _guard: RwLockWriteGuard<'a, ()>,
 }
 
 impl RangeLock {
     pub(crate) fn new(segment: u64) -> RangeLock {
         RangeLock {
             segment,
-            stripes: (0..STRIPES).map(|_| Arc::new(RwLock::new(()))).collect(),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
         }
     }
 
+    fn stripe(&self, segment: u64) -> &RwLock<()> {
+        &self.stripes[(segment % STRIPES) as usize]
+    }
+
     /// Lock `[offset, offset + len)` shared.
-    pub(crate) async fn shared(&self, offset: u64, len: u64) -> SharedGuard {
+    pub(crate) async fn shared(&self, offset: u64, len: u64) -> SharedGuard<'_> {
         let first = offset / self.segment;
         let last = (offset + len.max(1) - 1) / self.segment;
+        if first == last {
+            return SharedGuard {
+                _first: self.stripe(first).read().await,
+                _rest: Vec::new(),
+            };
+        }
         let mut stripes: Vec<u64> = if last - first + 1 >= STRIPES {
             (0..STRIPES).collect()
         } else {
@@ -54,24 +66,29 @@ impl RangeLock {
             v
         };
         stripes.dedup();
-        let mut guards = Vec::with_capacity(stripes.len());
-        for s in stripes {
-            guards.push(self.stripes[s as usize].clone().read_owned().await);
+        let first = self.stripes[stripes[0] as usize].read().await;
+        let mut rest = Vec::with_capacity(stripes.len() - 1);
+        for &s in &stripes[1..] {
+            rest.push(self.stripes[s as usize].read().await);
         }
-        SharedGuard { _guards: guards }
+        SharedGuard {
+            _first: first,
+            _rest: rest,
+        }
     }
 
     /// Lock segment number `segment` exclusively.
-    pub(crate) async fn segment(&self, segment: u64) -> SegmentGuard {
-        let stripe = self.stripes[(segment % STRIPES) as usize].clone();
+    pub(crate) async fn segment(&self, segment: u64) -> SegmentGuard<'_> {
         SegmentGuard {
-            _guard: stripe.write_owned().await,
+            _guard: self.stripe(segment).write().await,
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[tokio::test]
