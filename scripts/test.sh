@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every Strata test. On a fresh Debian machine this first installs the programs the tests
-# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd), then builds
-# once and runs the whole suite.
+# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, and the S3
+# server s3s-fs through cargo), then builds once and runs the whole suite.
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh -p strata  # extra arguments go to `cargo test`
@@ -33,6 +33,14 @@ if ((${#missing[@]})); then
   fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The page-store tests run an S3 server: s3s-fs, a small one that keeps objects in a directory.
+# `cargo install` puts it in ~/.cargo/bin, which the tests find on PATH.
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+if ! command -v s3s-fs >/dev/null 2>&1; then
+  echo "installing test tools: s3s-fs"
+  cargo install s3s-fs@0.14.1 --features binary --locked
 fi
 
 # The filesystem test needs FUSE and loop devices, which need root.

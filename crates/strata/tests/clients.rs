@@ -10,137 +10,13 @@ use common::{random_file, run, run_raw, Strata, CONFIG};
 #[test]
 fn qemu_io_patterns_zeroes_discard_flush_and_aio() {
     let s = Strata::start(CONFIG);
-    let uri = s.uri("disk");
-    let out = run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "write -P 0xab 0 1M",
-            "-c",
-            "write -P 0xcd 1M 4k",
-            "-c",
-            "write -P 0x11 8400000 777",
-            "-c",
-            "flush",
-            "-c",
-            "read -P 0xab 0 1M",
-            "-c",
-            "read -P 0xcd 1M 4k",
-            "-c",
-            "read -P 0x11 8400000 777",
-            "-c",
-            "write -z 64k 64k",
-            "-c",
-            "read -P 0 64k 64k",
-            "-c",
-            "read -P 0xab 128k 64k",
-            "-c",
-            "discard 256k 256k",
-            "-c",
-            "read -P 0 256k 256k",
-            "-c",
-            "aio_write -P 0x21 2M 64k",
-            "-c",
-            "aio_write -P 0x22 3M 64k",
-            "-c",
-            "aio_write -P 0x23 4M 64k",
-            "-c",
-            "aio_write -P 0x24 5M 64k",
-            "-c",
-            "aio_flush",
-            "-c",
-            "read -P 0x21 2M 64k",
-            "-c",
-            "read -P 0x24 5M 64k",
-            "-c",
-            "write -P 0x55 1020M 4M",
-            "-c",
-            "read -P 0x55 1020M 4M",
-        ],
-    );
-    assert!(!out.contains("Pattern verification failed"), "{out}");
-    assert!(!out.contains("error"), "{out}");
-    assert_eq!(
-        out.lines().filter(|l| l.starts_with("read ")).count(),
-        9,
-        "every read ran: {out}"
-    );
-
-    // Data is still there on a new connection.
-    let out = run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-r",
-            &uri,
-            "-c",
-            "read -P 0xcd 1M 4k",
-            "-c",
-            "read -P 0x22 3M 64k",
-        ],
-    );
-    assert!(!out.contains("Pattern verification failed"), "{out}");
-
-    // Out of range is an error the client sees, not a crash.
-    let out = run_raw("qemu-io", &["-f", "raw", &uri, "-c", "write -P 1 1024M 4k"]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("error") || text.contains("Input/output") || text.contains("out of"),
-        "{text}"
-    );
+    common::qemu_io_patterns_zeroes_discard_flush_and_aio(&s.uri("disk"));
 }
 
 #[test]
 fn qemu_img_convert_in_and_out_is_identical() {
     let s = Strata::start(CONFIG);
-    let src = s.path("src.raw");
-    random_file(&src, 64 << 20);
-    let uri = s.uri("disk");
-    let src_s = src.to_str().unwrap();
-    run(
-        "qemu-img",
-        &["convert", "-n", "-f", "raw", "-O", "raw", src_s, &uri],
-    );
-    let back = s.path("back.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            back.to_str().unwrap(),
-        ],
-    );
-    // The export is 1 GiB; the first 64 MiB are the source.
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", src_s, &uri],
-    );
-    assert!(out.contains("identical"), "{out}");
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            back.to_str().unwrap(),
-            &uri,
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    common::qemu_img_convert_in_and_out(s.dir.path(), &s.uri("disk"));
 }
 
 #[test]
@@ -165,44 +41,7 @@ fn nbdinfo_list_map_can_and_is() {
 
     // --map: write, trim, and the trimmed range is a hole.
     let uri = s.uri("disk");
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "write -P 1 0 4M",
-            "-c",
-            "discard 1M 1M",
-        ],
-    );
-    let map = run("nbdinfo", &["--map", &uri]);
-    let lines: Vec<Vec<&str>> = map
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    // Columns: offset length type description.
-    let find = |off: u64| {
-        lines
-            .iter()
-            .find(|c| c[0].parse::<u64>().ok() == Some(off))
-            .cloned()
-    };
-    let first = find(0).unwrap_or_else(|| panic!("{map}"));
-    assert_eq!(first[1], "1048576", "{map}");
-    assert_eq!(first[2], "0", "data first: {map}");
-    let hole = find(1 << 20).unwrap_or_else(|| panic!("{map}"));
-    assert_eq!(
-        hole[2], "3",
-        "the trimmed megabyte is a hole that reads as zeroes: {map}"
-    );
-    assert_eq!(hole[1], "1048576", "{map}");
-    assert_eq!(
-        find(2 << 20).unwrap_or_else(|| panic!("{map}"))[2],
-        "0",
-        "{map}"
-    );
+    common::nbdinfo_map_shows_the_trimmed_hole(&uri);
 
     // Every --can flag: what the export advertises is true, the rest false.
     let can = |flag: &str, uri: &str| -> bool {
@@ -284,26 +123,8 @@ fn nbdcopy_256m_in_and_out_with_one_and_four_connections() {
     let s = Strata::start(CONFIG);
     let src = s.path("src.bin");
     random_file(&src, 256 << 20);
-    for (export, conns) in [("disk", "1"), ("disk", "4"), ("scratch", "4")] {
-        let uri = s.uri(export);
-        let connections = format!("--connections={conns}");
-        run("nbdcopy", &[&connections, src.to_str().unwrap(), &uri]);
-        let back = s.path("back.bin");
-        let _ = std::fs::remove_file(&back);
-        // Copy out exactly the first 256 MiB through a qemu-nbd-free path: nbdcopy to a file, then cut.
-        run("nbdcopy", &[&connections, &uri, back.to_str().unwrap()]);
-        let a = std::fs::read(&src).unwrap();
-        let b = std::fs::read(&back).unwrap();
-        assert!(b.len() >= a.len(), "{export}: copied out {} bytes", b.len());
-        assert!(
-            a[..] == b[..a.len()],
-            "{export} with {conns} connections: data differs"
-        );
-        assert!(
-            b[a.len()..].iter().all(|&x| x == 0),
-            "{export}: the rest of the export is zeroes"
-        );
-        std::fs::remove_file(&back).unwrap();
+    for (export, conns) in [("disk", 1), ("disk", 4), ("scratch", 4)] {
+        common::nbdcopy_in_and_out(&src, &s.path("back.bin"), &s.uri(export), conns);
     }
     assert!(s.log().contains("connected") || !s.log().is_empty());
 }
@@ -312,114 +133,14 @@ fn nbdcopy_256m_in_and_out_with_one_and_four_connections() {
 fn fio_randwrite_verify_crc32c_qd32() {
     let s = Strata::start(CONFIG);
     for export in ["disk", "scratch"] {
-        let uri = s.uri(export);
-        let out = run(
-            "fio",
-            &[
-                "--name=verify",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=32",
-                "--size=64M",
-                "--verify=crc32c",
-                "--verify_fatal=1",
-                "--do_verify=1",
-                "--verify_state_save=0",
-                "--output-format=terse",
-                "--terse-version=3",
-            ],
-        );
-        // Terse v3: field 5 is the error count.
-        let fields: Vec<&str> = out.lines().last().unwrap_or("").split(';').collect();
-        assert!(fields.len() > 5, "{out}");
-        assert_eq!(fields[4], "0", "fio reported errors on {export}: {out}");
+        common::fio_randwrite_verify_crc32c_qd32(&s.uri(export));
     }
 }
 
 #[test]
 fn ext4_through_nbdfuse_and_a_loop_device() {
     let s = Strata::start(CONFIG);
-    let mnt_fuse = s.path("fuse");
-    let mnt_fs = s.path("fs");
-    std::fs::create_dir_all(&mnt_fuse).unwrap();
-    std::fs::create_dir_all(&mnt_fs).unwrap();
-    let fuse = mnt_fuse.to_str().unwrap().to_string();
-    let fs = mnt_fs.to_str().unwrap().to_string();
-    let uri = s.uri("disk");
-
-    // nbdfuse stays in the foreground with -f; run it as a child and wait for the file to appear.
-    common::require("nbdfuse");
-    let mut nbdfuse = std::process::Command::new("nbdfuse")
-        .args([&fuse, &uri])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("start nbdfuse");
-    let image = mnt_fuse.join("nbd");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nbdfuse did not expose {}",
-            image.display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    struct Cleanup<'a> {
-        fs: &'a str,
-        fuse: &'a str,
-        loopdev: Option<String>,
-    }
-    impl Drop for Cleanup<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.fs).status();
-            if let Some(l) = &self.loopdev {
-                let _ = std::process::Command::new("losetup")
-                    .args(["-d", l])
-                    .status();
-            }
-            let _ = std::process::Command::new("fusermount3")
-                .args(["-u", self.fuse])
-                .status();
-        }
-    }
-    let mut cleanup = Cleanup {
-        fs: &fs,
-        fuse: &fuse,
-        loopdev: None,
-    };
-    let loopdev = run("losetup", &["--find", "--show", image.to_str().unwrap()])
-        .trim()
-        .to_string();
-    cleanup.loopdev = Some(loopdev.clone());
-    run("mkfs.ext4", &["-q", "-F", &loopdev]);
-    run("mount", &[&loopdev, &fs]);
-    let mut files = Vec::new();
-    for i in 0..8 {
-        let p = mnt_fs.join(format!("file{i}"));
-        random_file(&p, (i + 1) * 1_000_003);
-        files.push((p.clone(), std::fs::read(&p).unwrap()));
-    }
-    run("sync", &[]);
-    run("umount", &[&fs]);
-    let fsck = run_raw("e2fsck", &["-f", "-n", &loopdev]);
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}{}",
-        String::from_utf8_lossy(&fsck.stdout),
-        String::from_utf8_lossy(&fsck.stderr)
-    );
-    run("mount", &[&loopdev, &fs]);
-    for (p, data) in &files {
-        assert!(
-            std::fs::read(p).unwrap() == *data,
-            "{} reads back identical after remount",
-            p.display()
-        );
-    }
-    drop(cleanup);
-    let _ = nbdfuse.wait();
+    common::ext4_through_nbdfuse_and_a_loop_device(s.dir.path(), &s.uri("disk"));
 }
 
 #[test]

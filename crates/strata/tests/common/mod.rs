@@ -257,3 +257,435 @@ name = "scratch"
 uri = "mem://scratch?size=512M"
 description = "memory volume"
 "#;
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// Poll `cond` until it holds; fails the test after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real S3 server for the tests: `s3s-fs`, which keeps each bucket as a directory and each
+/// object as a file under it. It serves one bucket, [`S3Server::BUCKET`], on a free port with
+/// the credentials [`S3Server::ACCESS_KEY`] / [`S3Server::SECRET_KEY`], and is killed when
+/// dropped.
+pub struct S3Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// Holds the served root (`root/`) and the server's log.
+    dir: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub const BUCKET: &'static str = "strata";
+    pub const ACCESS_KEY: &'static str = "AK";
+    pub const SECRET_KEY: &'static str = "SK";
+
+    /// Start the server and return once it accepts connections. A missing `s3s-fs` fails the
+    /// test (scripts/test.sh installs it).
+    pub fn start() -> S3Server {
+        require("s3s-fs");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join(S3Server::BUCKET)).expect("create the bucket");
+        let log = dir.path().join("s3s-fs.log");
+        let port = free_port();
+        let mut child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3Server::ACCESS_KEY])
+            .args(["--secret-key", S3Server::SECRET_KEY])
+            .arg(&root)
+            // The server needs no AWS configuration of its own; keep the caller's out of it.
+            .env_remove("AWS_CA_BUNDLE")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("create log"))
+            .stderr(std::fs::File::create(dir.path().join("s3s-fs.err")).expect("create log"))
+            .spawn()
+            .expect("start s3s-fs");
+        let addr = format!("127.0.0.1:{port}");
+        wait_until(
+            "s3s-fs to accept connections",
+            Duration::from_secs(30),
+            || {
+                if let Some(status) = child.try_wait().expect("wait for s3s-fs") {
+                    panic!(
+                        "s3s-fs exited before accepting connections ({status}):\n{}",
+                        std::fs::read_to_string(dir.path().join("s3s-fs.err")).unwrap_or_default()
+                    );
+                }
+                std::net::TcpStream::connect(&addr).is_ok()
+            },
+        );
+        S3Server {
+            child,
+            endpoint: format!("http://{addr}"),
+            dir,
+        }
+    }
+
+    /// The directory that holds the bucket's objects: the object `KEY` is the file
+    /// `bucket_dir()/KEY`.
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.dir.path().join("root").join(S3Server::BUCKET)
+    }
+
+    /// A `[[store]]` entry for `strata serve` naming this server's bucket, with `prefix`.
+    pub fn store_toml(&self, name: &str, prefix: &str) -> String {
+        format!(
+            r#"
+[[store]]
+name = "{name}"
+type = "s3"
+endpoint = "{}"
+region = "us-east-1"
+bucket = "{}"
+prefix = "{prefix}"
+access_key_id = "{}"
+secret_access_key = "{}"
+"#,
+            self.endpoint,
+            S3Server::BUCKET,
+            S3Server::ACCESS_KEY,
+            S3Server::SECRET_KEY
+        )
+    }
+
+    /// What the server printed so far.
+    pub fn log(&self) -> String {
+        let read = |n: &str| std::fs::read_to_string(self.dir.path().join(n)).unwrap_or_default();
+        format!("{}{}", read("s3s-fs.log"), read("s3s-fs.err"))
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// Real-client flows, shared by the tests that run them on different kinds of volume. Each
+// takes the export's URI (a writable export of 1 GiB) and fails the test on any mismatch.
+
+/// qemu-io on a writable 1 GiB export: patterns, write zeroes, discard, flush, aio bursts, a
+/// readback on a new connection, and an out-of-range write that is an error, not a crash.
+pub fn qemu_io_patterns_zeroes_discard_flush_and_aio(uri: &str) {
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            uri,
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 1M 4k",
+            "-c",
+            "write -P 0x11 8400000 777",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0xab 0 1M",
+            "-c",
+            "read -P 0xcd 1M 4k",
+            "-c",
+            "read -P 0x11 8400000 777",
+            "-c",
+            "write -z 64k 64k",
+            "-c",
+            "read -P 0 64k 64k",
+            "-c",
+            "read -P 0xab 128k 64k",
+            "-c",
+            "discard 256k 256k",
+            "-c",
+            "read -P 0 256k 256k",
+            "-c",
+            "aio_write -P 0x21 2M 64k",
+            "-c",
+            "aio_write -P 0x22 3M 64k",
+            "-c",
+            "aio_write -P 0x23 4M 64k",
+            "-c",
+            "aio_write -P 0x24 5M 64k",
+            "-c",
+            "aio_flush",
+            "-c",
+            "read -P 0x21 2M 64k",
+            "-c",
+            "read -P 0x24 5M 64k",
+            "-c",
+            "write -P 0x55 1020M 4M",
+            "-c",
+            "read -P 0x55 1020M 4M",
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(!out.contains("error"), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("read ")).count(),
+        9,
+        "every read ran: {out}"
+    );
+
+    // Data is still there on a new connection.
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-r",
+            uri,
+            "-c",
+            "read -P 0xcd 1M 4k",
+            "-c",
+            "read -P 0x22 3M 64k",
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+
+    // Out of range is an error the client sees, not a crash.
+    let out = run_raw("qemu-io", &["-f", "raw", uri, "-c", "write -P 1 1024M 4k"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("error") || text.contains("Input/output") || text.contains("out of"),
+        "{text}"
+    );
+}
+
+/// qemu-img convert of 64 MiB of random data into the export and of the whole export out to
+/// a file (in `scratch`), then `qemu-img compare` both ways.
+pub fn qemu_img_convert_in_and_out(scratch: &Path, uri: &str) {
+    let src = scratch.join("src.raw");
+    random_file(&src, 64 << 20);
+    let src_s = src.to_str().expect("UTF-8 path");
+    run(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", src_s, uri],
+    );
+    let back = scratch.join("back.raw");
+    let back_s = back.to_str().expect("UTF-8 path");
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", uri, back_s],
+    );
+    // The export is 1 GiB; the first 64 MiB are the source.
+    let out = run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src_s, uri],
+    );
+    assert!(out.contains("identical"), "{out}");
+    let out = run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", back_s, uri],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+/// `nbdinfo --map` after writing 4 MiB and trimming its second megabyte: data, a hole that
+/// reads as zeroes, data.
+pub fn nbdinfo_map_shows_the_trimmed_hole(uri: &str) {
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            uri,
+            "-c",
+            "write -P 1 0 4M",
+            "-c",
+            "discard 1M 1M",
+        ],
+    );
+    assert_map_is_data_hole_data(uri);
+}
+
+/// `nbdinfo --map` shows the layout [`nbdinfo_map_shows_the_trimmed_hole`] makes: a megabyte of
+/// data, a megabyte of hole that reads as zeroes, then data.
+pub fn assert_map_is_data_hole_data(uri: &str) {
+    let map = run("nbdinfo", &["--map", uri]);
+    let lines: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // Columns: offset length type description.
+    let find = |off: u64| {
+        lines
+            .iter()
+            .find(|c| c[0].parse::<u64>().ok() == Some(off))
+            .cloned()
+    };
+    let first = find(0).unwrap_or_else(|| panic!("{map}"));
+    assert_eq!(first[1], "1048576", "{map}");
+    assert_eq!(first[2], "0", "data first: {map}");
+    let hole = find(1 << 20).unwrap_or_else(|| panic!("{map}"));
+    assert_eq!(
+        hole[2], "3",
+        "the trimmed megabyte is a hole that reads as zeroes: {map}"
+    );
+    assert_eq!(hole[1], "1048576", "{map}");
+    assert_eq!(
+        find(2 << 20).unwrap_or_else(|| panic!("{map}"))[2],
+        "0",
+        "{map}"
+    );
+}
+
+/// nbdcopy the file `src` into the export and the whole export back out (to `back`) over
+/// `connections` connections: the copy starts with `src` and the rest is zeroes.
+pub fn nbdcopy_in_and_out(src: &Path, back: &Path, uri: &str, connections: usize) {
+    let conns = format!("--connections={connections}");
+    run("nbdcopy", &[&conns, src.to_str().expect("UTF-8 path"), uri]);
+    let _ = std::fs::remove_file(back);
+    // Copy out exactly the first 256 MiB through a qemu-nbd-free path: nbdcopy to a file, then cut.
+    run(
+        "nbdcopy",
+        &[&conns, uri, back.to_str().expect("UTF-8 path")],
+    );
+    let a = std::fs::read(src).expect("read the source");
+    let b = std::fs::read(back).expect("read the copy");
+    assert!(b.len() >= a.len(), "{uri}: copied out {} bytes", b.len());
+    assert!(
+        a[..] == b[..a.len()],
+        "{uri} with {connections} connections: data differs"
+    );
+    assert!(
+        b[a.len()..].iter().all(|&x| x == 0),
+        "{uri}: the rest of the export is zeroes"
+    );
+    std::fs::remove_file(back).expect("remove the copy");
+}
+
+/// fio's nbd engine: 64 MiB of 4 KiB random writes at queue depth 32, verified with crc32c;
+/// fio must report no errors.
+pub fn fio_randwrite_verify_crc32c_qd32(uri: &str) {
+    let out = run(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=64M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--verify_state_save=0",
+            "--output-format=terse",
+            "--terse-version=3",
+        ],
+    );
+    // Terse v3: field 5 is the error count.
+    let fields: Vec<&str> = out.lines().last().unwrap_or("").split(';').collect();
+    assert!(fields.len() > 5, "{out}");
+    assert_eq!(fields[4], "0", "fio reported errors on {uri}: {out}");
+}
+
+/// A real ext4 on the export: nbdfuse exposes it as a file, losetup makes that a block device,
+/// then mkfs, mount, write files, umount, e2fsck, mount again and read them back. Mount
+/// points go in `scratch`. Needs root.
+pub fn ext4_through_nbdfuse_and_a_loop_device(scratch: &Path, uri: &str) {
+    let mnt_fuse = scratch.join("fuse");
+    let mnt_fs = scratch.join("fs");
+    std::fs::create_dir_all(&mnt_fuse).expect("create the FUSE mount point");
+    std::fs::create_dir_all(&mnt_fs).expect("create the mount point");
+    let fuse = mnt_fuse.to_str().expect("UTF-8 path").to_string();
+    let fs = mnt_fs.to_str().expect("UTF-8 path").to_string();
+
+    // nbdfuse stays in the foreground with -f; run it as a child and wait for the file to appear.
+    require("nbdfuse");
+    let mut nbdfuse = Command::new("nbdfuse")
+        .args([&fuse, uri])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start nbdfuse");
+    let image = mnt_fuse.join("nbd");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse did not expose {}",
+            image.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    struct Cleanup<'a> {
+        fs: &'a str,
+        fuse: &'a str,
+        loopdev: Option<String>,
+    }
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.fs).status();
+            if let Some(l) = &self.loopdev {
+                let _ = Command::new("losetup").args(["-d", l]).status();
+            }
+            let _ = Command::new("fusermount3").args(["-u", self.fuse]).status();
+        }
+    }
+    let mut cleanup = Cleanup {
+        fs: &fs,
+        fuse: &fuse,
+        loopdev: None,
+    };
+    let loopdev = run(
+        "losetup",
+        &["--find", "--show", image.to_str().expect("UTF-8 path")],
+    )
+    .trim()
+    .to_string();
+    cleanup.loopdev = Some(loopdev.clone());
+    run("mkfs.ext4", &["-q", "-F", &loopdev]);
+    run("mount", &[&loopdev, &fs]);
+    let mut files = Vec::new();
+    for i in 0..8 {
+        let p = mnt_fs.join(format!("file{i}"));
+        random_file(&p, (i + 1) * 1_000_003);
+        files.push((p.clone(), std::fs::read(&p).expect("read a file back")));
+    }
+    run("sync", &[]);
+    run("umount", &[&fs]);
+    let fsck = run_raw("e2fsck", &["-f", "-n", &loopdev]);
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    run("mount", &[&loopdev, &fs]);
+    for (p, data) in &files {
+        assert!(
+            std::fs::read(p).expect("read a file after remount") == *data,
+            "{} reads back identical after remount",
+            p.display()
+        );
+    }
+    drop(cleanup);
+    let _ = nbdfuse.wait();
+}
