@@ -81,19 +81,72 @@ struct SegLoc {
     crc: u32,
 }
 
-#[derive(Debug, Clone)]
-struct SegInfo {
-    key: String,
-}
-
 #[derive(Debug)]
 struct Base {
     manifest: Manifest,
     /// Segment ids of the manifest, oldest first.
     order: Vec<u32>,
-    segs: HashMap<u32, SegInfo>,
+    /// Each segment's object key.
+    segs: HashMap<u32, Arc<str>>,
     next_seg: u32,
     map: HashMap<u64, SegLoc>,
+}
+
+impl Base {
+    /// Give a segment an id and map its entries (newer than every entry mapped so far).
+    fn add_segment(&mut self, key: Arc<str>, entries: Vec<Entry>) -> u32 {
+        let id = self.next_seg;
+        self.next_seg += 1;
+        self.segs.insert(id, key);
+        for e in entries {
+            let loc = SegLoc {
+                seg: id,
+                slot: e.slot,
+                crc: e.crc,
+            };
+            self.map.insert(e.page, loc);
+        }
+        id
+    }
+}
+
+/// Builds segment objects from pages and uploads each once it holds `segment_bytes`.
+struct SegmentSink<'a> {
+    inner: &'a Inner,
+    builder: SegmentBuilder,
+    /// Key of the segments, relative to the image, before the part number.
+    stem: String,
+    made: Vec<(SegmentRef, Vec<Entry>)>,
+}
+
+impl<'a> SegmentSink<'a> {
+    fn new(inner: &'a Inner, stem: String) -> SegmentSink<'a> {
+        SegmentSink {
+            inner,
+            builder: SegmentBuilder::new(inner.page_size),
+            stem,
+            made: Vec::new(),
+        }
+    }
+
+    /// Upload what is built if it is full, or (`last`) if it holds anything.
+    async fn cut(&mut self, last: bool) -> Result<()> {
+        let full = self.builder.data_len() as u64 >= self.inner.store.settings.segment_bytes;
+        if self.builder.is_empty() || !(full || last) {
+            return Ok(());
+        }
+        let done = std::mem::replace(&mut self.builder, SegmentBuilder::new(self.inner.page_size));
+        let (object, entries) = done.finish(self.inner.page_bits);
+        let key = format!("{}-{}.seg", self.stem, self.made.len());
+        let r = self.inner.put_segment(key, object, &entries).await?;
+        self.made.push((r, entries));
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<Vec<(SegmentRef, Vec<Entry>)>> {
+        self.cut(true).await?;
+        Ok(self.made)
+    }
 }
 
 /// Counters for one image.
@@ -329,28 +382,12 @@ impl PageStore {
             .buffered(8)
             .try_collect()
             .await?;
+        let pages = manifest.image_size >> manifest.page_size_bits;
         for (s, entries) in manifest.segments.iter().zip(indexes) {
-            let id = base.next_seg;
-            base.next_seg += 1;
+            let key: Arc<str> = format!("images/{name}/{}", s.key).into();
+            let entries = entries.into_iter().filter(|e| e.page < pages).collect();
+            let id = base.add_segment(key, entries);
             base.order.push(id);
-            base.segs.insert(
-                id,
-                SegInfo {
-                    key: format!("images/{name}/{}", s.key),
-                },
-            );
-            for e in entries {
-                if e.page < manifest.image_size >> manifest.page_size_bits {
-                    base.map.insert(
-                        e.page,
-                        SegLoc {
-                            seg: id,
-                            slot: e.slot,
-                            crc: e.crc,
-                        },
-                    );
-                }
-            }
         }
         let page_size = 1usize << manifest.page_size_bits;
         let dir = self.buffer_dir.join(name);
@@ -528,17 +565,27 @@ impl Inner {
         }
     }
 
+    /// The manifest that follows the current one, changed by `edit`.
+    fn next_manifest(&self, edit: impl FnOnce(&mut Manifest)) -> Manifest {
+        let mut m = self.base.read().expect("lock").manifest.clone();
+        m.version += 1;
+        m.writer = self.writer.clone();
+        m.created = now_secs();
+        edit(&mut m);
+        m
+    }
+
+    fn segment_key(&self, rel: &str) -> Arc<str> {
+        format!("images/{}/{rel}", self.name).into()
+    }
+
     async fn checkpoint_generation(&self, g: u64) -> Result<()> {
         let Some((file, pages)) = self.wal.frozen(g) else {
             return Ok(());
         };
-        let ps = self.page_size;
-        let mut refs = Vec::new();
-        let mut all_entries = Vec::new();
-        let mut builder = SegmentBuilder::new(ps);
-        let mut buf = vec![0u8; ps];
-        let mut part = 0;
-        for (i, (page, loc)) in pages.iter().enumerate() {
+        let mut sink = SegmentSink::new(self, format!("segments/{g:016x}-{}", self.writer));
+        let mut buf = vec![0u8; self.page_size];
+        for (page, loc) in &pages {
             match loc {
                 Loc::Data(off) => {
                     file.read_exact_at(&mut buf, *off).map_err(|e| {
@@ -548,63 +595,32 @@ impl Inner {
                             e,
                         )
                     })?;
-                    builder.page(*page, &buf);
+                    sink.builder.page(*page, &buf);
                 }
-                Loc::Zero => builder.tombstone(*page),
+                Loc::Zero => sink.builder.tombstone(*page),
             }
-            let last = i + 1 == pages.len();
-            if builder.data_len() as u64 >= self.store.settings.segment_bytes
-                || (last && !builder.is_empty())
-            {
-                let done = std::mem::replace(&mut builder, SegmentBuilder::new(ps));
-                let (object, entries) = done.finish(self.page_bits);
-                let key = format!("segments/{g:016x}-{}-{part}.seg", self.writer);
-                part += 1;
-                refs.push(self.put_segment(key, object, &entries).await?);
-                all_entries.push(entries);
-            }
+            sink.cut(false).await?;
         }
+        let made = sink.finish().await?;
         failpoint("checkpoint-after-segments");
-        let next = {
-            let base = self.base.read().expect("lock");
-            let mut m = base.manifest.clone();
-            m.version += 1;
-            m.segments.extend(refs.iter().cloned());
+        let next = self.next_manifest(|m| {
+            m.segments.extend(made.iter().map(|(r, _)| r.clone()));
             m.wal_generation = g;
-            m.writer = self.writer.clone();
-            m.created = now_secs();
-            m
-        };
+        });
         self.publish(&next).await?;
         failpoint("checkpoint-after-manifest");
+        let segments = made.len();
         {
             let mut base = self.base.write().expect("lock");
-            for (r, entries) in refs.iter().zip(all_entries) {
-                let id = base.next_seg;
-                base.next_seg += 1;
+            for (r, entries) in made {
+                let id = base.add_segment(self.segment_key(&r.key), entries);
                 base.order.push(id);
-                base.segs.insert(
-                    id,
-                    SegInfo {
-                        key: format!("images/{}/{}", self.name, r.key),
-                    },
-                );
-                for e in entries {
-                    base.map.insert(
-                        e.page,
-                        SegLoc {
-                            seg: id,
-                            slot: e.slot,
-                            crc: e.crc,
-                        },
-                    );
-                }
             }
             base.manifest = next;
         }
         self.wal.retire(g)?;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(image = %self.name, generation = g, segments = refs.len(), "checkpoint done");
+        tracing::debug!(image = %self.name, generation = g, segments, "checkpoint done");
         Ok(())
     }
 
@@ -619,13 +635,13 @@ impl Inner {
                 return Ok(());
             }
             let victims: Vec<u32> = base.order[..n].to_vec();
-            let mut live: Vec<(u64, SegLoc)> = base
+            let mut live: Vec<(u64, SegLoc, Arc<str>)> = base
                 .map
                 .iter()
                 .filter(|(_, l)| victims.contains(&l.seg) && l.slot != TOMBSTONE)
-                .map(|(p, l)| (*p, *l))
+                .map(|(p, l)| (*p, *l, base.segs[&l.seg].clone()))
                 .collect();
-            live.sort_unstable_by_key(|(p, _)| *p);
+            live.sort_unstable_by_key(|(p, _, _)| *p);
             // Only worth it if the merge leaves fewer objects than it reads.
             let out = (live.len() as u64 * self.page_size as u64)
                 .div_ceil(self.store.settings.segment_bytes.max(1));
@@ -634,76 +650,36 @@ impl Inner {
             }
             (victims, live, base.manifest.version)
         };
-        let ps = self.page_size;
-        let mut refs = Vec::new();
-        let mut moved: Vec<Vec<Entry>> = Vec::new();
-        let mut builder = SegmentBuilder::new(ps);
-        let mut part = 0;
-        let chunk = (self.store.settings.segment_bytes / ps as u64).max(1) as usize;
-        for (ci, run) in live.chunks(chunk).enumerate() {
-            for (page, loc) in run {
-                let data = self.read_segment_page(*page, *loc).await?;
-                builder.page(*page, &data);
-            }
-            let last = (ci + 1) * chunk >= live.len();
-            if !builder.is_empty()
-                && (builder.data_len() as u64 >= self.store.settings.segment_bytes || last)
-            {
-                let done = std::mem::replace(&mut builder, SegmentBuilder::new(ps));
-                let (object, entries) = done.finish(self.page_bits);
-                let key = format!("segments/c{version:016x}-{}-{part}.seg", self.writer);
-                part += 1;
-                refs.push(self.put_segment(key, object, &entries).await?);
-                moved.push(entries);
-            }
+        let mut sink = SegmentSink::new(self, format!("segments/c{version:016x}-{}", self.writer));
+        for (page, loc, key) in &live {
+            let data = self
+                .read_segment_run(loc.seg, key, loc.slot, &[(*page, loc.crc)])
+                .await?;
+            sink.builder.page(*page, &data[0]);
+            sink.cut(false).await?;
         }
+        let made = sink.finish().await?;
         failpoint("compaction-after-segments");
-        let next = {
-            let base = self.base.read().expect("lock");
-            let mut m = base.manifest.clone();
-            m.version += 1;
-            m.segments = refs
-                .iter()
-                .cloned()
-                .chain(m.segments[victims.len()..].iter().cloned())
-                .collect();
-            m.writer = self.writer.clone();
-            m.created = now_secs();
-            m
-        };
+        let next = self.next_manifest(|m| {
+            let rest = m.segments.split_off(victims.len());
+            m.segments = made.iter().map(|(r, _)| r.clone()).chain(rest).collect();
+        });
         self.publish(&next).await?;
         failpoint("compaction-after-manifest");
+        let merged_into = made.len();
         {
             let mut base = self.base.write().expect("lock");
-            let mut new_ids = Vec::new();
-            for (r, entries) in refs.iter().zip(moved) {
-                let id = base.next_seg;
-                base.next_seg += 1;
-                new_ids.push(id);
-                base.segs.insert(
-                    id,
-                    SegInfo {
-                        key: format!("images/{}/{}", self.name, r.key),
-                    },
-                );
-                for e in entries {
-                    base.map.insert(
-                        e.page,
-                        SegLoc {
-                            seg: id,
-                            slot: e.slot,
-                            crc: e.crc,
-                        },
-                    );
-                }
+            let mut order = Vec::new();
+            for (r, entries) in made {
+                order.push(base.add_segment(self.segment_key(&r.key), entries));
             }
             // Tombstones in the merged segments hid nothing older: drop them.
             base.map.retain(|_, l| !victims.contains(&l.seg));
             for v in &victims {
                 base.segs.remove(v);
             }
-            let rest: Vec<u32> = base.order[victims.len()..].to_vec();
-            base.order = new_ids.into_iter().chain(rest).collect();
+            order.extend_from_slice(&base.order[victims.len()..]);
+            base.order = order;
             base.manifest = next;
         }
         self.cache
@@ -711,22 +687,18 @@ impl Inner {
             .expect("lock")
             .forget(|seg| victims.contains(&seg));
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(image = %self.name, merged = victims.len(), into = refs.len(), "compaction done");
+        tracing::info!(image = %self.name, merged = victims.len(), into = merged_into, "compaction done");
         Ok(())
     }
 
-    /// One page from a segment, through the cache, checked against its checksum.
-    async fn read_segment_page(&self, page: u64, loc: SegLoc) -> Result<Bytes> {
-        let mut out = self
-            .read_segment_run(loc.seg, loc.slot, &[(page, loc.crc)])
-            .await?;
-        Ok(out.remove(0))
-    }
-
-    /// Pages at consecutive slots of one segment (`pages`: page number and checksum per slot).
+    /// Pages at consecutive slots of segment `seg` (object `key`), through the cache, each
+    /// checked against its checksum (`pages`: page number and checksum per slot). The key is
+    /// taken with the page map, so a compaction that drops the segment meanwhile cannot fail
+    /// the read: its objects stay in the store.
     async fn read_segment_run(
         &self,
         seg: u32,
+        key: &str,
         first_slot: u32,
         pages: &[(u64, u32)],
     ) -> Result<Vec<Bytes>> {
@@ -746,15 +718,6 @@ impl Inner {
         self.stats
             .cache_misses
             .fetch_add(pages.len() as u64, Ordering::Relaxed);
-        let key = {
-            let base = self.base.read().expect("lock");
-            base.segs.get(&seg).map(|s| s.key.clone()).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Io,
-                    format!("image {}: segment {seg} vanished", self.name),
-                )
-            })?
-        };
         let objects = &*self.store.objects;
         let start = u64::from(first_slot) * ps;
         let range = start..start + pages.len() as u64 * ps;
@@ -763,7 +726,7 @@ impl Inner {
             "read segment",
             4,
             || false,
-            || objects.get_range(&key, range.clone()),
+            || objects.get_range(key, range.clone()),
         )
         .await
         .map_err(|e| obj_err(&format!("read image {}", self.name), e))?;
@@ -817,7 +780,8 @@ impl Inner {
 /// Where one page of a read comes from.
 enum Src {
     Wal(Arc<File>, u64),
-    Seg(SegLoc),
+    /// Where in a segment, and the segment's object key.
+    Seg(SegLoc, Arc<str>),
     Zero,
 }
 
@@ -887,7 +851,7 @@ impl Image {
                 Some((f, Loc::Data(off))) => Src::Wal(f, off),
                 Some((_, Loc::Zero)) => Src::Zero,
                 None => match base.map.get(&(first + i as u64)) {
-                    Some(l) if l.slot != TOMBSTONE => Src::Seg(*l),
+                    Some(l) if l.slot != TOMBSTONE => Src::Seg(*l, base.segs[&l.seg].clone()),
                     _ => Src::Zero,
                 },
             })
@@ -949,15 +913,15 @@ impl BlockDevice for Image {
                         })?;
                     i += n;
                 }
-                Src::Seg(l) => {
+                Src::Seg(l, key) => {
                     let mut run = vec![(first + i as u64, l.crc)];
-                    while let Some(Src::Seg(l2)) = srcs.get(i + run.len()) {
+                    while let Some(Src::Seg(l2, _)) = srcs.get(i + run.len()) {
                         if l2.seg != l.seg || l2.slot != l.slot + run.len() as u32 {
                             break;
                         }
                         run.push((first + (i + run.len()) as u64, l2.crc));
                     }
-                    let pages = inner.read_segment_run(l.seg, l.slot, &run).await?;
+                    let pages = inner.read_segment_run(l.seg, key, l.slot, &run).await?;
                     for (k, p) in pages.iter().enumerate() {
                         out[(i + k) * ps..(i + k + 1) * ps].copy_from_slice(p);
                     }
