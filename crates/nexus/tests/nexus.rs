@@ -364,13 +364,14 @@ async fn pause_resume_and_cancel() {
     write(&r.nexus, 0, pattern(40, size as usize)).await;
     r.nexus.offline_child("c1").expect("offline");
     write(&r.nexus, 0, pattern(41, size as usize)).await;
-    // Hold the rebuild's first reads so that the pause lands before it ends.
-    r.faults[0].add(Rule {
+    // Hold each rebuild's first reads so that the pause lands before it ends.
+    let hold = || Rule {
         ops: vec![Op::BlockStatus],
         range: None,
         action: Action::Delay(Duration::from_millis(20)),
         remaining: Some(3),
-    });
+    };
+    r.faults[0].add(hold());
     r.nexus.online_child("c1").expect("online");
     r.nexus.pause_rebuild("c1").expect("pause");
     let p = r.nexus.status().child("c1").and_then(|c| c.rebuild.clone());
@@ -381,6 +382,7 @@ async fn pause_resume_and_cancel() {
         RebuildOutcome::Cancelled
     );
     assert_eq!(state(&r.nexus, "c1"), ChildState::Offline);
+    r.faults[0].add(hold());
     r.nexus.online_child("c1").expect("online");
     r.nexus.pause_rebuild("c1").expect("pause");
     r.nexus.resume_rebuild("c1").expect("resume");
