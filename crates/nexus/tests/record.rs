@@ -12,8 +12,8 @@ use strata_bdev::{
     BlockDevice, Bytes, Error, ErrorKind, FaultDevice, FaultHandle, MemDevice, WriteOpts,
 };
 use strata_nexus::{
-    ChildState, Ledger, Nexus, NexusError, NexusRecord, NexusSettings, RebuildKind, RebuildOutcome,
-    RecordedState, RestoreChild,
+    ChildRecord, ChildState, Ledger, Nexus, NexusError, NexusRecord, NexusSettings, RebuildKind,
+    RebuildOutcome, RecordedState, RestoreChild,
 };
 use tokio::sync::RwLock;
 
@@ -48,6 +48,15 @@ impl Ledger for TestLedger {
         }
         self.saved.lock().unwrap().push(record.clone());
         Ok(())
+    }
+}
+
+/// A child as a record lists it.
+fn child(name: &str, state: RecordedState, dirty: Option<Vec<(u64, u64)>>) -> ChildRecord {
+    ChildRecord {
+        name: name.into(),
+        state,
+        dirty,
     }
 }
 
@@ -217,16 +226,12 @@ async fn a_restored_nexus_keeps_a_stale_child_out_and_heals_it_partially() {
         size: 4 * MIB,
         granularity: 64 * 1024,
         children: vec![
-            strata_nexus::ChildRecord {
-                name: "a".into(),
-                state: RecordedState::Online,
-                dirty: None,
-            },
-            strata_nexus::ChildRecord {
-                name: "b".into(),
-                state: RecordedState::Faulted("write: I/O error".into()),
-                dirty: Some(vec![(2, 3), (10, 12)]),
-            },
+            child("a", RecordedState::Online, None),
+            child(
+                "b",
+                RecordedState::Faulted("write: I/O error".into()),
+                Some(vec![(2, 3), (10, 12)]),
+            ),
         ],
     };
     // What b missed: newer data on a only.
@@ -295,21 +300,9 @@ async fn restore_resumes_a_rebuild_and_adds_unknown_children_with_a_full_rebuild
         size: MIB,
         granularity: 128 * 1024,
         children: vec![
-            strata_nexus::ChildRecord {
-                name: "a".into(),
-                state: RecordedState::Online,
-                dirty: None,
-            },
-            strata_nexus::ChildRecord {
-                name: "b".into(),
-                state: RecordedState::Rebuilding,
-                dirty: Some(vec![(1, 2)]),
-            },
-            strata_nexus::ChildRecord {
-                name: "gone".into(),
-                state: RecordedState::Offline,
-                dirty: None,
-            },
+            child("a", RecordedState::Online, None),
+            child("b", RecordedState::Rebuilding, Some(vec![(1, 2)])),
+            child("gone", RecordedState::Offline, None),
         ],
     };
     let nexus = Nexus::restore(
@@ -361,21 +354,13 @@ async fn restore_faults_children_that_cannot_be_opened_and_refuses_without_a_cur
         size: MIB,
         granularity: 64 * 1024,
         children: vec![
-            strata_nexus::ChildRecord {
-                name: "a".into(),
-                state: RecordedState::Online,
-                dirty: None,
-            },
-            strata_nexus::ChildRecord {
-                name: "b".into(),
-                state: RecordedState::Online,
-                dirty: None,
-            },
-            strata_nexus::ChildRecord {
-                name: "c".into(),
-                state: RecordedState::Faulted("old".into()),
-                dirty: Some(vec![(0, 1)]),
-            },
+            child("a", RecordedState::Online, None),
+            child("b", RecordedState::Online, None),
+            child(
+                "c",
+                RecordedState::Faulted("old".into()),
+                Some(vec![(0, 1)]),
+            ),
         ],
     };
     // b (current until the restart) is down: faulted, having missed nothing yet.

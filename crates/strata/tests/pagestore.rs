@@ -329,29 +329,9 @@ fn fio(store: Store) {
     common::fio_randwrite_verify_crc32c_qd32(&d.uri());
     let d = d.lose_the_buffer_and_restart();
     // The same job again, verifying only: every block's checksum, now read from segments.
-    let out = run(
-        "fio",
-        &[
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={}", d.uri()),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--size=64M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_only",
-            "--verify_state_save=0",
-            "--output-format=terse",
-            "--terse-version=3",
-        ],
-    );
-    let fields: Vec<&str> = out.lines().last().unwrap_or("").split(';').collect();
-    assert!(fields.len() > 5, "{out}");
-    assert_eq!(fields[4], "0", "fio verify-only found errors: {out}");
+    let fields = common::fio_verify_job(&d.uri(), "--verify_only");
     // Terse v3: field 6 is the KiB read; all 64 MiB were read and checked.
-    assert_eq!(fields[5], "65536", "fio verified everything: {out}");
+    assert_eq!(fields[5], "65536", "fio verified everything: {fields:?}");
 }
 
 fn ext4(store: Store) {

@@ -583,6 +583,13 @@ pub fn nbdcopy_in_and_out(src: &Path, back: &Path, uri: &str, connections: usize
 /// fio's nbd engine: 64 MiB of 4 KiB random writes at queue depth 32, verified with crc32c;
 /// fio must report no errors.
 pub fn fio_randwrite_verify_crc32c_qd32(uri: &str) {
+    fio_verify_job(uri, "--do_verify=1");
+}
+
+/// fio's nbd engine: 4 KiB random writes over 64 MiB at queue depth 32 with crc32c
+/// verification; `mode` is `--do_verify=1` (write, then verify) or `--verify_only`. Fails on
+/// any fio error; returns fio's terse (v3) fields.
+pub fn fio_verify_job(uri: &str, mode: &str) -> Vec<String> {
     let out = run(
         "fio",
         &[
@@ -595,16 +602,23 @@ pub fn fio_randwrite_verify_crc32c_qd32(uri: &str) {
             "--size=64M",
             "--verify=crc32c",
             "--verify_fatal=1",
-            "--do_verify=1",
+            mode,
             "--verify_state_save=0",
             "--output-format=terse",
             "--terse-version=3",
         ],
     );
     // Terse v3: field 5 is the error count.
-    let fields: Vec<&str> = out.lines().last().unwrap_or("").split(';').collect();
+    let fields: Vec<String> = out
+        .lines()
+        .last()
+        .unwrap_or("")
+        .split(';')
+        .map(String::from)
+        .collect();
     assert!(fields.len() > 5, "{out}");
     assert_eq!(fields[4], "0", "fio reported errors on {uri}: {out}");
+    fields
 }
 
 /// A real ext4 on the export: nbdfuse exposes it as a file, losetup makes that a block device,
