@@ -29,7 +29,7 @@ use strata_bdev::{
 };
 use tokio::sync::Notify;
 
-use crate::cache::Cache;
+use crate::cache::{BlockKey, Cache, DiskCache};
 use crate::failpoint::failpoint;
 use crate::format::{self, Entry, Manifest, SegmentBuilder, SegmentRef, FOOTER_LEN, TOMBSTONE};
 use crate::objects::{retry, ObjError, Objects};
@@ -48,8 +48,16 @@ pub struct Settings {
     pub max_buffered_bytes: u64,
     /// Compact when an image has more segments than this (default 24).
     pub max_segments: usize,
-    /// Bytes of segment pages cached in memory (default 64 MiB).
+    /// Bytes of segment data cached in memory, per image (default 64 MiB).
     pub cache_bytes: u64,
+    /// The unit of the read cache and of reads from segments: a miss fetches the aligned block
+    /// of this many bytes around it (default 64 KiB; at least one page).
+    pub cache_block_bytes: u64,
+    /// Bytes of segment data cached in a local file, per image (default 0: no disk tier).
+    pub disk_cache_bytes: u64,
+    /// Directory of the disk tier's files (`NAME.cache`); default: the image's write-buffer
+    /// directory.
+    pub disk_cache_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -61,6 +69,9 @@ impl Default for Settings {
             max_buffered_bytes: 512 << 20,
             max_segments: 24,
             cache_bytes: 64 << 20,
+            cache_block_bytes: 64 << 10,
+            disk_cache_bytes: 0,
+            disk_cache_dir: None,
         }
     }
 }
@@ -81,23 +92,29 @@ struct SegLoc {
     crc: u32,
 }
 
+/// A segment of the manifest: its object key and the length of its page data.
+#[derive(Debug)]
+struct SegInfo {
+    key: String,
+    data_len: u64,
+}
+
 #[derive(Debug)]
 struct Base {
     manifest: Manifest,
     /// Segment ids of the manifest, oldest first.
     order: Vec<u32>,
-    /// Each segment's object key.
-    segs: HashMap<u32, Arc<str>>,
+    segs: HashMap<u32, Arc<SegInfo>>,
     next_seg: u32,
     map: HashMap<u64, SegLoc>,
 }
 
 impl Base {
     /// Give a segment an id and map its entries (newer than every entry mapped so far).
-    fn add_segment(&mut self, key: Arc<str>, entries: Vec<Entry>) -> u32 {
+    fn add_segment(&mut self, seg: Arc<SegInfo>, entries: Vec<Entry>) -> u32 {
         let id = self.next_seg;
         self.next_seg += 1;
-        self.segs.insert(id, key);
+        self.segs.insert(id, seg);
         for e in entries {
             let loc = SegLoc {
                 seg: id,
@@ -154,7 +171,11 @@ impl<'a> SegmentSink<'a> {
 pub struct ImageStats {
     pub checkpoints: AtomicU64,
     pub compactions: AtomicU64,
+    /// Pages read from cached blocks in memory.
     pub cache_hits: AtomicU64,
+    /// Pages read from cached blocks in the disk tier.
+    pub disk_cache_hits: AtomicU64,
+    /// Pages fetched from the object store.
     pub cache_misses: AtomicU64,
 }
 
@@ -167,6 +188,11 @@ struct Inner {
     wal: Wal,
     base: RwLock<Base>,
     cache: Mutex<Cache>,
+    disk_cache: Option<DiskCache>,
+    /// Blocks being fetched, so that concurrent readers share one GET.
+    inflight: Mutex<HashMap<BlockKey, tokio::sync::watch::Receiver<()>>>,
+    /// Bytes per cache block (a multiple of the page size).
+    block_bytes: u64,
     writer: String,
     fenced: Mutex<Option<String>>,
     kick: Notify,
@@ -208,6 +234,13 @@ fn now_secs() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+fn seg_info(image: &str, r: &SegmentRef, page_bits: u32) -> Arc<SegInfo> {
+    Arc::new(SegInfo {
+        key: format!("images/{image}/{}", r.key),
+        data_len: r.pages << page_bits,
+    })
 }
 
 fn obj_err(what: &str, e: ObjError) -> Error {
@@ -384,14 +417,41 @@ impl PageStore {
             .await?;
         let pages = manifest.image_size >> manifest.page_size_bits;
         for (s, entries) in manifest.segments.iter().zip(indexes) {
-            let key: Arc<str> = format!("images/{name}/{}", s.key).into();
             let entries = entries.into_iter().filter(|e| e.page < pages).collect();
-            let id = base.add_segment(key, entries);
+            let id = base.add_segment(seg_info(name, s, manifest.page_size_bits), entries);
             base.order.push(id);
         }
         let page_size = 1usize << manifest.page_size_bits;
         let dir = self.buffer_dir.join(name);
         let (wal, replayed) = Wal::open(&dir, page_size, manifest.wal_generation)?;
+        let block_bytes = self
+            .settings
+            .cache_block_bytes
+            .next_multiple_of(page_size as u64)
+            .max(page_size as u64);
+        let disk_cache = match self.settings.disk_cache_bytes {
+            0 => None,
+            bytes => {
+                let path = match &self.settings.disk_cache_dir {
+                    Some(d) => d.join(format!("{name}.cache")),
+                    None => dir.join("read.cache"),
+                };
+                let made = match path.parent() {
+                    Some(parent) => std::fs::create_dir_all(parent),
+                    None => Ok(()),
+                };
+                let d = made
+                    .and_then(|()| DiskCache::open(&path, bytes, block_bytes))
+                    .map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::Io,
+                            format!("open image {name}: read cache file {}", path.display()),
+                            e,
+                        )
+                    })?;
+                Some(d)
+            }
+        };
         for (g, r) in &replayed {
             tracing::info!(
                 image = name,
@@ -411,6 +471,9 @@ impl PageStore {
             wal,
             base: RwLock::new(base),
             cache: Mutex::new(Cache::new(self.settings.cache_bytes)),
+            disk_cache,
+            inflight: Mutex::new(HashMap::new()),
+            block_bytes,
             writer,
             fenced: Mutex::new(None),
             kick: Notify::new(),
@@ -575,10 +638,6 @@ impl Inner {
         m
     }
 
-    fn segment_key(&self, rel: &str) -> Arc<str> {
-        format!("images/{}/{rel}", self.name).into()
-    }
-
     async fn checkpoint_generation(&self, g: u64) -> Result<()> {
         let Some((file, pages)) = self.wal.frozen(g) else {
             return Ok(());
@@ -613,7 +672,7 @@ impl Inner {
         {
             let mut base = self.base.write().expect("lock");
             for (r, entries) in made {
-                let id = base.add_segment(self.segment_key(&r.key), entries);
+                let id = base.add_segment(seg_info(&self.name, &r, self.page_bits), entries);
                 base.order.push(id);
             }
             base.manifest = next;
@@ -635,7 +694,7 @@ impl Inner {
                 return Ok(());
             }
             let victims: Vec<u32> = base.order[..n].to_vec();
-            let mut live: Vec<(u64, SegLoc, Arc<str>)> = base
+            let mut live: Vec<(u64, SegLoc, Arc<SegInfo>)> = base
                 .map
                 .iter()
                 .filter(|(_, l)| victims.contains(&l.seg) && l.slot != TOMBSTONE)
@@ -651,11 +710,15 @@ impl Inner {
             (victims, live, base.manifest.version)
         };
         let mut sink = SegmentSink::new(self, format!("segments/c{version:016x}-{}", self.writer));
-        for (page, loc, key) in &live {
-            let data = self
-                .read_segment_run(loc.seg, key, loc.slot, &[(*page, loc.crc)])
-                .await?;
-            sink.builder.page(*page, &data[0]);
+        // One output segment's worth of pages at a time, in page order. Every segment's slots
+        // are in page order too, so a batch covers one slot interval of each victim: a few
+        // ranged GETs per victim and batch, and no byte of a victim is fetched twice.
+        let batch = (self.store.settings.segment_bytes / self.page_size as u64).max(1) as usize;
+        for chunk in live.chunks(batch) {
+            let pages = self.fetch_pages(chunk).await?;
+            for ((page, _, _), data) in chunk.iter().zip(&pages) {
+                sink.builder.page(*page, data);
+            }
             sink.cut(false).await?;
         }
         let made = sink.finish().await?;
@@ -671,7 +734,7 @@ impl Inner {
             let mut base = self.base.write().expect("lock");
             let mut order = Vec::new();
             for (r, entries) in made {
-                order.push(base.add_segment(self.segment_key(&r.key), entries));
+                order.push(base.add_segment(seg_info(&self.name, &r, self.page_bits), entries));
             }
             // Tombstones in the merged segments hid nothing older: drop them.
             base.map.retain(|_, l| !victims.contains(&l.seg));
@@ -686,42 +749,37 @@ impl Inner {
             .lock()
             .expect("lock")
             .forget(|seg| victims.contains(&seg));
+        if let Some(d) = &self.disk_cache {
+            d.forget(|seg| victims.contains(&seg));
+        }
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(image = %self.name, merged = victims.len(), into = merged_into, "compaction done");
         Ok(())
     }
 
-    /// Pages at consecutive slots of segment `seg` (object `key`), through the cache, each
-    /// checked against its checksum (`pages`: page number and checksum per slot). The key is
-    /// taken with the page map, so a compaction that drops the segment meanwhile cannot fail
-    /// the read: its objects stay in the store.
-    async fn read_segment_run(
-        &self,
-        seg: u32,
-        key: &str,
-        first_slot: u32,
-        pages: &[(u64, u32)],
-    ) -> Result<Vec<Bytes>> {
-        let ps = self.page_size as u64;
-        let cached: Option<Vec<Bytes>> = {
+    /// Put fetched blocks, numbered from `first`, into both cache tiers.
+    fn keep_blocks(&self, seg: u32, first: u64, blocks: &[Option<Bytes>]) {
+        {
             let mut c = self.cache.lock().expect("lock");
-            (0..pages.len())
-                .map(|i| c.get(seg, first_slot + i as u32))
-                .collect()
-        };
-        if let Some(hit) = cached {
-            self.stats
-                .cache_hits
-                .fetch_add(pages.len() as u64, Ordering::Relaxed);
-            return Ok(hit);
+            for (k, b) in blocks.iter().enumerate() {
+                if let Some(b) = b {
+                    c.put((seg, (first + k as u64) as u32), b.clone());
+                }
+            }
         }
-        self.stats
-            .cache_misses
-            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        if let Some(d) = &self.disk_cache {
+            for (k, b) in blocks.iter().enumerate() {
+                if let Some(b) = b {
+                    d.put((seg, (first + k as u64) as u32), b);
+                }
+            }
+        }
+    }
+
+    /// A ranged GET, retried.
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         let objects = &*self.store.objects;
-        let start = u64::from(first_slot) * ps;
-        let range = start..start + pages.len() as u64 * ps;
-        let bytes = retry(
+        retry(
             objects,
             "read segment",
             4,
@@ -729,25 +787,212 @@ impl Inner {
             || objects.get_range(key, range.clone()),
         )
         .await
-        .map_err(|e| obj_err(&format!("read image {}", self.name), e))?;
-        let mut out = Vec::with_capacity(pages.len());
-        let mut c = self.cache.lock().expect("lock");
-        for (i, (page, crc)) in pages.iter().enumerate() {
-            let b = bytes.slice(i * ps as usize..(i + 1) * ps as usize);
-            if crc32c::crc32c(&b) != *crc {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    format!(
-                        "read image {}: page {page} fails its checksum in segment {key} (the object is \
-                         corrupt); not served",
-                        self.name
-                    ),
-                ));
+        .map_err(|e| obj_err(&format!("read image {}", self.name), e))
+    }
+
+    fn corrupt(&self, page: u64, key: &str) -> Error {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "read image {}: page {page} fails its checksum in segment {key} (the object is \
+                 corrupt); not served",
+                self.name
+            ),
+        )
+    }
+
+    /// The pages `live` names (any segments, in page order), straight from the object store,
+    /// each checked against its checksum. Slots of one segment close together (at most 4
+    /// pages apart) are fetched in one GET.
+    async fn fetch_pages(&self, live: &[(u64, SegLoc, Arc<SegInfo>)]) -> Result<Vec<Bytes>> {
+        let ps = self.page_size as u64;
+        let mut by_seg: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, (_, l, _)) in live.iter().enumerate() {
+            by_seg.entry(l.seg).or_default().push(i);
+        }
+        let mut out = vec![Bytes::new(); live.len()];
+        for idx in by_seg.values_mut() {
+            idx.sort_unstable_by_key(|&i| live[i].1.slot);
+            let info = &live[idx[0]].2;
+            let mut k = 0;
+            while k < idx.len() {
+                let first = live[idx[k]].1.slot;
+                let mut n = 1;
+                while n + k < idx.len()
+                    && live[idx[k + n]].1.slot <= live[idx[k + n - 1]].1.slot + 5
+                {
+                    n += 1;
+                }
+                let last = live[idx[k + n - 1]].1.slot;
+                let base = u64::from(first) * ps;
+                let bytes = self
+                    .get_range(&info.key, base..(u64::from(last) + 1) * ps)
+                    .await?;
+                for &i in &idx[k..k + n] {
+                    let (page, l, _) = &live[i];
+                    let at = (u64::from(l.slot) * ps - base) as usize;
+                    let b = bytes.slice(at..at + ps as usize);
+                    if crc32c::crc32c(&b) != l.crc {
+                        return Err(self.corrupt(*page, &info.key));
+                    }
+                    out[i] = b;
+                }
+                k += n;
             }
-            c.put(seg, first_slot + i as u32, b.clone());
-            out.push(b);
         }
         Ok(out)
+    }
+
+    /// Pages at consecutive slots of segment `seg`, through the cache, each checked against
+    /// its checksum (`pages`: page number and checksum per slot). A miss fetches the aligned
+    /// cache blocks around it, consecutive missing blocks in one GET. The segment is taken
+    /// with the page map, so a compaction that drops it meanwhile cannot fail the read: its
+    /// objects stay in the store.
+    async fn read_segment_run(
+        &self,
+        seg: u32,
+        info: &SegInfo,
+        first_slot: u32,
+        pages: &[(u64, u32)],
+    ) -> Result<Vec<Bytes>> {
+        let ps = self.page_size as u64;
+        let bb = self.block_bytes;
+        let start = u64::from(first_slot) * ps;
+        let end = start + pages.len() as u64 * ps;
+        let (b0, b1) = (start / bb, (end - 1) / bb + 1);
+        // A block from a cache that fails a checksum is dropped and fetched once more.
+        for bypass in [false, true] {
+            let mut blocks: Vec<Option<Bytes>> = vec![None; (b1 - b0) as usize];
+            // Where each block came from: the store, memory, or the disk tier.
+            let mut tier = vec![Tier::Store; blocks.len()];
+            if !bypass {
+                let mut c = self.cache.lock().expect("lock");
+                for (i, b) in blocks.iter_mut().enumerate() {
+                    *b = c.get((seg, (b0 + i as u64) as u32));
+                    if b.is_some() {
+                        tier[i] = Tier::Memory;
+                    }
+                }
+                drop(c);
+                if let Some(d) = &self.disk_cache {
+                    for (i, b) in blocks.iter_mut().enumerate().filter(|(_, b)| b.is_none()) {
+                        let key = (seg, (b0 + i as u64) as u32);
+                        if let Some(hit) = d.get(key) {
+                            self.cache.lock().expect("lock").put(key, hit.clone());
+                            *b = Some(hit);
+                            tier[i] = Tier::Disk;
+                        }
+                    }
+                }
+            }
+            // Blocks no cache had: fetch those nobody is fetching, consecutive ones in one GET,
+            // and wait for the others.
+            let mut claims = Claims {
+                inner: self,
+                keys: Vec::new(),
+            };
+            let mut waits = Vec::new();
+            let mut mine = vec![false; blocks.len()];
+            {
+                let mut fl = self.inflight.lock().expect("lock");
+                for (i, _) in blocks.iter().enumerate().filter(|(_, b)| b.is_none()) {
+                    let key = (seg, (b0 + i as u64) as u32);
+                    match fl.get(&key) {
+                        _ if bypass => mine[i] = true,
+                        Some(rx) => waits.push((i, rx.clone())),
+                        None => {
+                            let (tx, rx) = tokio::sync::watch::channel(());
+                            fl.insert(key, rx);
+                            claims.keys.push((key, tx));
+                            mine[i] = true;
+                        }
+                    }
+                }
+            }
+            let mut i = 0;
+            while i < blocks.len() {
+                if !mine[i] {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < blocks.len() && mine[j] {
+                    j += 1;
+                }
+                let lo = (b0 + i as u64) * bb;
+                let hi = ((b0 + j as u64) * bb).min(info.data_len.max(end));
+                let bytes = self.get_range(&info.key, lo..hi).await?;
+                for (k, b) in blocks[i..j].iter_mut().enumerate() {
+                    let at = k * bb as usize;
+                    let block =
+                        bytes.slice(at.min(bytes.len())..(at + bb as usize).min(bytes.len()));
+                    *b = Some(block);
+                }
+                self.keep_blocks(seg, b0 + i as u64, &blocks[i..j]);
+                i = j;
+            }
+            // Done: whoever waits for these blocks finds them in the cache.
+            drop(claims);
+            for (i, mut rx) in waits {
+                // Returns when the fetcher is done (it never sends; it drops its sender).
+                let _ = rx.changed().await;
+                let key = (seg, (b0 + i as u64) as u32);
+                let hit = self.cache.lock().expect("lock").get(key);
+                blocks[i] = match hit {
+                    Some(b) => Some(b),
+                    // Its fetch failed, or the block was evicted already: fetch it here.
+                    None => {
+                        let lo = (b0 + i as u64) * bb;
+                        let hi = (lo + bb).min(info.data_len.max(end));
+                        let b = self.get_range(&info.key, lo..hi).await?;
+                        self.keep_blocks(
+                            seg,
+                            b0 + i as u64,
+                            std::slice::from_ref(&Some(b.clone())),
+                        );
+                        Some(b)
+                    }
+                };
+            }
+            let mut out = Vec::with_capacity(pages.len());
+            let mut bad = None;
+            for (n, (page, crc)) in pages.iter().enumerate() {
+                let at = start + n as u64 * ps;
+                let bi = (at / bb - b0) as usize;
+                let block = blocks[bi].as_ref().expect("every block was filled");
+                let off = (at % bb) as usize;
+                let p = block.slice(off.min(block.len())..(off + ps as usize).min(block.len()));
+                if p.len() as u64 != ps || crc32c::crc32c(&p) != *crc {
+                    bad = Some((*page, bi));
+                    break;
+                }
+                out.push(p);
+            }
+            match bad {
+                None => {
+                    for n in 0..pages.len() as u64 {
+                        let counter = match tier[((start + n * ps) / bb - b0) as usize] {
+                            Tier::Store => &self.stats.cache_misses,
+                            Tier::Memory => &self.stats.cache_hits,
+                            Tier::Disk => &self.stats.disk_cache_hits,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(out);
+                }
+                Some((page, bi)) if tier[bi] != Tier::Store => {
+                    tracing::warn!(image = %self.name, page, segment = %info.key,
+                        "a cached block fails its checksum; fetching it again");
+                    let key = (seg, (b0 + bi as u64) as u32);
+                    self.cache.lock().expect("lock").remove(key);
+                    if let Some(d) = &self.disk_cache {
+                        d.remove(key);
+                    }
+                }
+                Some((page, _)) => return Err(self.corrupt(page, &info.key)),
+            }
+        }
+        unreachable!("the second pass returns")
     }
 
     async fn wait_for_room(&self) -> Result<()> {
@@ -777,11 +1022,38 @@ impl Inner {
     }
 }
 
+/// Blocks this reader is fetching; dropping it (done, failed or cancelled) releases whoever
+/// waits for them.
+struct Claims<'a> {
+    inner: &'a Inner,
+    keys: Vec<(BlockKey, tokio::sync::watch::Sender<()>)>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        let mut fl = self.inner.inflight.lock().expect("lock");
+        for (key, _) in &self.keys {
+            fl.remove(key);
+        }
+    }
+}
+
+/// Segment runs of one read fetched at once.
+const READ_FANOUT: usize = 32;
+
+/// Where a cache block came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    Store,
+    Memory,
+    Disk,
+}
+
 /// Where one page of a read comes from.
 enum Src {
     Wal(Arc<File>, u64),
-    /// Where in a segment, and the segment's object key.
-    Seg(SegLoc, Arc<str>),
+    /// Where in which segment.
+    Seg(SegLoc, Arc<SegInfo>),
     Zero,
 }
 
@@ -890,6 +1162,7 @@ impl BlockDevice for Image {
         let (first, count) = inner.first_and_count(offset, len as u64);
         let srcs = self.sources(first, count);
         let mut out = BytesMut::zeroed(len);
+        let mut runs = Vec::new();
         let mut i = 0;
         while i < srcs.len() {
             match &srcs[i] {
@@ -913,7 +1186,8 @@ impl BlockDevice for Image {
                         })?;
                     i += n;
                 }
-                Src::Seg(l, key) => {
+                Src::Seg(l, info) => {
+                    // Consecutive slots of one segment: one run.
                     let mut run = vec![(first + i as u64, l.crc)];
                     while let Some(Src::Seg(l2, _)) = srcs.get(i + run.len()) {
                         if l2.seg != l.seg || l2.slot != l.slot + run.len() as u32 {
@@ -921,12 +1195,25 @@ impl BlockDevice for Image {
                         }
                         run.push((first + (i + run.len()) as u64, l2.crc));
                     }
-                    let pages = inner.read_segment_run(l.seg, key, l.slot, &run).await?;
-                    for (k, p) in pages.iter().enumerate() {
-                        out[(i + k) * ps..(i + k + 1) * ps].copy_from_slice(p);
-                    }
-                    i += run.len();
+                    let n = run.len();
+                    runs.push((i, *l, info.clone(), run));
+                    i += n;
                 }
+            }
+        }
+        // The runs' GETs go out together: a read of pages scattered over many segments costs
+        // one round trip, not one per segment.
+        let fetched: Vec<(usize, Vec<Bytes>)> = futures_util::stream::iter(runs)
+            .map(|(i, l, info, run)| async move {
+                let pages = inner.read_segment_run(l.seg, &info, l.slot, &run).await?;
+                Ok::<_, Error>((i, pages))
+            })
+            .buffer_unordered(READ_FANOUT)
+            .try_collect()
+            .await?;
+        for (i, pages) in fetched {
+            for (k, p) in pages.iter().enumerate() {
+                out[(i + k) * ps..(i + k + 1) * ps].copy_from_slice(p);
             }
         }
         Ok(out.freeze())

@@ -35,7 +35,12 @@ fn small() -> Settings {
         max_buffered_bytes: 64 << 20,
         max_segments: 6,
         cache_bytes: 1 << 20,
+        ..Settings::default()
     }
+}
+
+fn gets(img: &Image) -> u64 {
+    img.store_stats().counts()[0]
 }
 
 fn page(seed: u8) -> Bytes {
@@ -117,6 +122,7 @@ async fn compaction_bounds_segments_and_keeps_every_page() {
     let ps = store(dir.path(), "buffer", settings);
     let img = ps.open("c", Some((16 << 20, 12))).await.unwrap();
     let mut model = vec![None; 512];
+    let gets_before = gets(&img);
     for round in 0..12u8 {
         for k in 0..40u64 {
             let p = (k * 13 + u64::from(round) * 7) % 512;
@@ -133,6 +139,9 @@ async fn compaction_bounds_segments_and_keeps_every_page() {
         img.checkpoint().await.unwrap();
     }
     assert!(img.stats().compactions.load(Ordering::Relaxed) >= 1);
+    // Compaction fetches slot ranges, not one page per GET.
+    let compaction_gets = gets(&img) - gets_before;
+    assert!(compaction_gets < 100, "{compaction_gets} GETs");
     assert!(
         img.segment_count() <= small().max_segments,
         "{}",
@@ -144,6 +153,63 @@ async fn compaction_bounds_segments_and_keeps_every_page() {
         let want = m.map_or_else(|| Bytes::from(vec![0u8; PS]), page);
         assert_eq!(read(&img, p as u64).await, want, "page {p}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_fetch_whole_cache_blocks_and_the_disk_tier_serves_them_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        checkpoint_bytes: 64 << 20,
+        segment_bytes: 1 << 20,
+        cache_bytes: 64 << 10,
+        cache_block_bytes: 64 << 10,
+        disk_cache_bytes: 4 << 20,
+        ..small()
+    };
+    let ps = store(dir.path(), "buffer", settings);
+    let img = ps.open("cached", Some((8 << 20, 12))).await.unwrap();
+    for p in 0..256 {
+        write(&img, p, p as u8).await;
+    }
+    img.checkpoint().await.unwrap();
+    assert_eq!(img.segment_count(), 1);
+    img.close().await;
+    let img = ps.open("cached", None).await.unwrap();
+    let read_all = || async {
+        for p in 0..256 {
+            assert_eq!(read(&img, p).await, page(p as u8), "page {p}");
+        }
+    };
+    // Cold: one GET per 64 KiB block, whatever the read size, and concurrent readers of a
+    // block share its GET.
+    let g0 = gets(&img);
+    let together = (0..16).map(|p| read(&img, p));
+    for (p, got) in futures_util::future::join_all(together).await.into_iter().enumerate() {
+        assert_eq!(got, page(p as u8));
+    }
+    assert_eq!(gets(&img) - g0, 1, "one GET for one block");
+    read_all().await;
+    assert_eq!(gets(&img) - g0, 16);
+    // Memory holds one block; the disk tier holds them all.
+    let g1 = gets(&img);
+    read_all().await;
+    assert_eq!(gets(&img), g1, "served from the caches");
+    // The first page of each block comes from disk, the rest from memory.
+    assert!(img.stats().disk_cache_hits.load(Ordering::Relaxed) >= 15);
+    // A damaged cache file is caught by the page checksums and read again from the store.
+    let path = dir.path().join("buffer/cached/read.cache");
+    let mut b = std::fs::read(&path).unwrap();
+    assert_eq!(b.len(), 1 << 20);
+    for i in (100..b.len()).step_by(PS) {
+        b[i] ^= 0x5a;
+    }
+    std::fs::write(&path, &b).unwrap();
+    read_all().await;
+    assert!(gets(&img) > g1, "refetched from the store");
+    // And kept again, good this time.
+    let g2 = gets(&img);
+    read_all().await;
+    assert_eq!(gets(&img), g2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -146,12 +146,14 @@ pub fn status(target: &Target, args: &StatusArgs) -> anyhow::Result<()> {
                 i.compactions
             );
             println!(
-                "  store: {} GETs, {} PUTs, {} errors, {} retries; cache {} hits, {} misses",
+                "  store: {} GETs, {} PUTs, {} errors, {} retries; pages read from memory {}, \
+                 disk cache {}, store {}",
                 i.store_gets,
                 i.store_puts,
                 i.store_errors,
                 i.store_retries,
                 i.cache_hits,
+                i.disk_cache_hits,
                 i.cache_misses
             );
             if let Some(f) = &i.fenced {

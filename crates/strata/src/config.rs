@@ -141,9 +141,18 @@ pub struct PageStoreConfig {
     /// Compact an image with more segments than this.
     #[serde(default)]
     pub max_segments: Option<usize>,
-    /// Memory for cached segment pages, per image.
+    /// Memory for cached segment data, per image.
     #[serde(default)]
     pub cache_bytes: Option<Size>,
+    /// The read cache's unit: a miss fetches the aligned block around it.
+    #[serde(default)]
+    pub cache_block: Option<Size>,
+    /// Local disk for cached segment data, per image (0: none).
+    #[serde(default)]
+    pub disk_cache_bytes: Option<Size>,
+    /// Where the disk cache's files go (default: each image's write-buffer directory).
+    #[serde(default)]
+    pub disk_cache_dir: Option<String>,
 }
 
 impl PageStoreConfig {
@@ -166,6 +175,12 @@ impl PageStoreConfig {
         }
         if let Some(v) = self.cache_bytes {
             s.cache_bytes = v.0;
+        }
+        if let Some(v) = self.cache_block {
+            s.cache_block_bytes = v.0;
+        }
+        if let Some(v) = self.disk_cache_bytes {
+            s.disk_cache_bytes = v.0;
         }
         s
     }

@@ -100,7 +100,10 @@ pub struct ImageInfo {
     pub buffered_bytes: u64,
     pub checkpoints: u64,
     pub compactions: u64,
+    /// Pages read from the memory cache, the disk cache, and the store.
     pub cache_hits: u64,
+    #[serde(default)]
+    pub disk_cache_hits: u64,
     pub cache_misses: u64,
     /// Requests to its object store (shared by the images in that store).
     pub store_gets: u64,
@@ -130,6 +133,7 @@ fn image_info(i: &strata_pagestore::Image) -> ImageInfo {
         checkpoints: st.checkpoints.load(Relaxed),
         compactions: st.compactions.load(Relaxed),
         cache_hits: st.cache_hits.load(Relaxed),
+        disk_cache_hits: st.disk_cache_hits.load(Relaxed),
         cache_misses: st.cache_misses.load(Relaxed),
         store_gets: gets,
         store_puts: puts,

@@ -245,13 +245,19 @@ fn image_opener(config: &Config, data_dir: &Path) -> anyhow::Result<strata_pages
     let mut opener = ImageOpener::new();
     for (name, sc) in entries {
         let objects = Store::open(&sc).map_err(|e| anyhow::anyhow!("store {name:?}: {e}"))?;
+        // One buffer (and cache) directory per store, so that equal image names never meet.
+        let mut settings = settings.clone();
+        settings.disk_cache_dir = config
+            .pagestore
+            .disk_cache_dir
+            .as_deref()
+            .map(|d| PathBuf::from(crate::config::expand_uri(d, data_dir)).join(&name));
         opener.add_store(
             &name,
             PageStore {
                 objects: Arc::new(objects),
-                // One buffer directory per store, so that equal image names never meet.
                 buffer_dir: buffer_dir.join(&name),
-                settings: settings.clone(),
+                settings,
             },
         );
     }
