@@ -201,6 +201,12 @@ struct Inner {
     /// When the active generation last became non-empty (or was last checkpointed).
     last_checkpoint: Mutex<Instant>,
     checkpointing: tokio::sync::Mutex<()>,
+    /// Held from computing a manifest version to publishing it and updating the page map:
+    /// checkpoints and a compaction running alongside take turns.
+    publishing: tokio::sync::Mutex<()>,
+    compacting: tokio::sync::Mutex<()>,
+    /// The compaction running in the background, if any.
+    compaction: Mutex<Option<tokio::task::JoinHandle<()>>>,
     stats: ImageStats,
 }
 
@@ -222,6 +228,7 @@ impl Drop for Image {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.progress.notify_waiters();
         self.task.abort();
+        self.inner.stop_compaction();
     }
 }
 
@@ -481,6 +488,9 @@ impl PageStore {
             closed: AtomicBool::new(false),
             last_checkpoint: Mutex::new(Instant::now()),
             checkpointing: tokio::sync::Mutex::new(()),
+            publishing: tokio::sync::Mutex::new(()),
+            compacting: tokio::sync::Mutex::new(()),
+            compaction: Mutex::new(None),
             stats: ImageStats::default(),
         });
         tracing::info!(
@@ -508,6 +518,7 @@ async fn checkpointer(inner: Arc<Inner>) {
         if inner.closed.load(Ordering::Acquire) {
             return;
         }
+        inner.maybe_compact_in_background();
         let due = {
             let (active, _) = inner.wal.sizes();
             let age = inner.last_checkpoint.lock().expect("lock").elapsed();
@@ -553,12 +564,44 @@ impl Inner {
             self.checkpoint_generation(g).await?;
             self.progress.notify_waiters();
         }
-        let too_many =
-            self.base.read().expect("lock").order.len() > self.store.settings.max_segments;
-        if too_many {
+        Ok(())
+    }
+
+    fn too_many_segments(&self) -> bool {
+        self.base.read().expect("lock").order.len() > self.store.settings.max_segments
+    }
+
+    /// Compact, unless a compaction is running already.
+    async fn compact_now(&self) -> Result<()> {
+        let _turn = self.compacting.lock().await;
+        if self.too_many_segments() {
             self.compact().await?;
         }
         Ok(())
+    }
+
+    /// Start a compaction in its own task when segments pile up, so that checkpoints (and
+    /// the writes waiting for them) go on meanwhile.
+    fn maybe_compact_in_background(self: &Arc<Inner>) {
+        if !self.too_many_segments() || self.fenced().is_some() {
+            return;
+        }
+        let mut task = self.compaction.lock().expect("lock");
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let inner = self.clone();
+        *task = Some(tokio::spawn(async move {
+            if let Err(e) = inner.compact_now().await {
+                tracing::warn!(image = %inner.name, error = %e.chain(), "compaction");
+            }
+        }));
+    }
+
+    fn stop_compaction(&self) {
+        if let Some(t) = self.compaction.lock().expect("lock").take() {
+            t.abort();
+        }
     }
 
     /// Upload `objects` as segments under a fresh key each; returns their references.
@@ -662,6 +705,7 @@ impl Inner {
         }
         let made = sink.finish().await?;
         failpoint("checkpoint-after-segments");
+        let publishing = self.publishing.lock().await;
         let next = self.next_manifest(|m| {
             m.segments.extend(made.iter().map(|(r, _)| r.clone()));
             m.wal_generation = g;
@@ -677,6 +721,7 @@ impl Inner {
             }
             base.manifest = next;
         }
+        drop(publishing);
         self.wal.retire(g)?;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(image = %self.name, generation = g, segments, "checkpoint done");
@@ -723,6 +768,9 @@ impl Inner {
         }
         let made = sink.finish().await?;
         failpoint("compaction-after-segments");
+        // Checkpoints may have published meanwhile: they only append, so the victims are
+        // still the oldest segments, and pages they rewrote stay theirs.
+        let _publishing = self.publishing.lock().await;
         let next = self.next_manifest(|m| {
             let rest = m.segments.split_off(victims.len());
             m.segments = made.iter().map(|(r, _)| r.clone()).chain(rest).collect();
@@ -732,12 +780,27 @@ impl Inner {
         let merged_into = made.len();
         {
             let mut base = self.base.write().expect("lock");
+            // Only pages still mapped to a victim move to the merged segments (a checkpoint
+            // since may have a newer version); tombstones in victims hid nothing older.
+            let entries: Vec<Vec<Entry>> = made
+                .iter()
+                .map(|(_, entries)| {
+                    entries
+                        .iter()
+                        .filter(|e| {
+                            base.map
+                                .get(&e.page)
+                                .is_some_and(|l| victims.contains(&l.seg))
+                        })
+                        .copied()
+                        .collect()
+                })
+                .collect();
+            base.map.retain(|_, l| !victims.contains(&l.seg));
             let mut order = Vec::new();
-            for (r, entries) in made {
+            for ((r, _), entries) in made.into_iter().zip(entries) {
                 order.push(base.add_segment(seg_info(&self.name, &r, self.page_bits), entries));
             }
-            // Tombstones in the merged segments hid nothing older: drop them.
-            base.map.retain(|_, l| !victims.contains(&l.seg));
             for v in &victims {
                 base.segs.remove(v);
             }
@@ -802,8 +865,8 @@ impl Inner {
     }
 
     /// The pages `live` names (any segments, in page order), straight from the object store,
-    /// each checked against its checksum. Slots of one segment close together (at most 4
-    /// pages apart) are fetched in one GET.
+    /// each checked against its checksum. Slots of one segment close together (less than
+    /// `COMPACTION_GAP` pages apart) are fetched in one GET.
     async fn fetch_pages(&self, live: &[(u64, SegLoc, Arc<SegInfo>)]) -> Result<Vec<Bytes>> {
         let ps = self.page_size as u64;
         let mut by_seg: HashMap<u32, Vec<usize>> = HashMap::new();
@@ -819,7 +882,7 @@ impl Inner {
                 let first = live[idx[k]].1.slot;
                 let mut n = 1;
                 while n + k < idx.len()
-                    && live[idx[k + n]].1.slot <= live[idx[k + n - 1]].1.slot + 5
+                    && live[idx[k + n]].1.slot < live[idx[k + n - 1]].1.slot + COMPACTION_GAP
                 {
                     n += 1;
                 }
@@ -1038,6 +1101,10 @@ impl Drop for Claims<'_> {
     }
 }
 
+/// Compaction fetches dead pages between live ones rather than split a GET at gaps shorter
+/// than this (pages): fewer requests for at most this many pages of waste per live page.
+const COMPACTION_GAP: u32 = 64;
+
 /// Segment runs of one read fetched at once.
 const READ_FANOUT: usize = 32;
 
@@ -1097,7 +1164,8 @@ impl Image {
     /// Checkpoint now: everything written so far goes to the object store.
     pub async fn checkpoint(&self) -> Result<()> {
         self.inner.check_fenced("checkpoint")?;
-        self.inner.checkpoint().await
+        self.inner.checkpoint().await?;
+        self.inner.compact_now().await
     }
 
     /// Stop the checkpoint task and release the write buffer (what is buffered stays there for
@@ -1105,6 +1173,7 @@ impl Image {
     pub async fn close(mut self) {
         self.inner.closed.store(true, Ordering::Release);
         self.task.abort();
+        self.inner.stop_compaction();
         let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
         let _ = task.await;
     }

@@ -184,7 +184,11 @@ async fn reads_fetch_whole_cache_blocks_and_the_disk_tier_serves_them_again() {
     // block share its GET.
     let g0 = gets(&img);
     let together = (0..16).map(|p| read(&img, p));
-    for (p, got) in futures_util::future::join_all(together).await.into_iter().enumerate() {
+    for (p, got) in futures_util::future::join_all(together)
+        .await
+        .into_iter()
+        .enumerate()
+    {
         assert_eq!(got, page(p as u8));
     }
     assert_eq!(gets(&img) - g0, 1, "one GET for one block");
@@ -210,6 +214,72 @@ async fn reads_fetch_whole_cache_blocks_and_the_disk_tier_serves_them_again() {
     let g2 = gets(&img);
     read_all().await;
     assert_eq!(gets(&img), g2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_during_a_compaction_keeps_its_newer_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner: Arc<dyn Objects> = Arc::new(
+        Store::open(&StoreConfig::Dir {
+            path: dir.path().join("objects"),
+        })
+        .unwrap(),
+    );
+    let with = |objects: Arc<dyn Objects>, max_segments| PageStore {
+        objects,
+        buffer_dir: dir.path().join("buffer"),
+        settings: Settings {
+            max_segments,
+            segment_bytes: 1 << 20,
+            ..small()
+        },
+    };
+    // Eight checkpoints of 64 pages each; the oldest holds pages 0..64.
+    let img = with(inner.clone(), 100)
+        .open("race", Some((4 << 20, 12)))
+        .await
+        .unwrap();
+    for round in 0..8u8 {
+        for p in 0..64 {
+            write(&img, u64::from(round) * 64 + p, round).await;
+        }
+        img.checkpoint().await.unwrap();
+    }
+    img.close().await;
+    // Reopened with room for four, and every request slow: the background compaction that
+    // opening starts takes a while.
+    let faulty = Arc::new(FaultyObjects::new(inner.clone()));
+    faulty.delay_us.store(100_000, Ordering::Relaxed);
+    let img = with(faulty.clone(), 4).open("race", None).await.unwrap();
+    assert!(img.segment_count() > 4, "{}", img.segment_count());
+    let g0 = inner.stats().counts()[0];
+    let started = async {
+        while inner.stats().counts()[0] == g0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), started)
+        .await
+        .expect("a compaction starts");
+    assert_eq!(img.stats().compactions.load(Ordering::Relaxed), 0);
+    // While it reads the old versions, a checkpoint publishes newer ones (and then waits for
+    // the compaction to end).
+    for p in 0..64 {
+        write(&img, p, 200).await;
+    }
+    img.checkpoint().await.unwrap();
+    assert!(img.stats().compactions.load(Ordering::Relaxed) >= 1);
+    for p in 0..512 {
+        let want = if p < 64 { 200 } else { (p / 64) as u8 };
+        assert_eq!(read(&img, p).await, page(want), "page {p}");
+    }
+    faulty.delay_us.store(0, Ordering::Relaxed);
+    img.close().await;
+    let img = with(inner, 4).open("race", None).await.unwrap();
+    for p in 0..512 {
+        let want = if p < 64 { 200 } else { (p / 64) as u8 };
+        assert_eq!(read(&img, p).await, page(want), "page {p} after a reopen");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
