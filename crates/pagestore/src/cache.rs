@@ -89,6 +89,11 @@ impl Cache {
         self.lru.get(key)
     }
 
+    /// Whether the block is cached (without counting as a use).
+    pub fn contains(&self, key: BlockKey) -> bool {
+        self.lru.entries.contains_key(&key)
+    }
+
     pub fn put(&mut self, key: BlockKey, b: Bytes) {
         let len = b.len() as u64;
         if len > self.capacity {

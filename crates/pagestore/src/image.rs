@@ -191,6 +191,8 @@ struct Inner {
     disk_cache: Option<DiskCache>,
     /// Blocks being fetched, so that concurrent readers share one GET.
     inflight: Mutex<HashMap<BlockKey, tokio::sync::watch::Receiver<()>>>,
+    /// Where the last read ended, to recognize sequential streams.
+    last_read_end: AtomicU64,
     /// Bytes per cache block (a multiple of the page size).
     block_bytes: u64,
     writer: String,
@@ -480,6 +482,7 @@ impl PageStore {
             cache: Mutex::new(Cache::new(self.settings.cache_bytes)),
             disk_cache,
             inflight: Mutex::new(HashMap::new()),
+            last_read_end: AtomicU64::new(u64::MAX),
             block_bytes,
             writer,
             fenced: Mutex::new(None),
@@ -917,6 +920,7 @@ impl Inner {
         info: &SegInfo,
         first_slot: u32,
         pages: &[(u64, u32)],
+        ahead: u32,
     ) -> Result<Vec<Bytes>> {
         let ps = self.page_size as u64;
         let bb = self.block_bytes;
@@ -969,6 +973,23 @@ impl Inner {
                             claims.keys.push((key, tx));
                             mine[i] = true;
                         }
+                    }
+                }
+                // Read-ahead: the GET that ends the run also takes the segment's next blocks
+                // that nobody has or fetches.
+                if !bypass && mine.last() == Some(&true) {
+                    let c = self.cache.lock().expect("lock");
+                    for b in b1..b1 + u64::from(ahead) {
+                        let key = (seg, b as u32);
+                        if b * bb >= info.data_len || c.contains(key) || fl.contains_key(&key) {
+                            break;
+                        }
+                        let (tx, rx) = tokio::sync::watch::channel(());
+                        fl.insert(key, rx);
+                        claims.keys.push((key, tx));
+                        blocks.push(None);
+                        mine.push(true);
+                        tier.push(Tier::Store);
                     }
                 }
             }
@@ -1105,6 +1126,13 @@ impl Drop for Claims<'_> {
 /// than this (pages): fewer requests for at most this many pages of waste per live page.
 const COMPACTION_GAP: u32 = 64;
 
+/// Reads starting within this many bytes of where the previous one ended count as sequential
+/// (several in flight arrive a little out of order).
+const SEQUENTIAL_WINDOW: u64 = 8 << 20;
+
+/// Cache blocks a sequential read fetches beyond what it needs, in each segment it touches.
+const READ_AHEAD_BLOCKS: u32 = 4;
+
 /// Segment runs of one read fetched at once.
 const READ_FANOUT: usize = 32;
 
@@ -1230,6 +1258,15 @@ impl BlockDevice for Image {
         let ps = inner.page_size;
         let (first, count) = inner.first_and_count(offset, len as u64);
         let srcs = self.sources(first, count);
+        // A read near where the last one ended is part of a stream: read ahead.
+        let prev = inner
+            .last_read_end
+            .swap(offset + len as u64, Ordering::Relaxed);
+        let ahead = if offset.abs_diff(prev) <= SEQUENTIAL_WINDOW {
+            READ_AHEAD_BLOCKS
+        } else {
+            0
+        };
         let mut out = BytesMut::zeroed(len);
         let mut runs = Vec::new();
         let mut i = 0;
@@ -1274,7 +1311,9 @@ impl BlockDevice for Image {
         // one round trip, not one per segment.
         let fetched: Vec<(usize, Vec<Bytes>)> = futures_util::stream::iter(runs)
             .map(|(i, l, info, run)| async move {
-                let pages = inner.read_segment_run(l.seg, &info, l.slot, &run).await?;
+                let pages = inner
+                    .read_segment_run(l.seg, &info, l.slot, &run, ahead)
+                    .await?;
                 Ok::<_, Error>((i, pages))
             })
             .buffer_unordered(READ_FANOUT)

@@ -260,16 +260,24 @@ impl Wal {
             .get_mut(&active)
             .expect("the active generation exists");
         let start = g.len;
-        let mut buf = Vec::with_capacity(HEADER_LEN as usize + payload.len());
-        buf.extend_from_slice(&h);
-        buf.extend_from_slice(payload);
-        if let Err(e) = g.file.write_all_at(&buf, start) {
+        // Small records go out in one write; large ones in two rather than copied.
+        let written = if payload.len() < 64 * 1024 {
+            let mut buf = Vec::with_capacity(HEADER_LEN as usize + payload.len());
+            buf.extend_from_slice(&h);
+            buf.extend_from_slice(payload);
+            g.file.write_all_at(&buf, start)
+        } else {
+            g.file
+                .write_all_at(&h, start)
+                .and_then(|()| g.file.write_all_at(payload, start + HEADER_LEN))
+        };
+        if let Err(e) = written {
             // Nothing half-written stays behind: cut the file back to the last whole record.
             let _ = g.file.set_len(start);
             let path = gen_path(&self.dir, active);
             return Err(io(format!("append to write buffer {}", path.display()), e));
         }
-        g.len += buf.len() as u64;
+        g.len += HEADER_LEN + payload.len() as u64;
         match kind {
             KIND_WRITE => {
                 for i in 0..u64::from(count) {
