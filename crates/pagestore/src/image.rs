@@ -963,9 +963,12 @@ impl Inner {
             {
                 let mut fl = self.inflight.lock().expect("lock");
                 for (i, _) in blocks.iter().enumerate().filter(|(_, b)| b.is_none()) {
+                    if bypass {
+                        mine[i] = true;
+                        continue;
+                    }
                     let key = (seg, (b0 + i as u64) as u32);
                     match fl.get(&key) {
-                        _ if bypass => mine[i] = true,
                         Some(rx) => waits.push((i, rx.clone())),
                         None => {
                             let (tx, rx) = tokio::sync::watch::channel(());
@@ -1021,22 +1024,14 @@ impl Inner {
                 // Returns when the fetcher is done (it never sends; it drops its sender).
                 let _ = rx.changed().await;
                 let key = (seg, (b0 + i as u64) as u32);
-                let hit = self.cache.lock().expect("lock").get(key);
-                blocks[i] = match hit {
-                    Some(b) => Some(b),
+                blocks[i] = self.cache.lock().expect("lock").get(key);
+                if blocks[i].is_none() {
                     // Its fetch failed, or the block was evicted already: fetch it here.
-                    None => {
-                        let lo = (b0 + i as u64) * bb;
-                        let hi = (lo + bb).min(info.data_len.max(end));
-                        let b = self.get_range(&info.key, lo..hi).await?;
-                        self.keep_blocks(
-                            seg,
-                            b0 + i as u64,
-                            std::slice::from_ref(&Some(b.clone())),
-                        );
-                        Some(b)
-                    }
-                };
+                    let lo = (b0 + i as u64) * bb;
+                    let hi = (lo + bb).min(info.data_len.max(end));
+                    blocks[i] = Some(self.get_range(&info.key, lo..hi).await?);
+                    self.keep_blocks(seg, b0 + i as u64, &blocks[i..=i]);
+                }
             }
             let mut out = Vec::with_capacity(pages.len());
             let mut bad = None;

@@ -13,15 +13,19 @@ use strata_pagestore::{FaultyObjects, Image, Objects, PageStore, Settings, Store
 
 const PS: usize = 4096;
 
-fn store(root: &Path, buffer: &str, settings: Settings) -> PageStore {
-    let objects: Arc<dyn Objects> = Arc::new(
+/// The directory object store under `root`.
+fn dir_objects(root: &Path) -> Arc<dyn Objects> {
+    Arc::new(
         Store::open(&StoreConfig::Dir {
             path: root.join("objects"),
         })
         .unwrap(),
-    );
+    )
+}
+
+fn store(root: &Path, buffer: &str, settings: Settings) -> PageStore {
     PageStore {
-        objects,
+        objects: dir_objects(root),
         buffer_dir: root.join(buffer),
         settings,
     }
@@ -220,12 +224,7 @@ async fn reads_fetch_whole_cache_blocks_and_the_disk_tier_serves_them_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_during_a_compaction_keeps_its_newer_pages() {
     let dir = tempfile::tempdir().unwrap();
-    let inner: Arc<dyn Objects> = Arc::new(
-        Store::open(&StoreConfig::Dir {
-            path: dir.path().join("objects"),
-        })
-        .unwrap(),
-    );
+    let inner = dir_objects(dir.path());
     let with = |objects: Arc<dyn Objects>, max_segments| PageStore {
         objects,
         buffer_dir: dir.path().join("buffer"),
@@ -345,12 +344,7 @@ async fn a_second_writer_is_fenced_and_the_image_stays_consistent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_object_store_slows_checkpoints_but_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let inner: Arc<dyn Objects> = Arc::new(
-        Store::open(&StoreConfig::Dir {
-            path: dir.path().join("objects"),
-        })
-        .unwrap(),
-    );
+    let inner = dir_objects(dir.path());
     let faulty = Arc::new(FaultyObjects::new(inner.clone()));
     let ps = PageStore {
         objects: faulty.clone(),

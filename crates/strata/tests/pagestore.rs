@@ -157,26 +157,22 @@ uri = "image://{store_name}/{VOLUME}?size=1G"
 
     /// SIGKILL, then start again on the same directory (and the same store).
     fn crash_and_restart(self) -> Daemon {
-        let Daemon {
-            s,
-            config,
-            store,
-            s3,
-        } = self;
-        let dir = s.crash();
-        let s = Strata::start_in(dir, &config, &[]);
-        Daemon {
-            s,
-            config,
-            store,
-            s3,
-        }
+        self.crash_and_restart_after(|_| {})
     }
 
     /// Once everything is checkpointed: SIGKILL, delete the whole write buffer, start again.
     /// What the image holds now comes from the object store alone.
     fn lose_the_buffer_and_restart(self) -> Daemon {
         self.wait_checkpointed();
+        self.crash_and_restart_after(|dir| {
+            let buffer = dir.join("data/buffer");
+            assert!(buffer.is_dir(), "{} exists", buffer.display());
+            std::fs::remove_dir_all(&buffer).unwrap();
+        })
+    }
+
+    /// SIGKILL, do `between` to the daemon's directory, start again.
+    fn crash_and_restart_after(self, between: impl FnOnce(&std::path::Path)) -> Daemon {
         let Daemon {
             s,
             config,
@@ -184,9 +180,7 @@ uri = "image://{store_name}/{VOLUME}?size=1G"
             s3,
         } = self;
         let dir = s.crash();
-        let buffer = dir.path().join("data/buffer");
-        assert!(buffer.is_dir(), "{} exists", buffer.display());
-        std::fs::remove_dir_all(&buffer).unwrap();
+        between(dir.path());
         let s = Strata::start_in(dir, &config, &[]);
         Daemon {
             s,
