@@ -225,6 +225,33 @@ pub trait BlockDeviceExt: BlockDevice {
 
 impl<T: BlockDevice + ?Sized> BlockDeviceExt for T {}
 
+/// A device whose writes can be grouped into transactions (the page store; the NBD
+/// transaction extension drives it).
+#[async_trait]
+pub trait Transactional: Send + Sync + fmt::Debug {
+    /// Begin a transaction: it reads the device as it is now, plus its own writes.
+    async fn begin(&self) -> Result<Box<dyn Transaction>>;
+}
+
+/// One open transaction. Dropping it rolls it back.
+#[async_trait]
+pub trait Transaction: Send + Sync + fmt::Debug {
+    /// Read: the transaction's own writes, else the device as it was when it began.
+    async fn read(&mut self, offset: u64, len: usize) -> Result<Bytes>;
+    /// Write, visible to this transaction only until it commits.
+    async fn write(&mut self, offset: u64, data: Bytes) -> Result<()>;
+    /// Make a range read as zeroes, visible to this transaction only until it commits.
+    async fn zero(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Hold the device's write lock until the transaction ends; `false` if it can no longer
+    /// commit (then only a rollback is useful).
+    async fn lock(&mut self) -> Result<bool>;
+    /// Apply every write at once, durably, or none ([`ErrorKind::Conflict`] and others). The
+    /// transaction is over either way.
+    async fn commit(self: Box<Self>) -> Result<()>;
+    /// Throw the transaction away.
+    async fn rollback(self: Box<Self>);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,9 @@ pub enum ErrorKind {
     TimedOut,
     /// The device is shutting down (ESHUTDOWN).
     Shutdown,
+    /// A transaction cannot commit: a write it depends on was overtaken, or it was aborted
+    /// (EPERM, as the NBD transaction extension answers).
+    Conflict,
 }
 
 impl ErrorKind {
@@ -36,7 +39,7 @@ impl ErrorKind {
             ErrorKind::Io | ErrorKind::TimedOut => libc_errno::EIO,
             ErrorKind::NoSpace => libc_errno::ENOSPC,
             ErrorKind::InvalidInput | ErrorKind::OutOfRange => libc_errno::EINVAL,
-            ErrorKind::PermissionDenied => libc_errno::EPERM,
+            ErrorKind::PermissionDenied | ErrorKind::Conflict => libc_errno::EPERM,
             ErrorKind::Unsupported => libc_errno::ENOTSUP,
             ErrorKind::TooLarge => libc_errno::EOVERFLOW,
             ErrorKind::Shutdown => libc_errno::ESHUTDOWN,
@@ -72,6 +75,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::TooLarge => "request too large",
             ErrorKind::TimedOut => "timed out",
             ErrorKind::Shutdown => "shutting down",
+            ErrorKind::Conflict => "transaction conflict",
         })
     }
 }

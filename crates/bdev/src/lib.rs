@@ -26,7 +26,7 @@ pub mod conformance;
 pub use bytes::{Bytes, BytesMut};
 pub use device::{
     check_io, read_only_error, write_zeroes_by_writing, BlockDevice, BlockDeviceExt, Capabilities,
-    Extent, Geometry, WriteOpts, ZeroOpts,
+    Extent, Geometry, Transaction, Transactional, WriteOpts, ZeroOpts,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use fault::{FaultDevice, FaultHandle};

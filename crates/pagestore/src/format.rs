@@ -228,6 +228,46 @@ pub struct Manifest {
     pub writer: String,
     /// Seconds since the Unix epoch when it was made.
     pub created: u64,
+    /// For a clone: the image version its pages fall through to (a snapshot's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
+}
+
+/// The version of another image a clone reads through to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseRef {
+    pub image: String,
+    pub version: u64,
+    /// The snapshot that keeps this version alive.
+    pub snapshot: String,
+}
+
+/// A snapshot: a name for one manifest version of an image, kept until it is deleted
+/// (`images/NAME/snapshots/SNAP`, plain JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRecord {
+    pub image: String,
+    pub snapshot: String,
+    pub version: u64,
+    pub image_size: u64,
+    /// Seconds since the Unix epoch when it was taken.
+    pub created: u64,
+    /// When it was deleted (seconds since the Unix epoch): its data is kept for the garbage
+    /// collector's grace period, for readers that still have it open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<u64>,
+}
+
+impl SnapshotRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a snapshot record always serializes")
+    }
+
+    pub fn decode(what: &str, b: &[u8]) -> Result<SnapshotRecord, FormatError> {
+        serde_json::from_slice(b).map_err(|e| bad(what, format!("malformed snapshot record: {e}")))
+    }
 }
 
 impl Manifest {
@@ -345,6 +385,11 @@ mod tests {
             wal_generation: 3,
             writer: "w".into(),
             created: 1,
+            base: Some(BaseRef {
+                image: "gold".into(),
+                version: 3,
+                snapshot: "s1".into(),
+            }),
         };
         let b = m.encode();
         assert!(b.starts_with(b"STRATA-MANIFEST 1 crc32c="));

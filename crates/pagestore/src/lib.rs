@@ -20,8 +20,9 @@ pub mod format;
 mod image;
 pub mod objects;
 mod opener;
+pub mod versions;
 mod wal;
 
-pub use image::{check_name, Image, ImageStats, PageStore, Settings};
-pub use objects::{FaultyObjects, ObjError, Objects, Stats, Store, StoreConfig};
+pub use image::{check_name, Image, ImageStats, PageStore, Settings, Transaction};
+pub use objects::{FaultyObjects, Listed, ObjError, Objects, Stats, Store, StoreConfig};
 pub use opener::ImageOpener;

@@ -28,6 +28,16 @@ pub enum ObjError {
 
 pub type ObjResult<T> = std::result::Result<T, ObjError>;
 
+/// One object as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The key, relative to the store's prefix.
+    pub key: String,
+    pub size: u64,
+    /// When it was last written, by the store's clock.
+    pub modified: std::time::SystemTime,
+}
+
 /// Requests made, for logs, metrics and benchmarks.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -65,8 +75,8 @@ pub trait Objects: Send + Sync + fmt::Debug + 'static {
     async fn put(&self, key: &str, data: Bytes) -> ObjResult<()>;
     /// Create `key` only if it does not exist ([`ObjError::AlreadyExists`] otherwise).
     async fn put_create(&self, key: &str, data: Bytes) -> ObjResult<()>;
-    /// Keys under `prefix`, with their sizes.
-    async fn list(&self, prefix: &str) -> ObjResult<Vec<(String, u64)>>;
+    /// The objects under `prefix`.
+    async fn list(&self, prefix: &str) -> ObjResult<Vec<Listed>>;
     async fn delete(&self, key: &str) -> ObjResult<()>;
     fn stats(&self) -> &Stats;
 }
@@ -269,7 +279,7 @@ impl Objects for Store {
         Ok(())
     }
 
-    async fn list(&self, prefix: &str) -> ObjResult<Vec<(String, u64)>> {
+    async fn list(&self, prefix: &str) -> ObjResult<Vec<Listed>> {
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
         let p = self.path(prefix.trim_end_matches('/'));
         let metas: Vec<_> = self
@@ -285,7 +295,11 @@ impl Objects for Store {
         };
         Ok(metas
             .into_iter()
-            .map(|m| (m.location.as_ref()[strip..].to_string(), m.size))
+            .map(|m| Listed {
+                key: m.location.as_ref()[strip..].to_string(),
+                size: m.size,
+                modified: m.last_modified.into(),
+            })
             .collect())
     }
 
@@ -363,7 +377,7 @@ impl Objects for FaultyObjects {
         self.gate(key).await?;
         self.inner.put_create(key, data).await
     }
-    async fn list(&self, prefix: &str) -> ObjResult<Vec<(String, u64)>> {
+    async fn list(&self, prefix: &str) -> ObjResult<Vec<Listed>> {
         self.gate(prefix).await?;
         self.inner.list(prefix).await
     }

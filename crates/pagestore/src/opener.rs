@@ -23,6 +23,26 @@ impl ImageOpener {
     pub fn add_store(&mut self, name: &str, store: PageStore) {
         self.stores.insert(name.to_string(), store);
     }
+
+    /// The store named `name`, or an error listing the configured ones.
+    pub fn store(&self, name: &str) -> Result<&PageStore> {
+        self.stores.get(name).ok_or_else(|| {
+            strata_bdev::Error::new(
+                strata_bdev::ErrorKind::InvalidInput,
+                format!(
+                    "no page store named {name:?} (configured: {})",
+                    self.store_names().join(", ")
+                ),
+            )
+        })
+    }
+
+    /// The configured stores' names, sorted.
+    pub fn store_names(&self) -> Vec<String> {
+        let mut known: Vec<String> = self.stores.keys().cloned().collect();
+        known.sort_unstable();
+        known
+    }
 }
 
 impl ImageOpener {

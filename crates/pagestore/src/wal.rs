@@ -306,6 +306,77 @@ impl Wal {
         Ok(())
     }
 
+    /// Append a transaction: its writes (`Some(bytes)`, one page each) and tombstones
+    /// (`None`), in page order, then a commit record, in one write. Readers see all of it or
+    /// none, and replay after a crash finds all of it or none (nothing before the commit
+    /// record counts). Durable once [`flush`](Self::flush) returns.
+    pub fn write_batch(&self, pages: &[(u64, Option<bytes::Bytes>)]) -> Result<()> {
+        let ps = self.page_size;
+        let mut log = self.log();
+        let mut seq = log.next_seq;
+        let mut buf: Vec<u8> = Vec::new();
+        // (page, offset of its data in `buf`, or None for a tombstone)
+        let mut placed: Vec<(u64, Option<u64>)> = Vec::with_capacity(pages.len());
+        let mut i = 0;
+        while i < pages.len() {
+            let (first, data) = &pages[i];
+            let mut n = 1;
+            while i + n < pages.len()
+                && pages[i + n].0 == first + n as u64
+                && pages[i + n].1.is_some() == data.is_some()
+                && n < u32::MAX as usize
+            {
+                n += 1;
+            }
+            let run = &pages[i..i + n];
+            if data.is_some() {
+                let mut payload = Vec::with_capacity(n * ps);
+                for (_, d) in run {
+                    payload.extend_from_slice(d.as_deref().expect("a data run"));
+                }
+                buf.extend_from_slice(&header(seq, KIND_WRITE, *first, n as u32, &payload));
+                let at = buf.len() as u64;
+                for (k, (p, _)) in run.iter().enumerate() {
+                    placed.push((*p, Some(at + (k * ps) as u64)));
+                }
+                buf.extend_from_slice(&payload);
+            } else {
+                buf.extend_from_slice(&header(seq, KIND_ZERO, *first, n as u32, &[]));
+                placed.extend(run.iter().map(|(p, _)| (*p, None)));
+            }
+            seq += 1;
+            i += n;
+        }
+        buf.extend_from_slice(&header(seq, KIND_COMMIT, 0, 0, &[]));
+        let active = log.active;
+        let g = log
+            .gens
+            .get_mut(&active)
+            .expect("the active generation exists");
+        let start = g.len;
+        if let Err(e) = g.file.write_all_at(&buf, start) {
+            let _ = g.file.set_len(start);
+            let path = gen_path(&self.dir, active);
+            return Err(io(format!("append to write buffer {}", path.display()), e));
+        }
+        g.len += buf.len() as u64;
+        for (p, at) in placed {
+            let loc = match at {
+                Some(off) => Loc::Data(start + off),
+                None => Loc::Zero,
+            };
+            g.pages.insert(p, loc);
+        }
+        let file = g.file.clone();
+        log.next_seq = seq + 1;
+        log.uncommitted = false;
+        log.committed_seq = seq;
+        if !log.unsynced.iter().any(|f| Arc::ptr_eq(f, &file)) {
+            log.unsynced.push(file);
+        }
+        Ok(())
+    }
+
     /// Buffer whole pages starting at `page`.
     pub fn write(&self, page: u64, data: &[u8]) -> Result<()> {
         let count = (data.len() / self.page_size) as u32;

@@ -111,9 +111,13 @@ async fn checkpointed_and_buffered_writes_survive_a_reopen() {
     // Block status: written pages are data, the rest holes.
     let ext = img.block_status(0, 1 << 20).await.unwrap();
     assert!(!ext[0].hole && ext[0].len >= 6 * PS as u64, "{ext:?}");
-    // A different size for an existing image is refused.
-    let e = ps.open("disk", Some((32 << 20, 12))).await.unwrap_err();
-    assert!(e.to_string().contains("exists with"), "{e}");
+    // A different page size for an existing image is refused; a different size is not (the
+    // image may have been resized): it keeps its own.
+    img.close().await;
+    let e = ps.open("disk", Some((64 << 20, 13))).await.unwrap_err();
+    assert!(e.to_string().contains("exists with pages of 4096"), "{e}");
+    let img = ps.open("disk", Some((32 << 20, 12))).await.unwrap();
+    assert_eq!(img.geometry().size, 64 << 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

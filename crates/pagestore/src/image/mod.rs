@@ -35,6 +35,11 @@ use crate::format::{self, Entry, Manifest, SegmentBuilder, SegmentRef, FOOTER_LE
 use crate::objects::{retry, ObjError, Objects};
 use crate::wal::{Loc, Wal};
 
+mod admin;
+mod txn;
+pub use txn::Transaction;
+pub(crate) use txn::Versions;
+
 /// Tunables of the page store.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -58,6 +63,11 @@ pub struct Settings {
     /// Directory of the disk tier's files (`NAME.cache`); default: the image's write-buffer
     /// directory.
     pub disk_cache_dir: Option<PathBuf>,
+    /// A transaction open longer than this is rolled back (default 60 s); it bounds how long
+    /// one holds the image's write lock.
+    pub txn_timeout: Duration,
+    /// Bytes a transaction may write before it commits (default 64 MiB).
+    pub max_txn_bytes: u64,
 }
 
 impl Default for Settings {
@@ -72,6 +82,8 @@ impl Default for Settings {
             cache_block_bytes: 64 << 10,
             disk_cache_bytes: 0,
             disk_cache_dir: None,
+            txn_timeout: Duration::from_secs(60),
+            max_txn_bytes: 64 << 20,
         }
     }
 }
@@ -184,8 +196,12 @@ struct Inner {
     store: PageStore,
     page_bits: u32,
     page_size: usize,
-    size: u64,
-    wal: Wal,
+    /// Bytes; changes with a resize.
+    size: AtomicU64,
+    /// The write buffer; `None` for a read-only snapshot.
+    wal: Option<Wal>,
+    /// Which snapshot this read-only view shows, if it is one.
+    snapshot: Option<String>,
     base: RwLock<Base>,
     cache: Mutex<Cache>,
     disk_cache: Option<DiskCache>,
@@ -209,6 +225,12 @@ struct Inner {
     compacting: tokio::sync::Mutex<()>,
     /// The compaction running in the background, if any.
     compaction: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Plain writes hold it shared; a transaction commits, and a resize runs, holding it alone.
+    writers: Arc<tokio::sync::RwLock<()>>,
+    /// Open transactions and the versions they still read.
+    txns: Mutex<Versions>,
+    /// Open transactions (read without the lock on the write path).
+    open_txns: AtomicU64,
     stats: ImageStats,
 }
 
@@ -234,11 +256,11 @@ impl Drop for Image {
     }
 }
 
-fn manifest_key(name: &str, version: u64) -> String {
+pub(crate) fn manifest_key(name: &str, version: u64) -> String {
     format!("images/{name}/manifest/{version:020}")
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -274,8 +296,8 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// The newest manifest of `name`, if the image exists.
-async fn latest_manifest(objects: &dyn Objects, name: &str) -> Result<Option<Manifest>> {
+/// The manifest versions of `name` in the store, oldest first.
+pub(crate) async fn manifest_versions(objects: &dyn Objects, name: &str) -> Result<Vec<u64>> {
     let prefix = format!("images/{name}/manifest/");
     let keys = retry(
         objects,
@@ -285,20 +307,129 @@ async fn latest_manifest(objects: &dyn Objects, name: &str) -> Result<Option<Man
         || objects.list(&prefix),
     )
     .await
-    .map_err(|e| obj_err(&format!("open image {name}"), e))?;
-    let newest = keys
+    .map_err(|e| obj_err(&format!("list versions of image {name}"), e))?;
+    let mut v: Vec<u64> = keys
         .iter()
-        .filter_map(|(k, _)| k.strip_prefix(&prefix)?.parse::<u64>().ok())
-        .max();
-    let Some(v) = newest else {
-        return Ok(None);
-    };
-    let key = manifest_key(name, v);
+        .filter_map(|o| o.key.strip_prefix(&prefix)?.parse::<u64>().ok())
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Manifest `version` of `name`.
+pub(crate) async fn read_manifest(
+    objects: &dyn Objects,
+    name: &str,
+    version: u64,
+) -> Result<Manifest> {
+    let key = manifest_key(name, version);
     let bytes = retry(objects, "read manifest", 5, || false, || objects.get(&key))
         .await
-        .map_err(|e| obj_err(&format!("open image {name}"), e))?;
-    let m = Manifest::decode(&key, &bytes).map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
-    Ok(Some(m))
+        .map_err(|e| obj_err(&format!("read version {version} of image {name}"), e))?;
+    Manifest::decode(&key, &bytes).map_err(|e| Error::new(ErrorKind::Io, e.to_string()))
+}
+
+/// The newest manifest of `name`, if the image exists.
+pub(crate) async fn latest_manifest(objects: &dyn Objects, name: &str) -> Result<Option<Manifest>> {
+    match manifest_versions(objects, name).await?.last() {
+        None => Ok(None),
+        Some(&v) => read_manifest(objects, name, v).await.map(Some),
+    }
+}
+
+/// Clones of clones are followed this deep at most.
+const MAX_CHAIN: usize = 32;
+
+/// The manifests `manifest` reads through to: its base, its base's base, …, nearest first.
+pub(crate) async fn base_chain(
+    objects: &dyn Objects,
+    manifest: &Manifest,
+) -> Result<Vec<Manifest>> {
+    let mut chain: Vec<Manifest> = Vec::new();
+    let mut next = manifest.base.clone();
+    while let Some(b) = next {
+        if chain.len() >= MAX_CHAIN {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "image {}: clones are nested more than {MAX_CHAIN} deep; flatten one",
+                    manifest.image
+                ),
+            ));
+        }
+        let m = read_manifest(objects, &b.image, b.version)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!(
+                    "image {} is a clone of snapshot {}@{} (version {}), which cannot be read: {}",
+                    manifest.image,
+                    b.image,
+                    b.snapshot,
+                    b.version,
+                    e.chain()
+                ),
+                )
+            })?;
+        next = m.base.clone();
+        chain.push(m);
+    }
+    Ok(chain)
+}
+
+/// The page map of `manifest`: the pages of its base chain (oldest ancestor first), then its
+/// own segments on top. Only its own segments are in `order` (compaction never touches a base).
+async fn load_base(objects: &dyn Objects, manifest: Manifest) -> Result<Base> {
+    let chain = base_chain(objects, &manifest).await?;
+    let mut base = Base {
+        order: Vec::new(),
+        segs: HashMap::new(),
+        next_seg: 0,
+        map: HashMap::new(),
+        manifest,
+    };
+    let levels: Vec<&Manifest> = chain.iter().rev().chain([&base.manifest]).collect();
+    let wanted: Vec<(String, u64)> = levels
+        .iter()
+        .flat_map(|m| {
+            m.segments
+                .iter()
+                .map(|s| (format!("images/{}/{}", m.image, s.key), s.size))
+        })
+        .collect();
+    let mut indexes = futures_util::stream::iter(wanted)
+        .map(|(key, size)| async move { read_index(objects, &key, size).await })
+        .buffered(8)
+        .try_collect::<Vec<Vec<Entry>>>()
+        .await?
+        .into_iter();
+    let own = levels.len() - 1;
+    let pages = base.manifest.image_size >> base.manifest.page_size_bits;
+    let mut added = Vec::new();
+    for (level, m) in levels.iter().enumerate() {
+        let level_pages = (m.image_size >> m.page_size_bits).min(pages);
+        for s in &m.segments {
+            let entries: Vec<Entry> = indexes
+                .next()
+                .expect("one index per segment")
+                .into_iter()
+                .filter(|e| e.page < level_pages)
+                .collect();
+            added.push((
+                level == own,
+                seg_info(&m.image, s, m.page_size_bits),
+                entries,
+            ));
+        }
+    }
+    for (own, info, entries) in added {
+        let id = base.add_segment(info, entries);
+        if own {
+            base.order.push(id);
+        }
+    }
+    Ok(base)
 }
 
 /// Read a segment's index: footer, then index, with ranged GETs.
@@ -339,26 +470,55 @@ async fn read_index(objects: &dyn Objects, key: &str, size: u64) -> Result<Vec<E
     format::parse_index(key, &footer, &index).map_err(|e| Error::new(ErrorKind::Io, e.to_string()))
 }
 
+/// Check a size and page size for a new image (or a resize).
+pub(crate) fn check_geometry(size: u64, bits: u32) -> Result<()> {
+    if !(9..=16).contains(&bits) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("page size 2^{bits}: must be 512 bytes to 64 KiB"),
+        ));
+    }
+    if size == 0 || !size.is_multiple_of(1u64 << bits) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "image size {size} must be a positive multiple of the page size {}",
+                1u64 << bits
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl PageStore {
     /// Open image `name`. With `create` (size, page-size bits) a missing image is created;
     /// an existing one must match it.
     pub async fn open(&self, name: &str, create: Option<(u64, u32)>) -> Result<Image> {
         check_name(name)?;
-        let objects = &*self.store_objects();
+        let objects = &*self.objects;
         let manifest = match latest_manifest(objects, name).await? {
             Some(m) => {
                 if let Some((size, bits)) = create {
-                    if m.image_size != size || m.page_size_bits != bits {
+                    if m.page_size_bits != bits {
                         return Err(Error::new(
                             ErrorKind::InvalidInput,
                             format!(
-                                "image {name} exists with {} bytes in pages of {} bytes; asked \
-                                 for {size} bytes in pages of {} bytes",
-                                m.image_size,
+                                "image {name} exists with pages of {} bytes; asked for pages \
+                                 of {} bytes",
                                 1u64 << m.page_size_bits,
                                 1u64 << bits
                             ),
                         ));
+                    }
+                    if m.image_size != size {
+                        // The size asked for is what a new image gets; an existing one keeps
+                        // its own (it may have been resized).
+                        tracing::info!(
+                            image = name,
+                            size = m.image_size,
+                            asked = size,
+                            "image exists with another size; serving it at its size"
+                        );
                     }
                 }
                 m
@@ -370,21 +530,7 @@ impl PageStore {
                         format!("image {name} does not exist (give a size to create it)"),
                     ));
                 };
-                if !(9..=16).contains(&bits) {
-                    return Err(Error::new(
-                        ErrorKind::InvalidInput,
-                        format!("page size 2^{bits}: must be 512 bytes to 64 KiB"),
-                    ));
-                }
-                if size == 0 || size % (1u64 << bits) != 0 {
-                    return Err(Error::new(
-                        ErrorKind::InvalidInput,
-                        format!(
-                            "image size {size} must be a positive multiple of the page size {}",
-                            1u64 << bits
-                        ),
-                    ));
-                }
+                check_geometry(size, bits)?;
                 let m = Manifest {
                     image: name.to_string(),
                     version: 1,
@@ -394,53 +540,67 @@ impl PageStore {
                     wal_generation: 0,
                     writer: String::new(),
                     created: now_secs(),
+                    base: None,
                 };
-                let key = manifest_key(name, 1);
-                match objects.put_create(&key, Bytes::from(m.encode())).await {
-                    Ok(()) => m,
-                    // Created meanwhile by someone else: use theirs.
-                    Err(ObjError::AlreadyExists(_)) => latest_manifest(objects, name)
-                        .await?
-                        .ok_or_else(|| Error::new(ErrorKind::Io, "image vanished"))?,
-                    Err(e) => return Err(obj_err(&format!("create image {name}"), e)),
-                }
+                self.create_manifest(m).await?
             }
         };
-        // The page map, oldest segment first so that newer entries win.
-        let mut base = Base {
-            order: Vec::new(),
-            segs: HashMap::new(),
-            next_seg: 0,
-            map: HashMap::new(),
-            manifest: manifest.clone(),
-        };
-        let wanted: Vec<(String, u64)> = manifest
-            .segments
-            .iter()
-            .map(|s| (format!("images/{name}/{}", s.key), s.size))
-            .collect();
-        let indexes: Vec<Vec<Entry>> = futures_util::stream::iter(wanted)
-            .map(|(key, size)| async move { read_index(objects, &key, size).await })
-            .buffered(8)
-            .try_collect()
-            .await?;
-        let pages = manifest.image_size >> manifest.page_size_bits;
-        for (s, entries) in manifest.segments.iter().zip(indexes) {
-            let entries = entries.into_iter().filter(|e| e.page < pages).collect();
-            let id = base.add_segment(seg_info(name, s, manifest.page_size_bits), entries);
-            base.order.push(id);
+        self.open_manifest(manifest, None).await
+    }
+
+    /// Publish version 1 of a new image; if someone created it meanwhile, theirs.
+    pub(crate) async fn create_manifest(&self, m: Manifest) -> Result<Manifest> {
+        let objects = &*self.objects;
+        let key = manifest_key(&m.image, 1);
+        match objects.put_create(&key, Bytes::from(m.encode())).await {
+            Ok(()) => Ok(m),
+            Err(ObjError::AlreadyExists(_)) => latest_manifest(objects, &m.image)
+                .await?
+                .ok_or_else(|| Error::new(ErrorKind::Io, "image vanished")),
+            Err(e) => Err(obj_err(&format!("create image {}", m.image), e)),
         }
+    }
+
+    /// Open snapshot `snapshot` of image `name` as a read-only device.
+    pub async fn open_snapshot(&self, name: &str, snapshot: &str) -> Result<Image> {
+        check_name(name)?;
+        check_name(snapshot)?;
+        let rec = crate::versions::read_snapshot(&*self.objects, name, snapshot).await?;
+        let m = read_manifest(&*self.objects, name, rec.version).await?;
+        self.open_manifest(m, Some(snapshot.to_string())).await
+    }
+
+    /// Open the image `manifest` describes: writable with its write buffer, or (`snapshot`)
+    /// a read-only view of exactly this version.
+    async fn open_manifest(&self, manifest: Manifest, snapshot: Option<String>) -> Result<Image> {
+        let name = manifest.image.clone();
+        let base = load_base(&*self.objects, manifest.clone()).await?;
         let page_size = 1usize << manifest.page_size_bits;
-        let dir = self.buffer_dir.join(name);
-        let (wal, replayed) = Wal::open(&dir, page_size, manifest.wal_generation)?;
+        let dir = self.buffer_dir.join(&name);
+        let wal = match snapshot {
+            Some(_) => None,
+            None => {
+                let (wal, replayed) = Wal::open(&dir, page_size, manifest.wal_generation)?;
+                for (g, r) in &replayed {
+                    tracing::info!(
+                        image = %name,
+                        generation = g,
+                        records = r.records,
+                        dropped_bytes = r.dropped,
+                        "write buffer replayed"
+                    );
+                }
+                Some(wal)
+            }
+        };
         let block_bytes = self
             .settings
             .cache_block_bytes
             .next_multiple_of(page_size as u64)
             .max(page_size as u64);
-        let disk_cache = match self.settings.disk_cache_bytes {
-            0 => None,
-            bytes => {
+        let disk_cache = match (self.settings.disk_cache_bytes, &snapshot) {
+            (0, _) | (_, Some(_)) => None,
+            (bytes, None) => {
                 let path = match &self.settings.disk_cache_dir {
                     Some(d) => d.join(format!("{name}.cache")),
                     None => dir.join("read.cache"),
@@ -461,23 +621,16 @@ impl PageStore {
                 Some(d)
             }
         };
-        for (g, r) in &replayed {
-            tracing::info!(
-                image = name,
-                generation = g,
-                records = r.records,
-                dropped_bytes = r.dropped,
-                "write buffer replayed"
-            );
-        }
         let writer = format!("{:016x}", rand::random::<u64>());
+        let read_only = snapshot.is_some();
         let inner = Arc::new(Inner {
-            name: name.to_string(),
+            name: name.clone(),
             store: self.clone(),
             page_bits: manifest.page_size_bits,
             page_size,
-            size: manifest.image_size,
+            size: AtomicU64::new(manifest.image_size),
             wal,
+            snapshot,
             base: RwLock::new(base),
             cache: Mutex::new(Cache::new(self.settings.cache_bytes)),
             disk_cache,
@@ -494,24 +647,29 @@ impl PageStore {
             publishing: tokio::sync::Mutex::new(()),
             compacting: tokio::sync::Mutex::new(()),
             compaction: Mutex::new(None),
+            writers: Arc::new(tokio::sync::RwLock::new(())),
+            txns: Mutex::new(Versions::default()),
+            open_txns: AtomicU64::new(0),
             stats: ImageStats::default(),
         });
         tracing::info!(
-            image = name,
+            image = %name,
             version = manifest.version,
             segments = manifest.segments.len(),
             size = manifest.image_size,
+            read_only,
             "image open"
         );
-        let task = tokio::spawn(checkpointer(inner.clone()));
-        if !inner.wal.frozen_ids().is_empty() {
-            inner.kick.notify_one();
-        }
+        let task = if read_only {
+            tokio::spawn(async {})
+        } else {
+            let task = tokio::spawn(checkpointer(inner.clone()));
+            if !inner.wal().is_ok_and(|w| w.frozen_ids().is_empty()) {
+                inner.kick.notify_one();
+            }
+            task
+        };
         Ok(Image { inner, task })
-    }
-
-    fn store_objects(&self) -> Arc<dyn Objects> {
-        self.objects.clone()
     }
 }
 
@@ -522,13 +680,13 @@ async fn checkpointer(inner: Arc<Inner>) {
             return;
         }
         inner.maybe_compact_in_background();
-        let due = {
-            let (active, _) = inner.wal.sizes();
+        let due = inner.wal().is_ok_and(|wal| {
+            let (active, _) = wal.sizes();
             let age = inner.last_checkpoint.lock().expect("lock").elapsed();
             active >= inner.store.settings.checkpoint_bytes
                 || (active > 0 && age >= inner.store.settings.checkpoint_age)
-                || !inner.wal.frozen_ids().is_empty()
-        };
+                || !wal.frozen_ids().is_empty()
+        });
         if due && inner.fenced().is_none() {
             if let Err(e) = inner.checkpoint().await {
                 tracing::warn!(image = %inner.name, error = %e.chain(), "checkpoint");
@@ -540,6 +698,32 @@ async fn checkpointer(inner: Arc<Inner>) {
 }
 
 impl Inner {
+    /// The write buffer, or the error a read-only snapshot answers writes with.
+    fn wal(&self) -> Result<&Wal> {
+        self.wal.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "snapshot {}@{} is read-only (clone it for a writable copy)",
+                    self.name,
+                    self.snapshot.as_deref().unwrap_or("?")
+                ),
+            )
+        })
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            size: self.size(),
+            block_size: self.page_size as u32,
+            optimal_io_size: self.page_size.max(64 * 1024) as u32,
+        }
+    }
+
     fn fenced(&self) -> Option<String> {
         self.fenced.lock().expect("lock").clone()
     }
@@ -561,9 +745,10 @@ impl Inner {
     /// Move everything buffered so far into segments and a new manifest.
     async fn checkpoint(&self) -> Result<()> {
         let _turn = self.checkpointing.lock().await;
-        self.wal.rotate()?;
+        let wal = self.wal()?;
+        wal.rotate()?;
         *self.last_checkpoint.lock().expect("lock") = Instant::now();
-        for g in self.wal.frozen_ids() {
+        for g in wal.frozen_ids() {
             self.checkpoint_generation(g).await?;
             self.progress.notify_waiters();
         }
@@ -685,7 +870,8 @@ impl Inner {
     }
 
     async fn checkpoint_generation(&self, g: u64) -> Result<()> {
-        let Some((file, pages)) = self.wal.frozen(g) else {
+        let wal = self.wal()?;
+        let Some((file, pages)) = wal.frozen(g) else {
             return Ok(());
         };
         let mut sink = SegmentSink::new(self, format!("segments/{g:016x}-{}", self.writer));
@@ -725,17 +911,19 @@ impl Inner {
             base.manifest = next;
         }
         drop(publishing);
-        self.wal.retire(g)?;
+        wal.retire(g)?;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(image = %self.name, generation = g, segments, "checkpoint done");
         Ok(())
     }
 
     /// Merge the oldest segments into as few as the data needs, dropping overwritten pages and
-    /// tombstones that hide nothing, then publish the shorter list.
+    /// tombstones that hide nothing (a clone keeps its tombstones: they hide its base), then
+    /// publish the shorter list.
     async fn compact(&self) -> Result<()> {
         let (victims, live, version) = {
             let base = self.base.read().expect("lock");
+            let keep_tombstones = base.manifest.base.is_some();
             let keep = self.store.settings.max_segments / 2;
             let n = base.order.len().saturating_sub(keep.max(1));
             if n < 2 {
@@ -745,12 +933,15 @@ impl Inner {
             let mut live: Vec<(u64, SegLoc, Arc<SegInfo>)> = base
                 .map
                 .iter()
-                .filter(|(_, l)| victims.contains(&l.seg) && l.slot != TOMBSTONE)
+                .filter(|(_, l)| {
+                    victims.contains(&l.seg) && (keep_tombstones || l.slot != TOMBSTONE)
+                })
                 .map(|(p, l)| (*p, *l, base.segs[&l.seg].clone()))
                 .collect();
             live.sort_unstable_by_key(|(p, _, _)| *p);
             // Only worth it if the merge leaves fewer objects than it reads.
-            let out = (live.len() as u64 * self.page_size as u64)
+            let data_pages = live.iter().filter(|(_, l, _)| l.slot != TOMBSTONE).count();
+            let out = (data_pages as u64 * self.page_size as u64)
                 .div_ceil(self.store.settings.segment_bytes.max(1));
             if out >= victims.len() as u64 {
                 return Ok(());
@@ -763,11 +954,7 @@ impl Inner {
         // ranged GETs per victim and batch, and no byte of a victim is fetched twice.
         let batch = (self.store.settings.segment_bytes / self.page_size as u64).max(1) as usize;
         for chunk in live.chunks(batch) {
-            let pages = self.fetch_pages(chunk).await?;
-            for ((page, _, _), data) in chunk.iter().zip(&pages) {
-                sink.builder.page(*page, data);
-            }
-            sink.cut(false).await?;
+            self.copy_pages(&mut sink, chunk).await?;
         }
         let made = sink.finish().await?;
         failpoint("compaction-after-segments");
@@ -821,6 +1008,30 @@ impl Inner {
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(image = %self.name, merged = victims.len(), into = merged_into, "compaction done");
         Ok(())
+    }
+
+    /// Copy pages (data fetched from their segments, tombstones as they are) into `sink`, in
+    /// the order given.
+    async fn copy_pages(
+        &self,
+        sink: &mut SegmentSink<'_>,
+        chunk: &[(u64, SegLoc, Arc<SegInfo>)],
+    ) -> Result<()> {
+        let data: Vec<_> = chunk
+            .iter()
+            .filter(|(_, l, _)| l.slot != TOMBSTONE)
+            .cloned()
+            .collect();
+        let mut fetched = self.fetch_pages(&data).await?.into_iter();
+        for (page, l, _) in chunk {
+            if l.slot == TOMBSTONE {
+                sink.builder.tombstone(*page);
+            } else {
+                let d = fetched.next().expect("one fetched page per data page");
+                sink.builder.page(*page, &d);
+            }
+        }
+        sink.cut(false).await
     }
 
     /// Put fetched blocks, numbered from `first`, into both cache tiers.
@@ -1074,141 +1285,12 @@ impl Inner {
         unreachable!("the second pass returns")
     }
 
-    async fn wait_for_room(&self) -> Result<()> {
-        loop {
-            self.check_fenced("write to")?;
-            let (active, total) = self.wal.sizes();
-            if active >= self.store.settings.checkpoint_bytes {
-                self.kick.notify_one();
-            }
-            if total <= self.store.settings.max_buffered_bytes {
-                return Ok(());
-            }
-            let wait = self.progress.notified();
-            self.kick.notify_one();
-            if self.closed.load(Ordering::Acquire) {
-                return Err(Error::new(
-                    ErrorKind::Shutdown,
-                    format!("image {} is closing", self.name),
-                ));
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
-        }
-    }
-
-    fn first_and_count(&self, offset: u64, len: u64) -> (u64, u64) {
-        (offset >> self.page_bits, len >> self.page_bits)
-    }
-}
-
-/// Blocks this reader is fetching; dropping it (done, failed or cancelled) releases whoever
-/// waits for them.
-struct Claims<'a> {
-    inner: &'a Inner,
-    keys: Vec<(BlockKey, tokio::sync::watch::Sender<()>)>,
-}
-
-impl Drop for Claims<'_> {
-    fn drop(&mut self) {
-        let mut fl = self.inner.inflight.lock().expect("lock");
-        for (key, _) in &self.keys {
-            fl.remove(key);
-        }
-    }
-}
-
-/// Compaction fetches dead pages between live ones rather than split a GET at gaps shorter
-/// than this (pages): fewer requests for at most this many pages of waste per live page.
-const COMPACTION_GAP: u32 = 64;
-
-/// Reads starting within this many bytes of where the previous one ended count as sequential
-/// (several in flight arrive a little out of order).
-const SEQUENTIAL_WINDOW: u64 = 8 << 20;
-
-/// Cache blocks a sequential read fetches beyond what it needs, in each segment it touches.
-const READ_AHEAD_BLOCKS: u32 = 4;
-
-/// Segment runs of one read fetched at once.
-const READ_FANOUT: usize = 32;
-
-/// Where a cache block came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tier {
-    Store,
-    Memory,
-    Disk,
-}
-
-/// Where one page of a read comes from.
-enum Src {
-    Wal(Arc<File>, u64),
-    /// Where in which segment.
-    Seg(SegLoc, Arc<SegInfo>),
-    Zero,
-}
-
-impl Image {
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
-    /// The manifest version the image is at.
-    pub fn version(&self) -> u64 {
-        self.inner.base.read().expect("lock").manifest.version
-    }
-
-    /// Segments in the current manifest.
-    pub fn segment_count(&self) -> usize {
-        self.inner.base.read().expect("lock").order.len()
-    }
-
-    pub fn stats(&self) -> &ImageStats {
-        &self.inner.stats
-    }
-
-    /// Requests made to the image's object store (shared by every image in the store).
-    pub fn store_stats(&self) -> &crate::objects::Stats {
-        self.inner.store.objects.stats()
-    }
-
-    /// Bytes in the write buffer: the active generation, and all of them.
-    pub fn buffered_bytes(&self) -> (u64, u64) {
-        self.inner.wal.sizes()
-    }
-
-    /// Pages mapped by the manifest and by the write buffer (memory: about 32 bytes each).
-    pub fn mapped_pages(&self) -> (usize, usize) {
-        (
-            self.inner.base.read().expect("lock").map.len(),
-            self.inner.wal.mapped_pages(),
-        )
-    }
-
-    /// Checkpoint now: everything written so far goes to the object store.
-    pub async fn checkpoint(&self) -> Result<()> {
-        self.inner.check_fenced("checkpoint")?;
-        self.inner.checkpoint().await?;
-        self.inner.compact_now().await
-    }
-
-    /// Stop the checkpoint task and release the write buffer (what is buffered stays there for
-    /// the next open). Dropping does the same without waiting.
-    pub async fn close(mut self) {
-        self.inner.closed.store(true, Ordering::Release);
-        self.task.abort();
-        self.inner.stop_compaction();
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
-        let _ = task.await;
-    }
-
-    /// Why the image stopped writing, if it did.
-    pub fn fenced(&self) -> Option<String> {
-        self.inner.fenced()
-    }
-
     fn sources(&self, first: u64, count: u64) -> Vec<Src> {
-        let wal = self.inner.wal.lookup_run(first, count);
-        let base = self.inner.base.read().expect("lock");
+        let wal = match &self.wal {
+            Some(w) => w.lookup_run(first, count),
+            None => vec![None; count as usize],
+        };
+        let base = self.base.read().expect("lock");
         wal.into_iter()
             .enumerate()
             .map(|(i, w)| match w {
@@ -1221,38 +1303,17 @@ impl Image {
             })
             .collect()
     }
-}
 
-#[async_trait]
-impl BlockDevice for Image {
-    fn geometry(&self) -> Geometry {
-        Geometry {
-            size: self.inner.size,
-            block_size: self.inner.page_size as u32,
-            optimal_io_size: self.inner.page_size.max(64 * 1024) as u32,
-        }
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            read_only: false,
-            flush: true,
-            fua: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            block_status: true,
-            multi_conn: true,
-            resize: false,
-        }
-    }
-
-    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
-        check_io(self.geometry(), "read", offset, len as u64)?;
-        let inner = &*self.inner;
+    /// Read `len` bytes at `offset`, whose pages (from `first`) come from `srcs`.
+    async fn read_sources(
+        &self,
+        first: u64,
+        srcs: &[Src],
+        offset: u64,
+        len: usize,
+    ) -> Result<BytesMut> {
+        let inner = self;
         let ps = inner.page_size;
-        let (first, count) = inner.first_and_count(offset, len as u64);
-        let srcs = self.sources(first, count);
         // A read near where the last one ended is part of a stream: read ahead.
         let prev = inner
             .last_read_end
@@ -1319,7 +1380,176 @@ impl BlockDevice for Image {
                 out[(i + k) * ps..(i + k + 1) * ps].copy_from_slice(p);
             }
         }
-        Ok(out.freeze())
+        Ok(out)
+    }
+
+    async fn wait_for_room(&self) -> Result<()> {
+        loop {
+            self.check_fenced("write to")?;
+            let (active, total) = self.wal()?.sizes();
+            if active >= self.store.settings.checkpoint_bytes {
+                self.kick.notify_one();
+            }
+            if total <= self.store.settings.max_buffered_bytes {
+                return Ok(());
+            }
+            let wait = self.progress.notified();
+            self.kick.notify_one();
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::new(
+                    ErrorKind::Shutdown,
+                    format!("image {} is closing", self.name),
+                ));
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+        }
+    }
+
+    fn first_and_count(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset >> self.page_bits, len >> self.page_bits)
+    }
+}
+
+/// Blocks this reader is fetching; dropping it (done, failed or cancelled) releases whoever
+/// waits for them.
+struct Claims<'a> {
+    inner: &'a Inner,
+    keys: Vec<(BlockKey, tokio::sync::watch::Sender<()>)>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        let mut fl = self.inner.inflight.lock().expect("lock");
+        for (key, _) in &self.keys {
+            fl.remove(key);
+        }
+    }
+}
+
+/// Compaction fetches dead pages between live ones rather than split a GET at gaps shorter
+/// than this (pages): fewer requests for at most this many pages of waste per live page.
+const COMPACTION_GAP: u32 = 64;
+
+/// Reads starting within this many bytes of where the previous one ended count as sequential
+/// (several in flight arrive a little out of order).
+const SEQUENTIAL_WINDOW: u64 = 8 << 20;
+
+/// Cache blocks a sequential read fetches beyond what it needs, in each segment it touches.
+const READ_AHEAD_BLOCKS: u32 = 4;
+
+/// Segment runs of one read fetched at once.
+const READ_FANOUT: usize = 32;
+
+/// Where a cache block came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    Store,
+    Memory,
+    Disk,
+}
+
+/// Where one page of a read comes from.
+#[derive(Debug, Clone)]
+enum Src {
+    Wal(Arc<File>, u64),
+    /// Where in which segment.
+    Seg(SegLoc, Arc<SegInfo>),
+    Zero,
+}
+
+impl Image {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The manifest version the image is at.
+    pub fn version(&self) -> u64 {
+        self.inner.base.read().expect("lock").manifest.version
+    }
+
+    /// Segments in the current manifest.
+    pub fn segment_count(&self) -> usize {
+        self.inner.base.read().expect("lock").order.len()
+    }
+
+    pub fn stats(&self) -> &ImageStats {
+        &self.inner.stats
+    }
+
+    /// Requests made to the image's object store (shared by every image in the store).
+    pub fn store_stats(&self) -> &crate::objects::Stats {
+        self.inner.store.objects.stats()
+    }
+
+    /// Bytes in the write buffer: the active generation, and all of them.
+    pub fn buffered_bytes(&self) -> (u64, u64) {
+        self.inner.wal.as_ref().map_or((0, 0), |w| w.sizes())
+    }
+
+    /// Pages mapped by the manifest and by the write buffer (memory: about 32 bytes each).
+    pub fn mapped_pages(&self) -> (usize, usize) {
+        (
+            self.inner.base.read().expect("lock").map.len(),
+            self.inner.wal.as_ref().map_or(0, |w| w.mapped_pages()),
+        )
+    }
+
+    /// Checkpoint now: everything written so far goes to the object store.
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.inner.check_fenced("checkpoint")?;
+        self.inner.checkpoint().await?;
+        self.inner.compact_now().await
+    }
+
+    /// Stop the checkpoint task and release the write buffer (what is buffered stays there for
+    /// the next open). Dropping does the same without waiting.
+    pub async fn close(mut self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.task.abort();
+        self.inner.stop_compaction();
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = task.await;
+    }
+
+    /// Why the image stopped writing, if it did.
+    pub fn fenced(&self) -> Option<String> {
+        self.inner.fenced()
+    }
+
+    fn sources(&self, first: u64, count: u64) -> Vec<Src> {
+        self.inner.sources(first, count)
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Image {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: self.inner.wal.is_none(),
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            block_status: true,
+            multi_conn: true,
+            resize: self.inner.wal.is_some(),
+        }
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        check_io(self.geometry(), "read", offset, len as u64)?;
+        let (first, count) = self.inner.first_and_count(offset, len as u64);
+        let srcs = self.sources(first, count);
+        Ok(self
+            .inner
+            .read_sources(first, &srcs, offset, len)
+            .await?
+            .freeze())
     }
 
     async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
@@ -1328,9 +1558,10 @@ impl BlockDevice for Image {
             return Ok(());
         }
         self.inner.wait_for_room().await?;
+        let _writing = self.inner.writers.read().await;
+        let (first, count) = self.inner.first_and_count(offset, data.len() as u64);
         self.inner
-            .wal
-            .write(offset >> self.inner.page_bits, &data)?;
+            .apply(first, count, |wal| wal.write(first, &data))?;
         if opts.fua {
             self.flush().await?;
         }
@@ -1338,8 +1569,11 @@ impl BlockDevice for Image {
     }
 
     async fn flush(&self) -> Result<()> {
+        let Some(wal) = &self.inner.wal else {
+            return Ok(());
+        };
         self.inner.check_fenced("flush")?;
-        self.inner.wal.flush().await
+        wal.flush().await
     }
 
     async fn trim(&self, offset: u64, len: u64, opts: WriteOpts) -> Result<()> {
@@ -1362,7 +1596,9 @@ impl BlockDevice for Image {
         }
         self.inner.wait_for_room().await?;
         let (first, count) = self.inner.first_and_count(offset, len);
-        self.inner.wal.zero(first, count)?;
+        let _writing = self.inner.writers.read().await;
+        self.inner
+            .apply(first, count, |wal| wal.zero(first, count))?;
         if opts.fua {
             self.flush().await?;
         }
