@@ -100,6 +100,16 @@ pub mod cmd {
     pub const CACHE: u16 = 5;
     pub const WRITE_ZEROES: u16 = 6;
     pub const BLOCK_STATUS: u16 = 7;
+    /// The transaction extension (compatible with MVPS): see `docs/TRANSACTIONS.md`.
+    pub const BEGIN_TXN: u16 = 64;
+    pub const COMMIT_TXN: u16 = 65;
+    pub const ROLLBACK_TXN: u16 = 66;
+    pub const LOCK_TXN: u16 = 67;
+
+    /// One of the transaction commands.
+    pub fn is_txn(command: u16) -> bool {
+        (BEGIN_TXN..=LOCK_TXN).contains(&command)
+    }
 }
 
 /// Command flags.

@@ -15,4 +15,4 @@ pub mod server;
 mod transmission;
 
 pub use client::{NbdDevice, NbdOpener};
-pub use server::{Export, Server, ServerConfig, TlsMode, TlsSettings};
+pub use server::{Export, Resolved, Resolver, Server, ServerConfig, TlsMode, TlsSettings};

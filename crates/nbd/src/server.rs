@@ -12,12 +12,12 @@
 //! Requests are answered as they complete, out of order. A bad request gets an NBD error and the
 //! connection stays usable; only a broken framing (bad magic) or a vanished client ends it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use strata_bdev::BlockDevice;
+use strata_bdev::{BlockDevice, Transactional};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -39,6 +39,25 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
     /// Refuse writes even if the device takes them.
     pub read_only: bool,
+    /// The device's transactions, for the transaction commands (64–67); `None`: refused.
+    pub transactions: Option<Arc<dyn Transactional>>,
+}
+
+/// Finds exports that are not in the server's list when a client asks for them: names made
+/// up on the fly (a snapshot, an image of a store, an access token).
+#[async_trait::async_trait]
+pub trait Resolver: Send + Sync + std::fmt::Debug {
+    /// The export `name` selects: `Ok(None)` if there is none, `Err(why)` if it is refused.
+    async fn resolve(&self, name: &str) -> Result<Option<Resolved>, String>;
+}
+
+/// What a [`Resolver`] found.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub export: Arc<Export>,
+    /// A client identity: a new connection with the same one takes over from the previous
+    /// one, which is drained and closed.
+    pub client_id: Option<String>,
 }
 
 impl Export {
@@ -136,6 +155,10 @@ const MAX_DISCARD_LEN: u32 = 16 << 20;
 pub struct Server {
     config: ServerConfig,
     exports: RwLock<BTreeMap<String, Arc<Export>>>,
+    resolver: RwLock<Option<Arc<dyn Resolver>>>,
+    /// Connections by client identity: their id, their stop token, and when they are done.
+    clients: std::sync::Mutex<HashMap<String, ClientConn>>,
+    next_conn: std::sync::atomic::AtomicU64,
     connections: Arc<Semaphore>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -152,6 +175,9 @@ impl Server {
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             config,
             exports: RwLock::new(exports),
+            resolver: RwLock::new(None),
+            clients: std::sync::Mutex::new(HashMap::new()),
+            next_conn: std::sync::atomic::AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })
@@ -180,6 +206,11 @@ impl Server {
             .collect()
     }
 
+    /// Resolve names that are not in the list with `resolver` from now on.
+    pub fn set_resolver(&self, resolver: Arc<dyn Resolver>) {
+        *self.resolver.write().expect("lock poisoned") = Some(resolver);
+    }
+
     fn lookup(&self, name: &str) -> Option<Arc<Export>> {
         let exports = self.exports.read().expect("lock poisoned");
         let name = match (name, &self.config.default_export) {
@@ -187,6 +218,21 @@ impl Server {
             _ => name,
         };
         exports.get(name).cloned()
+    }
+
+    /// The export `name` selects: a listed one, else what the resolver makes of it.
+    async fn find(&self, name: &str) -> Result<Option<Resolved>, String> {
+        if let Some(export) = self.lookup(name) {
+            return Ok(Some(Resolved {
+                export,
+                client_id: None,
+            }));
+        }
+        let resolver = self.resolver.read().expect("lock poisoned").clone();
+        match resolver {
+            Some(r) => r.resolve(name).await,
+            None => Ok(None),
+        }
     }
 
     /// Stop accepting, let every connection finish the requests it has in flight, and wait.
@@ -414,11 +460,22 @@ impl Server {
                     return Ok(Negotiated::Close);
                 }
                 ClientOption::ExportName(name) => {
-                    let Some(export) = self.lookup(&name) else {
-                        return Err(invalid(format!(
-                            "NBD_OPT_EXPORT_NAME: no export named {name:?}"
-                        )));
+                    let found = match self.find(&name).await {
+                        Ok(Some(found)) => found,
+                        Ok(None) => {
+                            return Err(invalid(format!(
+                                "NBD_OPT_EXPORT_NAME: no export named {}",
+                                shown(&name)
+                            )))
+                        }
+                        Err(why) => {
+                            return Err(invalid(format!(
+                                "NBD_OPT_EXPORT_NAME: export {} refused: {why}",
+                                shown(&name)
+                            )))
+                        }
                     };
+                    let export = found.export.clone();
                     out.clear();
                     let flags = export.transmission_flags(s.structured);
                     codec::encode_export_name_reply(
@@ -429,7 +486,7 @@ impl Server {
                     );
                     stream.write_all(&out).await?;
                     s.meta_export = None;
-                    return Ok(Negotiated::Transmission(s, export));
+                    return Ok(Negotiated::Transmission(s, found));
                 }
                 ClientOption::List => {
                     for e in self.exports() {
@@ -487,16 +544,16 @@ impl Server {
                         .await?;
                         continue;
                     }
-                    if self.lookup(&req.export).is_none() {
-                        let msg = format!("no export named {:?}", req.export);
-                        send_option_reply(
-                            stream,
-                            &mut out,
-                            h.option,
+                    let (code, msg) = match self.find(&req.export).await {
+                        Ok(Some(_)) => (rep::ACK, String::new()),
+                        Ok(None) => (
                             rep::ERR_UNKNOWN,
-                            msg.as_bytes(),
-                        )
-                        .await?;
+                            format!("no export named {}", shown(&req.export)),
+                        ),
+                        Err(why) => (rep::ERR_POLICY, why),
+                    };
+                    if code != rep::ACK {
+                        send_option_reply(stream, &mut out, h.option, code, msg.as_bytes()).await?;
                         continue;
                     }
                     let selected = if set {
@@ -525,21 +582,37 @@ impl Server {
                 }
                 ClientOption::Info(req) | ClientOption::Go(req) => {
                     let go = h.option == opt::GO;
-                    let Some(export) = self.lookup(&req.name) else {
-                        let msg = format!(
-                            "no export named {:?}; NBD_OPT_LIST (nbdinfo --list) shows the exports",
-                            req.name
-                        );
-                        send_option_reply(
-                            stream,
-                            &mut out,
-                            h.option,
-                            rep::ERR_UNKNOWN,
-                            msg.as_bytes(),
-                        )
-                        .await?;
-                        continue;
+                    let found = match self.find(&req.name).await {
+                        Ok(Some(found)) => found,
+                        Ok(None) => {
+                            let msg = format!(
+                                "no export named {}; NBD_OPT_LIST (nbdinfo --list) shows the exports",
+                                shown(&req.name)
+                            );
+                            send_option_reply(
+                                stream,
+                                &mut out,
+                                h.option,
+                                rep::ERR_UNKNOWN,
+                                msg.as_bytes(),
+                            )
+                            .await?;
+                            continue;
+                        }
+                        Err(why) => {
+                            warn!(export = %shown(&req.name), reason = %why, "export refused");
+                            send_option_reply(
+                                stream,
+                                &mut out,
+                                h.option,
+                                rep::ERR_POLICY,
+                                why.as_bytes(),
+                            )
+                            .await?;
+                            continue;
+                        }
                     };
+                    let export = found.export.clone();
                     let sizes = self.block_sizes(&export);
                     let asked_sizes = req.requests.contains(&codec::info::BLOCK_SIZE);
                     if asked_sizes || sizes.minimum > 1 {
@@ -585,7 +658,7 @@ impl Server {
                         if s.meta_export.as_deref() != Some(req.name.as_str()) {
                             s.meta_export = None;
                         }
-                        return Ok(Negotiated::Transmission(s, export));
+                        return Ok(Negotiated::Transmission(s, found));
                     }
                 }
                 ClientOption::Unknown(o) => {
@@ -612,12 +685,59 @@ impl Server {
         self: Arc<Self>,
         stream: S,
         s: Session,
-        export: Arc<Export>,
+        found: Resolved,
     ) -> std::io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let export = found.export;
         debug!(export = %export.name, structured = s.structured, tls = s.tls, "transmission");
+        let Some(client) = found.client_id else {
+            return self
+                .serve_requests(stream, s, export, self.shutdown.clone())
+                .await;
+        };
+        // The same client again: the previous connection answers what it has in flight and
+        // closes before this one starts.
+        let id = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stop = self.shutdown.child_token();
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let previous = self.clients.lock().expect("lock poisoned").insert(
+            client.clone(),
+            ClientConn {
+                id,
+                stop: stop.clone(),
+                done: done_rx,
+            },
+        );
+        if let Some(mut prev) = previous {
+            info!(client = %client, "the same client connected again: closing its previous connection");
+            prev.stop.cancel();
+            let _ = prev.done.wait_for(|d| *d).await;
+        }
+        let result = self.serve_requests(stream, s, export, stop).await;
+        {
+            let mut clients = self.clients.lock().expect("lock poisoned");
+            if clients.get(&client).is_some_and(|c| c.id == id) {
+                clients.remove(&client);
+            }
+        }
+        let _ = done_tx.send(true);
+        result
+    }
+
+    async fn serve_requests<S>(
+        &self,
+        stream: S,
+        s: Session,
+        export: Arc<Export>,
+        stop: CancellationToken,
+    ) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let ctx = Arc::new(transmission::Ctx {
             block_size: u64::from(export.device.geometry().block_size.max(1)),
             export,
@@ -625,13 +745,7 @@ impl Server {
             block_status: s.meta_export.is_some(),
             max_payload: self.config.max_payload,
         });
-        transmission::serve(
-            stream,
-            ctx,
-            self.config.max_in_flight_bytes,
-            self.shutdown.clone(),
-        )
-        .await
+        transmission::serve(stream, ctx, self.config.max_in_flight_bytes, stop).await
     }
 }
 
@@ -664,7 +778,25 @@ impl Listener for UnixListener {
 enum Negotiated {
     Close,
     StartTls(Session),
-    Transmission(Session, Arc<Export>),
+    Transmission(Session, Resolved),
+}
+
+/// A connection known by its client identity.
+#[derive(Debug)]
+struct ClientConn {
+    id: u64,
+    stop: CancellationToken,
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A name for logs and errors: long names (access tokens) are cut short.
+fn shown(name: &str) -> String {
+    if name.len() <= 64 {
+        format!("{name:?}")
+    } else {
+        let cut: String = name.chars().take(24).collect();
+        format!("\"{cut}…\" ({} bytes)", name.len())
+    }
 }
 
 /// What a client negotiated so far.

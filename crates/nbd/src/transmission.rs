@@ -14,6 +14,9 @@
 //! order, and the socket is never contended between threads. Write payloads are split out of the
 //! read buffer without copying.
 //!
+//! Transactions (commands 64–67): from BEGIN to COMMIT or ROLLBACK the connection runs one
+//! request at a time, in order, against its open transaction (see `docs/TRANSACTIONS.md`).
+//!
 //! Backpressure: every READ and WRITE charges its length to a byte budget when it is parsed and
 //! releases it when its reply is written; while the budget is spent the loop reads nothing more,
 //! so a client that outruns its device (or stops reading replies) waits in its socket buffer.
@@ -27,7 +30,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use strata_bdev::{Error as DevError, ErrorKind, Extent, WriteOpts, ZeroOpts};
+use strata_bdev::{Error as DevError, ErrorKind, Extent, Transaction, WriteOpts, ZeroOpts};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
@@ -61,6 +64,8 @@ struct Reply {
     header: Bytes,
     data: Bytes,
     charge: usize,
+    /// For a request run in order (a transaction's): whether a transaction is open after it.
+    serial: Option<bool>,
 }
 
 impl Reply {
@@ -97,6 +102,9 @@ where
         unflushed: false,
         reading: true,
         shutdown: Box::pin(shutdown.cancelled_owned()),
+        txn: Arc::new(tokio::sync::Mutex::new(None)),
+        in_txn: false,
+        serial_busy: false,
     };
     let result = std::future::poll_fn(|cx| conn.poll(cx)).await;
     match result {
@@ -125,7 +133,15 @@ struct Conn<S> {
     unflushed: bool,
     reading: bool,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The open transaction, if any (dropped, i.e. rolled back, with the connection).
+    txn: TxnSlot,
+    /// A transaction may be open: requests run one at a time, in order.
+    in_txn: bool,
+    /// A request that runs in order is in flight.
+    serial_busy: bool,
 }
+
+type TxnSlot = Arc<tokio::sync::Mutex<Option<Box<dyn Transaction>>>>;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -146,6 +162,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             // read so that a request done at once has released its payload, and the read
             // buffer can be reused in place rather than reallocated.
             while let Poll::Ready(Some(reply)) = self.requests.poll_next_unpin(cx) {
+                if let Some(open) = reply.serial {
+                    self.serial_busy = false;
+                    self.in_txn = open;
+                }
                 self.out.push_back(reply);
                 progress = true;
             }
@@ -254,6 +274,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 format!("request: {e}; closing, as framing is lost"),
             )
         })?;
+        // A transaction's requests run alone, in order: wait for the ones before.
+        let serial = (cmd::is_txn(req.command) || self.in_txn) && req.command != cmd::DISC;
+        if serial && (self.serial_busy || !self.requests.is_empty()) {
+            return Ok(false);
+        }
         let mut payload = None;
         if req.command == cmd::WRITE {
             if req.length > self.ctx.max_payload {
@@ -290,6 +315,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         self.in_flight += charge;
         let ctx = self.ctx.clone();
+        if serial {
+            self.serial_busy = true;
+            let txn = self.txn.clone();
+            self.requests.push(Box::pin(async move {
+                let mut slot = txn.lock().await;
+                let result = run_txn(&ctx, &req, payload, &mut slot).await;
+                let mut reply = encode(&ctx, &req, result, charge);
+                reply.serial = Some(slot.is_some());
+                reply
+            }));
+            return Ok(true);
+        }
         self.requests.push(Box::pin(async move {
             let result = run(&ctx, &req, payload).await;
             encode(&ctx, &req, result, charge)
@@ -448,6 +485,7 @@ fn encode(
         header: h.freeze(),
         data,
         charge,
+        serial: None,
     }
 }
 
@@ -471,12 +509,16 @@ fn command_name(command: u16) -> &'static str {
         cmd::CACHE => "cache",
         cmd::WRITE_ZEROES => "write zeroes",
         cmd::BLOCK_STATUS => "block status",
+        cmd::BEGIN_TXN => "begin transaction",
+        cmd::COMMIT_TXN => "commit transaction",
+        cmd::ROLLBACK_TXN => "roll back transaction",
+        cmd::LOCK_TXN => "lock transaction",
         _ => "unknown command",
     }
 }
 
-/// Validate a request and run it against the device.
-async fn run(ctx: &Ctx, req: &codec::Request, payload: Option<Bytes>) -> Result<Success, Failure> {
+/// Check a request against the protocol and the export: command, flags, range, alignment.
+fn validate(ctx: &Ctx, req: &codec::Request) -> Result<(), Failure> {
     let name = command_name(req.command);
     if !matches!(
         req.command,
@@ -487,6 +529,10 @@ async fn run(ctx: &Ctx, req: &codec::Request, payload: Option<Bytes>) -> Result<
             | cmd::CACHE
             | cmd::WRITE_ZEROES
             | cmd::BLOCK_STATUS
+            | cmd::BEGIN_TXN
+            | cmd::COMMIT_TXN
+            | cmd::ROLLBACK_TXN
+            | cmd::LOCK_TXN
     ) {
         return Err(Failure::new(
             errno::EINVAL,
@@ -510,8 +556,10 @@ async fn run(ctx: &Ctx, req: &codec::Request, payload: Option<Bytes>) -> Result<
         ));
     }
     let dev = &ctx.export.device;
-    let fua = req.flags & cmd_flags::FUA != 0;
-    let write_like = matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
+    let write_like = matches!(
+        req.command,
+        cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM | cmd::BEGIN_TXN
+    );
     if write_like && ctx.export.is_read_only() {
         return Err(Failure::new(
             errno::EPERM,
@@ -519,7 +567,7 @@ async fn run(ctx: &Ctx, req: &codec::Request, payload: Option<Bytes>) -> Result<
         ));
     }
     let (offset, length) = (req.offset, u64::from(req.length));
-    if req.command != cmd::FLUSH {
+    if req.command != cmd::FLUSH && !cmd::is_txn(req.command) {
         if length == 0 {
             return Err(Failure::new(
                 errno::EINVAL,
@@ -557,6 +605,16 @@ async fn run(ctx: &Ctx, req: &codec::Request, payload: Option<Bytes>) -> Result<
             ));
         }
     }
+    Ok(())
+}
+
+/// Validate a request and run it against the device.
+async fn run(ctx: &Ctx, req: &codec::Request, payload: Option<Bytes>) -> Result<Success, Failure> {
+    validate(ctx, req)?;
+    let dev = &ctx.export.device;
+    let fua = req.flags & cmd_flags::FUA != 0;
+    let write_like = matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
+    let (offset, length) = (req.offset, u64::from(req.length));
     let dev_err = |e| Failure::from_device(e, write_like);
     match req.command {
         cmd::READ => dev
@@ -615,6 +673,105 @@ async fn run(ctx: &Ctx, req: &codec::Request, payload: Option<Bytes>) -> Result<
             }
             Ok(Success::Extents(ext))
         }
-        _ => unreachable!("commands were checked above"),
+        _ => Err(Failure::new(
+            errno::EINVAL,
+            format!(
+                "{}: no transaction is open on this connection (send BEGIN first)",
+                command_name(req.command)
+            ),
+        )),
+    }
+}
+
+/// Run a request of a connection that may have a transaction open (`slot`): transaction
+/// commands, and reads and writes inside the transaction. Everything else runs as usual.
+async fn run_txn(
+    ctx: &Ctx,
+    req: &codec::Request,
+    payload: Option<Bytes>,
+    slot: &mut Option<Box<dyn Transaction>>,
+) -> Result<Success, Failure> {
+    let name = command_name(req.command);
+    let none_open = || {
+        Failure::new(
+            errno::EINVAL,
+            format!("{name}: no transaction is open on this connection (send BEGIN first)"),
+        )
+    };
+    // MVPS marks a page as zeroes with a WRITE of length 0 at its offset.
+    let tombstone = req.command == cmd::WRITE && req.length == 0 && slot.is_some();
+    if !tombstone {
+        validate(ctx, req)?;
+    }
+    let err = |e| Failure::from_device(e, true);
+    match req.command {
+        cmd::BEGIN_TXN => {
+            if slot.is_some() {
+                return Err(Failure::new(
+                    errno::EINVAL,
+                    "begin transaction: one is open on this connection already (COMMIT or ROLLBACK it first)",
+                ));
+            }
+            let Some(t) = &ctx.export.transactions else {
+                return Err(Failure::new(
+                    errno::EINVAL,
+                    format!(
+                        "begin transaction: export {:?} does not support transactions (page-store images do)",
+                        ctx.export.name
+                    ),
+                ));
+            };
+            *slot = Some(t.begin().await.map_err(err)?);
+            Ok(Success::Done)
+        }
+        cmd::COMMIT_TXN => {
+            let t = slot.take().ok_or_else(none_open)?;
+            t.commit().await.map_err(err)?;
+            Ok(Success::Done)
+        }
+        cmd::ROLLBACK_TXN => {
+            slot.take().ok_or_else(none_open)?.rollback().await;
+            Ok(Success::Done)
+        }
+        cmd::LOCK_TXN => {
+            let t = slot.as_mut().ok_or_else(none_open)?;
+            if t.lock().await.map_err(err)? {
+                Ok(Success::Done)
+            } else {
+                Err(Failure::new(
+                    errno::EPERM,
+                    "lock transaction: it can no longer commit (a page it read or wrote changed since BEGIN, or it timed out); ROLLBACK it",
+                ))
+            }
+        }
+        _ => {
+            let Some(t) = slot.as_mut() else {
+                return run(ctx, req, payload).await;
+            };
+            let (offset, length) = (req.offset, u64::from(req.length));
+            match req.command {
+                cmd::READ => t
+                    .read(offset, length as usize)
+                    .await
+                    .map(Success::Data)
+                    .map_err(|e| Failure::from_device(e, false)),
+                cmd::WRITE if tombstone => {
+                    t.zero(offset, ctx.block_size).await.map_err(err)?;
+                    Ok(Success::Done)
+                }
+                cmd::WRITE => {
+                    let data = payload
+                        .ok_or_else(|| Failure::new(errno::EINVAL, "write: payload missing"))?;
+                    t.write(offset, data).await.map_err(err)?;
+                    Ok(Success::Done)
+                }
+                cmd::TRIM | cmd::WRITE_ZEROES => {
+                    t.zero(offset, length).await.map_err(err)?;
+                    Ok(Success::Done)
+                }
+                // FLUSH, CACHE, BLOCK_STATUS: about the export, not the transaction.
+                _ => run(ctx, req, payload).await,
+            }
+        }
     }
 }

@@ -28,6 +28,7 @@ fn export(name: &str, device: Arc<dyn BlockDevice>, read_only: bool) -> Export {
         description: format!("test export {name}"),
         device,
         read_only,
+        transactions: None,
     }
 }
 

@@ -93,6 +93,7 @@ async fn in_flight_budget_applies_backpressure_and_loses_nothing() {
             description: String::new(),
             device: device.clone(),
             read_only: false,
+            transactions: None,
         }],
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -17,7 +17,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn socket(&self) -> PathBuf {
+    pub(crate) fn socket(&self) -> PathBuf {
         self.control
             .clone()
             .unwrap_or_else(|| crate::config::default_data_dir().join("control.sock"))

@@ -79,6 +79,58 @@ pub struct Config {
     /// Page-store tunables and the write-buffer directory.
     #[serde(default)]
     pub pagestore: PageStoreConfig,
+    /// Export names that are access tokens (HS256 JWTs) selecting page-store images.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    /// Garbage collection of page stores inside the daemon.
+    #[serde(default)]
+    pub gc: GcConfig,
+}
+
+/// `[jwt]`: an export name that is an HS256 JWT selects (creating it on first use) the image
+/// its `image_id` names. The secret is `STRATA_JWT_SECRET` when set, else `secret`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The HMAC secret (prefer the environment variable).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// The store the images live in.
+    #[serde(default = "default_jwt_store")]
+    pub store: String,
+}
+
+fn default_jwt_store() -> String {
+    "local".into()
+}
+
+/// `[gc]`: collect garbage in every store on a schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcConfig {
+    /// Seconds between collections (0: never; `strata gc` runs one by hand).
+    #[serde(default)]
+    pub interval_secs: u64,
+    /// Nothing written, or replaced, less than this many seconds ago is deleted.
+    #[serde(default = "default_grace")]
+    pub grace_secs: u64,
+    /// Replaced versions of an image are kept this many seconds.
+    #[serde(default)]
+    pub retention_secs: u64,
+}
+
+fn default_grace() -> u64 {
+    3600
+}
+
+impl Default for GcConfig {
+    fn default() -> GcConfig {
+        GcConfig {
+            interval_secs: 0,
+            grace_secs: default_grace(),
+            retention_secs: 0,
+        }
+    }
 }
 
 /// `[[store]]`: where page-store images live.
@@ -153,6 +205,12 @@ pub struct PageStoreConfig {
     /// Where the disk cache's files go (default: each image's write-buffer directory).
     #[serde(default)]
     pub disk_cache_dir: Option<String>,
+    /// Seconds a transaction may stay open before it is rolled back.
+    #[serde(default)]
+    pub txn_timeout_secs: Option<u64>,
+    /// Bytes a transaction may write.
+    #[serde(default)]
+    pub max_txn_bytes: Option<Size>,
 }
 
 impl PageStoreConfig {
@@ -181,6 +239,12 @@ impl PageStoreConfig {
         }
         if let Some(v) = self.disk_cache_bytes {
             s.disk_cache_bytes = v.0;
+        }
+        if let Some(v) = self.txn_timeout_secs {
+            s.txn_timeout = std::time::Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = self.max_txn_bytes {
+            s.max_txn_bytes = v.0;
         }
         s
     }
@@ -246,6 +310,14 @@ pub struct NbdConfig {
     /// TLS.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Serve any page-store image as `STORE/IMAGE` and its snapshots as `STORE/IMAGE@SNAP`
+    /// (and an image volume's snapshots as `VOLUME@SNAP`), opened when a client asks.
+    #[serde(default = "default_true")]
+    pub images: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_listen() -> Vec<String> {
@@ -279,6 +351,7 @@ impl Default for NbdConfig {
             shutdown_timeout_secs: default_shutdown_timeout(),
             default_export: None,
             tls: None,
+            images: true,
         }
     }
 }
@@ -395,6 +468,8 @@ impl Config {
             control_socket: None,
             stores: Vec::new(),
             pagestore: PageStoreConfig::default(),
+            jwt: None,
+            gc: GcConfig::default(),
         }
     }
 

@@ -10,7 +10,9 @@
 //! ← {"result":"error","message":"…"}
 //! ```
 //!
-//! A child is named by its index in `status` or by its URI.
+//! A child is named by its index in `status` or by its URI. An image is named by its volume
+//! name or as `STORE/IMAGE`, a snapshot as `IMAGE@SNAPSHOT`. Long operations (flattening)
+//! answer with `{"result":"progress","done":…,"total":…}` lines before their final answer.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
+use crate::images::Images;
 use crate::volume::{open_device, Volume};
 
 /// A request.
@@ -63,15 +66,89 @@ pub enum Request {
         volume: String,
         child: String,
     },
+    /// Take a snapshot of an image.
+    Snapshot {
+        image: String,
+        name: String,
+    },
+    /// List an image's snapshots.
+    Snapshots {
+        image: String,
+    },
+    /// Delete a snapshot; with `flatten`, first flatten the clones that read through it.
+    DeleteSnapshot {
+        snapshot: String,
+        #[serde(default)]
+        flatten: bool,
+    },
+    /// Make image `name` (in the snapshot's store) a clone of a snapshot.
+    Clone {
+        snapshot: String,
+        name: String,
+    },
+    /// Copy what a clone reads from its base into it, so that it stands alone.
+    Flatten {
+        image: String,
+    },
+    Resize {
+        image: String,
+        size: u64,
+        #[serde(default)]
+        force: bool,
+    },
+    /// List the images of a store (default: every store).
+    Images {
+        #[serde(default)]
+        store: Option<String>,
+    },
+    DeleteImage {
+        image: String,
+    },
 }
 
 /// A response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Status { volumes: Vec<VolumeInfo> },
-    Done { message: String },
-    Error { message: String },
+    Status {
+        volumes: Vec<VolumeInfo>,
+    },
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+    Snapshots {
+        snapshots: Vec<strata_pagestore::versions::SnapshotInfo>,
+    },
+    Images {
+        images: Vec<ImageSummary>,
+    },
+    /// Work done so far, before the final answer.
+    Progress {
+        done: u64,
+        total: u64,
+    },
+}
+
+/// An image as `strata image list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub store: String,
+    pub name: String,
+    pub size: u64,
+    pub page_size: u64,
+    /// The manifest version it is at.
+    pub version: u64,
+    /// `IMAGE@SNAPSHOT` a clone reads through to.
+    pub base: Option<String>,
+    pub snapshots: usize,
+    /// Bytes of its objects in the store (versions and data no longer used included, until
+    /// garbage collection).
+    pub stored_bytes: u64,
+    /// Open in the daemon.
+    pub open: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -270,11 +347,22 @@ pub fn human_bytes(n: u64) -> String {
 pub struct ControlServer {
     volumes: Vec<Arc<Volume>>,
     registry: Arc<Registry>,
+    images: Arc<Images>,
 }
 
+type Progress = tokio::sync::mpsc::UnboundedSender<Response>;
+
 impl ControlServer {
-    pub fn new(volumes: Vec<Arc<Volume>>, registry: Arc<Registry>) -> Arc<ControlServer> {
-        Arc::new(ControlServer { volumes, registry })
+    pub fn new(
+        volumes: Vec<Arc<Volume>>,
+        registry: Arc<Registry>,
+        images: Arc<Images>,
+    ) -> Arc<ControlServer> {
+        Arc::new(ControlServer {
+            volumes,
+            registry,
+            images,
+        })
     }
 
     /// Serve connections on `listener` until the task is dropped.
@@ -318,7 +406,22 @@ impl ControlServer {
                 }
             } else {
                 match serde_json::from_slice::<Request>(&line) {
-                    Ok(req) => self.handle(req).await,
+                    Ok(req) => {
+                        // Progress lines go out while the request runs.
+                        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                        let work = self.handle(req, tx);
+                        tokio::pin!(work);
+                        loop {
+                            tokio::select! {
+                                r = &mut work => break r,
+                                Some(p) = rx.recv() => {
+                                    let mut out = serde_json::to_vec(&p)?;
+                                    out.push(b'\n');
+                                    write.write_all(&out).await?;
+                                }
+                            }
+                        }
+                    }
                     Err(e) => Response::Error {
                         message: format!("malformed request: {e}"),
                     },
@@ -333,8 +436,8 @@ impl ControlServer {
         }
     }
 
-    async fn handle(&self, req: Request) -> Response {
-        match self.apply(req).await {
+    async fn handle(&self, req: Request, progress: Progress) -> Response {
+        match self.apply(req, progress).await {
             Ok(r) => r,
             Err(e) => Response::Error {
                 message: format!("{e:#}"),
@@ -376,7 +479,7 @@ impl ControlServer {
         )
     }
 
-    async fn apply(&self, req: Request) -> anyhow::Result<Response> {
+    async fn apply(&self, req: Request, progress: Progress) -> anyhow::Result<Response> {
         let done = |message: String| {
             info!("{message}");
             Ok(Response::Done { message })
@@ -479,12 +582,192 @@ impl ControlServer {
                     "volume {volume}: rebuild of replica #{i} cancelled; it goes offline"
                 ))
             }
+            Request::Snapshot { image, name } => {
+                let (store, img) = self.images.key(&image)?;
+                let i = self.images.image(&store, &img, None).await?;
+                let rec = i.snapshot(&name).await?;
+                done(format!(
+                    "snapshot {store}/{img}@{name} taken (version {}, {}); export it read-only \
+                     as {store}/{img}@{name}",
+                    rec.version,
+                    human_bytes(rec.image_size)
+                ))
+            }
+            Request::Snapshots { image } => {
+                let (store, img) = self.images.key(&image)?;
+                let cat = self.images.store(&store)?.catalog().await?;
+                if cat.images.get(&img).is_none_or(|e| e.latest.is_none()) {
+                    bail!("no image {img} in store {store}");
+                }
+                Ok(Response::Snapshots {
+                    snapshots: cat.snapshots(&img),
+                })
+            }
+            Request::DeleteSnapshot { snapshot, flatten } => {
+                let (image, snap) = snapshot
+                    .rsplit_once('@')
+                    .with_context(|| format!("{snapshot:?}: name a snapshot as IMAGE@SNAPSHOT"))?;
+                let (store, img) = self.images.key(image)?;
+                if self.images.snapshot_open(&store, &img, snap).await {
+                    bail!("snapshot {store}/{img}@{snap} is exported to clients; disconnect them first");
+                }
+                let ps = self.images.store(&store)?;
+                if flatten {
+                    self.flatten_dependents(&store, &img, snap, &progress)
+                        .await?;
+                }
+                ps.delete_snapshot(&img, snap).await?;
+                self.images.forget_snapshot(&store, &img, snap).await;
+                done(format!(
+                    "snapshot {store}/{img}@{snap} deleted; `strata gc` frees its data after the grace period"
+                ))
+            }
+            Request::Clone { snapshot, name } => {
+                let (image, snap) = snapshot
+                    .rsplit_once('@')
+                    .with_context(|| format!("{snapshot:?}: name a snapshot as IMAGE@SNAPSHOT"))?;
+                let (store, img) = self.images.key(image)?;
+                let new = match name.split_once('/') {
+                    Some((s, n)) if s == store => n.to_string(),
+                    Some((s, _)) => {
+                        bail!("a clone lives in its snapshot's store ({store}), not in {s}")
+                    }
+                    None => name.clone(),
+                };
+                let m = self
+                    .images
+                    .store(&store)?
+                    .create_clone(&img, snap, &new)
+                    .await?;
+                done(format!(
+                    "image {store}/{new} created as a clone of {store}/{img}@{snap} ({}); \
+                     export it as {store}/{new}",
+                    human_bytes(m.image_size)
+                ))
+            }
+            Request::Flatten { image } => {
+                let (store, img) = self.images.key(&image)?;
+                let i = self.images.image(&store, &img, None).await?;
+                let Some(base) = i.base() else {
+                    bail!("image {store}/{img} is not a clone: nothing to flatten");
+                };
+                let p = progress.clone();
+                i.flatten(&move |done, total| {
+                    let _ = p.send(Response::Progress { done, total });
+                })
+                .await?;
+                done(format!(
+                    "image {store}/{img} flattened: it no longer reads through {}@{}",
+                    base.image, base.snapshot
+                ))
+            }
+            Request::Resize { image, size, force } => {
+                let (store, img) = self.images.key(&image)?;
+                let i = self.images.image(&store, &img, None).await?;
+                let old = strata_bdev::BlockDevice::geometry(&*i).size;
+                i.resize(size, force).await?;
+                done(format!(
+                    "image {store}/{img} resized from {} to {}; clients see the new size when \
+                     they reconnect",
+                    human_bytes(old),
+                    human_bytes(size)
+                ))
+            }
+            Request::Images { store } => {
+                let stores = match store {
+                    Some(s) => {
+                        self.images.store(&s)?;
+                        vec![s]
+                    }
+                    None => self.images.opener().store_names(),
+                };
+                let mut images = Vec::new();
+                for s in stores {
+                    let cat = self.images.store(&s)?.catalog().await?;
+                    for (name, e) in &cat.images {
+                        let Some(m) = &e.latest else { continue };
+                        images.push(ImageSummary {
+                            store: s.clone(),
+                            name: name.clone(),
+                            size: m.image_size,
+                            page_size: 1 << m.page_size_bits,
+                            version: m.version,
+                            base: m
+                                .base
+                                .as_ref()
+                                .map(|b| format!("{}@{}", b.image, b.snapshot)),
+                            snapshots: e.snapshots.iter().filter(|s| s.deleted.is_none()).count(),
+                            stored_bytes: cat.stored_bytes(name),
+                            open: self.images.if_open(&s, name).await.is_some(),
+                        });
+                    }
+                }
+                Ok(Response::Images { images })
+            }
+            Request::DeleteImage { image } => {
+                let (store, img) = self.images.key(&image)?;
+                self.images.close(&store, &img).await?;
+                self.images.store(&store)?.delete_image(&img).await?;
+                done(format!(
+                    "image {store}/{img} deleted with its snapshots; `strata gc` frees its data \
+                     after the grace period"
+                ))
+            }
         }
+    }
+
+    /// Flatten every clone that reads through `store/image@snap`; refuse if a snapshot of a
+    /// clone does (snapshots cannot change).
+    async fn flatten_dependents(
+        &self,
+        store: &str,
+        image: &str,
+        snap: &str,
+        progress: &Progress,
+    ) -> anyhow::Result<()> {
+        let ps = self.images.store(store)?;
+        let cat = ps.catalog().await?;
+        let Some(rec) = cat.images.get(image).and_then(|e| {
+            e.snapshots
+                .iter()
+                .find(|s| s.snapshot == snap && s.deleted.is_none())
+        }) else {
+            bail!("no snapshot {store}/{image}@{snap}");
+        };
+        let deps = cat.dependents(image, rec.version);
+        let (snaps, clones): (Vec<String>, Vec<String>) =
+            deps.into_iter().partition(|d| d.contains('@'));
+        if !snaps.is_empty() {
+            bail!(
+                "snapshots of clones read through {store}/{image}@{snap}: {}; delete them first \
+                 (a snapshot cannot be flattened)",
+                snaps.join(", ")
+            );
+        }
+        for c in clones {
+            info!(clone = %c, "flattening before the snapshot is deleted");
+            let i = self.images.image(store, &c, None).await?;
+            let p = progress.clone();
+            i.flatten(&move |done, total| {
+                let _ = p.send(Response::Progress { done, total });
+            })
+            .await?;
+        }
+        Ok(())
     }
 }
 
 /// The CLI side: one request, one response.
 pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    call_with_progress(socket, req, &mut |_, _| {})
+}
+
+/// One request; progress lines go to `progress(done, total)`, the final answer is returned.
+pub fn call_with_progress(
+    socket: &Path,
+    req: &Request,
+    progress: &mut dyn FnMut(u64, u64),
+) -> anyhow::Result<Response> {
     use std::io::{BufRead, Write};
     let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
         format!(
@@ -496,10 +779,16 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     (&stream).write_all(&line)?;
-    let mut answer = String::new();
-    std::io::BufReader::new(&stream).read_line(&mut answer)?;
-    if answer.is_empty() {
-        bail!("the daemon closed the control connection without answering");
+    let mut reader = std::io::BufReader::new(&stream);
+    loop {
+        let mut answer = String::new();
+        reader.read_line(&mut answer)?;
+        if answer.is_empty() {
+            bail!("the daemon closed the control connection without answering");
+        }
+        match serde_json::from_str(&answer).context("parse the daemon's answer")? {
+            Response::Progress { done, total } => progress(done, total),
+            r => return Ok(r),
+        }
     }
-    serde_json::from_str(&answer).context("parse the daemon's answer")
 }

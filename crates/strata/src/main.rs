@@ -3,8 +3,11 @@
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod cli_images;
 mod config;
 mod control;
+mod gc;
+mod images;
 mod ledger;
 mod serve;
 mod volume;
@@ -43,6 +46,17 @@ enum Command {
     /// Follow, pause, resume or cancel a rebuild.
     #[command(subcommand)]
     Rebuild(cli::RebuildCommand),
+    /// Take, list or delete snapshots of page-store images.
+    #[command(subcommand)]
+    Snapshot(cli_images::SnapshotCommand),
+    /// Make a new image that is a clone of a snapshot (IMAGE@SNAPSHOT NAME): O(1), writable.
+    Clone { snapshot: String, name: String },
+    /// List, resize, flatten or delete page-store images.
+    #[command(subcommand)]
+    Image(cli_images::ImageCommand),
+    /// Delete objects no image, snapshot or clone needs (after a grace period), in the
+    /// stores of a configuration. Safe while servers run.
+    Gc(cli_images::GcArgs),
 }
 
 /// Keep I/O buffers on the heap. By default glibc gives every allocation over 128 KiB fresh
@@ -75,6 +89,10 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => Some(cli::status(&cli.target, args)),
         Command::Child(cmd) => Some(cli::child(&cli.target, cmd)),
         Command::Rebuild(cmd) => Some(cli::rebuild(&cli.target, cmd)),
+        Command::Snapshot(cmd) => Some(cli_images::snapshot(&cli.target, cmd)),
+        Command::Clone { snapshot, name } => Some(cli_images::clone(&cli.target, snapshot, name)),
+        Command::Image(cmd) => cli_images::image(&cli.target, cmd),
+        Command::Gc(_) => None,
     };
     if let Some(result) = client {
         return match result {
@@ -98,6 +116,8 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Gc(args) => cli_images::gc(&args).await,
+            Command::Image(cmd) => cli_images::offline(&cmd).await,
             _ => unreachable!("client commands return above"),
         }
     });

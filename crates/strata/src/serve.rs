@@ -97,8 +97,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         warn!("no volumes are configured; clients will find no exports");
     }
 
-    let images = Arc::new(image_opener(&config, &data_dir)?);
-    let registry = Arc::new(strata::registry_with_images(images.clone()));
+    let opener = Arc::new(image_opener(&config, &data_dir)?);
+    let registry = Arc::new(strata::registry_with_images(opener.clone()));
+    let jwt = match &config.jwt {
+        None => None,
+        Some(j) => {
+            let secret = std::env::var("STRATA_JWT_SECRET")
+                .ok()
+                .or_else(|| j.secret.clone())
+                .context("[jwt] needs a secret: set STRATA_JWT_SECRET or [jwt] secret")?;
+            opener
+                .store(&j.store)
+                .map_err(|e| anyhow::anyhow!("[jwt] store: {e}"))?;
+            Some(crate::images::Jwt::new(secret.as_bytes(), &j.store))
+        }
+    };
+    let images = crate::images::Images::new(opener.clone(), jwt, config.nbd.images);
     let mut volumes = Vec::new();
     for v in &config.volumes {
         volumes.push((
@@ -120,6 +134,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .or_else(|| config.volumes.first().map(|v| v.name.clone())),
         tls,
     };
+    let mut tasks = Vec::new();
     let exports = volumes
         .iter()
         .map(|(vol, cfg)| Export {
@@ -127,13 +142,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             description: cfg.description.clone(),
             device: vol.device(),
             read_only: cfg.read_only,
+            transactions: match (vol.image(), cfg.read_only) {
+                (Some(i), false) => Some(i.clone() as Arc<dyn strata_bdev::Transactional>),
+                _ => None,
+            },
         })
         .collect();
     let server = Server::new(server_config, exports);
+    server.set_resolver(images.clone());
+    if config.gc.interval_secs > 0 {
+        tasks.push(tokio::spawn(crate::gc::scheduled(
+            opener.clone(),
+            config.gc.clone(),
+        )));
+    }
 
     // Listeners: systemd socket activation replaces the configured ones.
     let mut listening = Vec::new();
-    let mut tasks = Vec::new();
     let activated = systemd_listeners()?;
     if !activated.is_empty() {
         for l in activated {
@@ -180,6 +205,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let control = ControlServer::new(
         volumes.iter().map(|(v, _)| v.clone()).collect(),
         registry.clone(),
+        images.clone(),
     );
     tasks.push(tokio::spawn(control.serve(bind_unix(&control_path)?)));
 
@@ -221,7 +247,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The page stores the configuration names (and `local`, unless it names one so).
-fn image_opener(config: &Config, data_dir: &Path) -> anyhow::Result<strata_pagestore::ImageOpener> {
+pub fn image_opener(
+    config: &Config,
+    data_dir: &Path,
+) -> anyhow::Result<strata_pagestore::ImageOpener> {
     use strata_pagestore::{ImageOpener, PageStore, Store, StoreConfig};
     let buffer_dir = config
         .pagestore

@@ -74,13 +74,13 @@ pub async fn open(
     v: &VolumeConfig,
     data_dir: &Path,
     registry: &Registry,
-    images: &strata_pagestore::ImageOpener,
+    images: &crate::images::Images,
 ) -> anyhow::Result<Volume> {
     if let Some(uri) = &v.uri {
         let uri = expand_uri(uri, data_dir);
         if uri.starts_with("image://") {
             let image = images
-                .open_image(&uri)
+                .open_volume(&v.name, &uri)
                 .await
                 .map_err(|e| anyhow::anyhow!("open volume {:?}: {}", v.name, e.chain()))?;
             return Ok(Volume {

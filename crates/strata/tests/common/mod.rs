@@ -1,6 +1,8 @@
 //! Shared helpers for tests that start `strata serve` and drive it with real programs.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -98,6 +100,29 @@ impl Strata {
             banner,
             stderr_log,
         }
+    }
+
+    /// `strata --control SOCKET ARGS` against this server, which must succeed; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_raw(args);
+        assert!(
+            out.status.success(),
+            "strata {args:?} failed:\nstdout:\n{}\nstderr:\n{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `strata --control SOCKET ARGS`, whatever its exit status.
+    pub fn cli_raw(&self, args: &[&str]) -> Output {
+        Command::new(strata_bin())
+            .arg("--control")
+            .arg(self.path("data/control.sock"))
+            .args(args)
+            .output()
+            .expect("run the strata CLI")
     }
 
     /// `nbd://ADDR/EXPORT`.
@@ -257,6 +282,25 @@ name = "scratch"
 uri = "mem://scratch?size=512M"
 description = "memory volume"
 "#;
+
+/// Run qemu-io commands on `uri` (`-r` for read-only); fails on any error or pattern mismatch
+/// (qemu-io itself exits 0 on a mismatch).
+pub fn qemu_io(uri: &str, read_only: bool, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    if read_only {
+        args.push("-r");
+    }
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let out = run("qemu-io", &args);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed"),
+        "qemu-io {cmds:?} on {uri}: {out}"
+    );
+    out
+}
 
 /// A TCP port nothing listens on right now.
 pub fn free_port() -> u16 {
