@@ -100,7 +100,7 @@ pub mod cmd {
     pub const CACHE: u16 = 5;
     pub const WRITE_ZEROES: u16 = 6;
     pub const BLOCK_STATUS: u16 = 7;
-    /// The transaction extension (compatible with MVPS): see `docs/TRANSACTIONS.md`.
+    /// The transaction extension (compatible with MVPS): see the README, "Transactions over NBD".
     pub const BEGIN_TXN: u16 = 64;
     pub const COMMIT_TXN: u16 = 65;
     pub const ROLLBACK_TXN: u16 = 66;

@@ -15,7 +15,7 @@
 //! read buffer without copying.
 //!
 //! Transactions (commands 64–67): from BEGIN to COMMIT or ROLLBACK the connection runs one
-//! request at a time, in order, against its open transaction (see `docs/TRANSACTIONS.md`).
+//! request at a time, in order, against its open transaction (semantics: the README, "Transactions over NBD").
 //!
 //! Backpressure: every READ and WRITE charges its length to a byte budget when it is parsed and
 //! releases it when its reply is written; while the budget is spent the loop reads nothing more,

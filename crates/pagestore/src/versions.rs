@@ -19,6 +19,7 @@ use strata_bdev::{Error, ErrorKind, Result};
 use crate::format::{BaseRef, Manifest, SnapshotRecord};
 use crate::image::{
     base_chain, check_name, latest_manifest, manifest_key, now_secs, read_manifest, PageStore,
+    LEASE_TTL,
 };
 use crate::objects::{retry, Listed, ObjError, Objects};
 
@@ -246,7 +247,19 @@ impl PageStore {
             .await
             .map_err(|e| obj_err(&format!("delete image {name}"), e))?;
         }
-        Ok(())
+        // Its write buffer must not be replayed into a new image of the same name.
+        let dir = self.buffer_dir.join(name);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::with_source(
+                ErrorKind::Io,
+                format!(
+                    "delete image {name}: remove its write buffer {}",
+                    dir.display()
+                ),
+                e,
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Delete what no image, snapshot or clone needs (see [`GcOptions`]).
@@ -583,9 +596,23 @@ async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
     let mut kept = (0u64, 0u64);
     for (name, e) in &cat.images {
         let keep_all = referenced.contains(&format!("images/{name}/"));
+        // Segments of an operation still uploading (a live lease) await their manifest.
+        let lease_dir = format!("images/{name}/leases/");
+        let mut leased: Vec<String> = Vec::new();
+        for o in e.objects.iter().filter(|o| o.key.starts_with(&lease_dir)) {
+            if older_than(o.modified, LEASE_TTL.max(opts.grace)) {
+                doomed.push((o.key.clone(), o.size));
+            } else if !older_than(o.modified, LEASE_TTL) {
+                leased.push(format!(
+                    "images/{name}/segments/{}-",
+                    &o.key[lease_dir.len()..]
+                ));
+            }
+        }
         for o in &e.objects {
             let segment = o.key.starts_with(&format!("images/{name}/segments/"))
                 && !referenced.contains(&o.key)
+                && !leased.iter().any(|l| o.key.starts_with(l.as_str()))
                 && older_than(o.modified, opts.grace);
             let manifest = doomed_manifests.iter().any(|(n, v)| {
                 n == name && manifest_key(n, *v) == o.key && !root_set.contains(&(n.clone(), *v))
@@ -596,7 +623,12 @@ async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
                     && s.deleted
                         .is_some_and(|at| now_secs().saturating_sub(at) >= opts.grace.as_secs())
             });
-            if !keep_all && (segment || manifest || record) {
+            if o.key.starts_with(&lease_dir) {
+                if !doomed.iter().any(|(k, _)| *k == o.key) {
+                    kept.0 += 1;
+                    kept.1 += o.size;
+                }
+            } else if !keep_all && (segment || manifest || record) {
                 doomed.push((o.key.clone(), o.size));
             } else {
                 kept.0 += 1;

@@ -408,9 +408,33 @@ async fn gc_frees_replaced_data_and_keeps_every_version_in_use() {
     img.close().await;
     let img = ps.open("g", None).await.unwrap();
     assert_eq!(read(&img, 200).await, page(3));
+    // Segments of an operation still uploading (a live lease) stay, however old.
+    let seg = "images/g/segments/cffff-w-0.seg";
+    ps.objects.put(seg, Bytes::from_static(b"x")).await.unwrap();
+    ps.objects
+        .put("images/g/leases/cffff-w", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let collect = GcOptions {
+        dry_run: false,
+        ..now.clone()
+    };
+    ps.gc(&collect).await.unwrap();
+    assert!(
+        ps.objects.get(seg).await.is_ok(),
+        "a leased segment was deleted"
+    );
+    ps.objects.delete("images/g/leases/cffff-w").await.unwrap();
+    let r = ps.gc(&collect).await.unwrap();
+    assert!(r.deleted.iter().any(|(k, _)| k == seg), "{r:?}");
+
     // Deleting the clone and the snapshot frees their data at the next collection.
     clone.close().await;
     ps.delete_image("gc-clone").await.unwrap();
+    assert!(
+        !dir.path().join("buffer/gc-clone").exists(),
+        "a deleted image's write buffer is gone: a new image of that name must not replay it"
+    );
     ps.delete_snapshot("g", "keep").await.unwrap();
     let after_delete = stored(&ps, "g").await;
     ps.gc(&GcOptions {

@@ -347,6 +347,14 @@ pub async fn offline(cmd: &ImageCommand) -> anyhow::Result<()> {
 }
 
 pub async fn gc(args: &GcArgs) -> anyhow::Result<()> {
+    if args.grace_secs < 60 && !args.dry_run {
+        eprintln!(
+            "strata gc: warning: a grace period of {} s is shorter than a checkpoint may take to \
+             publish what it uploaded; with servers writing to these stores, keep it at 60 s or \
+             more",
+            args.grace_secs
+        );
+    }
     let opener = args.local.opener()?;
     let cfg = crate::config::GcConfig {
         interval_secs: 0,

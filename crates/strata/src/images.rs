@@ -121,7 +121,7 @@ impl Images {
             .cloned()
     }
 
-    /// Forget an image (after it was deleted): it must not be open for clients any more.
+    /// Close an image that is about to be deleted: refused if it is a volume or clients use it.
     pub async fn close(&self, store: &str, name: &str) -> anyhow::Result<()> {
         let key = format!("{store}/{name}");
         if self
@@ -139,7 +139,9 @@ impl Images {
             if Arc::strong_count(i) > 1 {
                 bail!("image {key} is in use by clients; disconnect them first");
             }
-            open.remove(&key);
+            if let Some(Ok(image)) = open.remove(&key).map(Arc::try_unwrap) {
+                image.close().await;
+            }
         }
         open.retain(|k, _| !k.starts_with(&format!("{key}@")));
         Ok(())

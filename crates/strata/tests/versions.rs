@@ -62,17 +62,18 @@ fn image<'a>(list: &'a [Value], name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no image {name} in {list:?}"))
 }
 
-/// Bytes of every file under `dir`.
+/// Bytes of every file under `dir` (files deleted meanwhile count as gone).
 fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     let mut total = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        let m = e.metadata().unwrap();
-        total += if m.is_dir() {
-            dir_bytes(&e.path())
-        } else {
-            m.len()
-        };
+    for e in entries.flatten() {
+        match e.metadata() {
+            Ok(m) if m.is_dir() => total += dir_bytes(&e.path()),
+            Ok(m) => total += m.len(),
+            Err(_) => {}
+        }
     }
     total
 }
@@ -342,6 +343,26 @@ fn transactions_over_nbd_commit_roll_back_and_conflict() {
         "the script's transaction landed"
     );
     assert_eq!(b.read(PS as u64, PS as u32), vec![b'T'; PS]);
+    // And the Rust one (crates/strata/examples/transaction.rs).
+    let bin = Path::new(strata_bin())
+        .parent()
+        .unwrap()
+        .join("examples/transaction");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` builds the examples",
+        bin.display()
+    );
+    let out = Command::new(&bin).args([&s.addr, "vm"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("committed"), "{out}");
+    assert_eq!(
+        b.read(0, PS as u32),
+        vec![b'R'; PS],
+        "the example's transaction landed"
+    );
+    assert_eq!(b.read(PS as u64, PS as u32), vec![b'R'; PS]);
 }
 
 #[test]
@@ -604,18 +625,26 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
     let mut runs = 0;
     let mut deleted = 0;
     while !fio.is_finished() || runs < 3 {
-        deleted += gc(&s, 1);
+        deleted += gc(&s, 2);
         runs += 1;
     }
     let out = fio.join().unwrap();
     assert!(out.contains("err= 0"), "{out}");
     wait_until("garbage to collect", Duration::from_secs(60), || {
-        deleted += gc(&s, 1);
+        deleted += gc(&s, 2);
         deleted > 0
     });
 
     // Everything reads back exactly, also after a restart.
-    qemu_io(&vm, true, &["read -P 0x11 0 32M"]);
+    let check = run_raw(
+        "qemu-io",
+        &["-f", "raw", "-r", "-c", "read -P 0x11 0 32M", &vm],
+    );
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("read 33554432"),
+        "{check:?}\nserver log:\n{}",
+        s.log()
+    );
     run(
         "qemu-img",
         &[
@@ -660,7 +689,7 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
         "the deleted clone and snapshot to be collected",
         Duration::from_secs(60),
         || {
-            gc(&s, 1);
+            gc(&s, 2);
             dir_bytes(&objects) < before
                 && !objects
                     .join("images/c")
@@ -683,4 +712,27 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
             &s.uri("vm"),
         ],
     );
+}
+
+#[test]
+fn the_daemon_collects_garbage_on_a_schedule() {
+    let config = CONFIG.replace("[jwt]", "[gc]\ninterval_secs = 1\ngrace_secs = 1\n\n[jwt]");
+    let s = Strata::start(&config);
+    let vm = s.uri("vm");
+    // Overwrites make replaced segments (checkpoints every MiB, compaction beyond 8 segments).
+    for pattern in ["0x01", "0x02", "0x03"] {
+        qemu_io(&vm, false, &[&format!("write -P {pattern} 0 8M")]);
+    }
+    let objects = s.path("data/objects/images/vm/segments");
+    wait_until(
+        "a scheduled collection to delete something",
+        Duration::from_secs(60),
+        || {
+            s.log()
+                .lines()
+                .any(|l| l.contains("scheduled garbage collection") && !l.contains("deleted=0"))
+        },
+    );
+    assert!(objects.read_dir().unwrap().count() > 0);
+    qemu_io(&vm, true, &["read -P 0x03 0 8M"]);
 }

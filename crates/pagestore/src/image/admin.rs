@@ -63,6 +63,7 @@ impl Image {
             ));
         }
         let mut made = Vec::new();
+        let mut sinks = Vec::new();
         if size < old {
             // Everything buffered goes to segments, then tombstones hide every mapped page
             // beyond the new end (base pages of a clone included).
@@ -80,11 +81,13 @@ impl Image {
             beyond.sort_unstable();
             let version = inner.base.read().expect("lock").manifest.version;
             let mut sink =
-                SegmentSink::new(inner, format!("segments/r{version:016x}-{}", inner.writer));
+                SegmentSink::new(inner, format!("segments/r{version:016x}-{}", inner.writer))
+                    .leased();
             for p in beyond {
                 sink.builder.tombstone(p);
             }
             made = sink.finish().await?;
+            sinks.push(sink);
         }
         let publishing = inner.publishing.lock().await;
         let next = inner.next_manifest(|m| {
@@ -92,6 +95,9 @@ impl Image {
             m.image_size = size;
         });
         inner.publish(&next).await?;
+        for sink in sinks {
+            sink.release().await;
+        }
         {
             let mut base = inner.base.write().expect("lock");
             for (r, entries) in made {
@@ -133,7 +139,7 @@ impl Image {
         let total = live.len() as u64;
         progress(0, total);
         let mut sink =
-            SegmentSink::new(inner, format!("segments/f{version:016x}-{}", inner.writer));
+            SegmentSink::new(inner, format!("segments/f{version:016x}-{}", inner.writer)).leased();
         let batch = (inner.store.settings.segment_bytes / inner.page_size as u64).max(1) as usize;
         let mut done = 0;
         for chunk in live.chunks(batch) {
@@ -153,6 +159,7 @@ impl Image {
             m.base = None;
         });
         inner.publish(&next).await?;
+        sink.release().await;
         {
             let mut base = inner.base.write().expect("lock");
             let own: HashSet<u32> = base.order.iter().copied().collect();

@@ -140,13 +140,24 @@ impl Base {
 }
 
 /// Builds segment objects from pages and uploads each once it holds `segment_bytes`.
+///
+/// An operation that uploads several segments before it publishes them holds a *lease*
+/// (`images/NAME/leases/STEM`, refreshed while it works): garbage collection leaves the
+/// segments of a live lease alone, however long ago the first was written.
 struct SegmentSink<'a> {
     inner: &'a Inner,
     builder: SegmentBuilder,
     /// Key of the segments, relative to the image, before the part number.
     stem: String,
     made: Vec<(SegmentRef, Vec<Entry>)>,
+    /// The lease, if the operation takes one, and when it was last written.
+    lease: Option<(String, Option<Instant>)>,
 }
+
+/// A lease is refreshed this often while its operation uploads.
+pub(crate) const LEASE_REFRESH: Duration = Duration::from_secs(60);
+/// A lease not refreshed for this long is dead (its operation crashed or failed).
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(600);
 
 impl<'a> SegmentSink<'a> {
     fn new(inner: &'a Inner, stem: String) -> SegmentSink<'a> {
@@ -155,7 +166,37 @@ impl<'a> SegmentSink<'a> {
             builder: SegmentBuilder::new(inner.page_size),
             stem,
             made: Vec::new(),
+            lease: None,
         }
+    }
+
+    /// Hold a lease on the segments while they await their manifest.
+    fn leased(mut self) -> SegmentSink<'a> {
+        let name = self.stem.trim_start_matches("segments/");
+        self.lease = Some((format!("images/{}/leases/{name}", self.inner.name), None));
+        self
+    }
+
+    async fn refresh_lease(&mut self) -> Result<()> {
+        let Some((key, last)) = &mut self.lease else {
+            return Ok(());
+        };
+        if last.is_some_and(|t| t.elapsed() < LEASE_REFRESH) {
+            return Ok(());
+        }
+        let objects = &*self.inner.store.objects;
+        let body = Bytes::from(format!("{{\"writer\":\"{}\"}}", self.inner.writer));
+        retry(
+            objects,
+            "write lease",
+            u32::MAX,
+            || self.inner.give_up(),
+            || objects.put(key, body.clone()),
+        )
+        .await
+        .map_err(|e| obj_err(&format!("image {}: lease", self.inner.name), e))?;
+        *last = Some(Instant::now());
+        Ok(())
     }
 
     /// Upload what is built if it is full, or (`last`) if it holds anything.
@@ -164,6 +205,7 @@ impl<'a> SegmentSink<'a> {
         if self.builder.is_empty() || !(full || last) {
             return Ok(());
         }
+        self.refresh_lease().await?;
         let done = std::mem::replace(&mut self.builder, SegmentBuilder::new(self.inner.page_size));
         let (object, entries) = done.finish(self.inner.page_bits);
         let key = format!("{}-{}.seg", self.stem, self.made.len());
@@ -172,9 +214,23 @@ impl<'a> SegmentSink<'a> {
         Ok(())
     }
 
-    async fn finish(mut self) -> Result<Vec<(SegmentRef, Vec<Entry>)>> {
+    /// Upload the rest; the segments made, in order. Keeps the lease until
+    /// [`release`](Self::release), after their manifest is published.
+    async fn finish(&mut self) -> Result<Vec<(SegmentRef, Vec<Entry>)>> {
         self.cut(true).await?;
-        Ok(self.made)
+        self.refresh_lease().await?;
+        Ok(std::mem::take(&mut self.made))
+    }
+
+    /// Drop the lease (the segments are in a published manifest, or abandoned).
+    async fn release(self) {
+        if let Some((key, Some(_))) = &self.lease {
+            let objects = &*self.inner.store.objects;
+            if let Err(e) = objects.delete(key).await {
+                tracing::warn!(image = %self.inner.name, lease = %key, error = %e,
+                    "drop lease; garbage collection drops it once it is stale");
+            }
+        }
     }
 }
 
@@ -875,6 +931,9 @@ impl Inner {
             return Ok(());
         };
         let mut sink = SegmentSink::new(self, format!("segments/{g:016x}-{}", self.writer));
+        if pages.len() as u64 * self.page_size as u64 > self.store.settings.segment_bytes {
+            sink = sink.leased();
+        }
         let mut buf = vec![0u8; self.page_size];
         for (page, loc) in &pages {
             match loc {
@@ -901,6 +960,7 @@ impl Inner {
         });
         self.publish(&next).await?;
         failpoint("checkpoint-after-manifest");
+        sink.release().await;
         let segments = made.len();
         {
             let mut base = self.base.write().expect("lock");
@@ -948,7 +1008,8 @@ impl Inner {
             }
             (victims, live, base.manifest.version)
         };
-        let mut sink = SegmentSink::new(self, format!("segments/c{version:016x}-{}", self.writer));
+        let mut sink =
+            SegmentSink::new(self, format!("segments/c{version:016x}-{}", self.writer)).leased();
         // One output segment's worth of pages at a time, in page order. Every segment's slots
         // are in page order too, so a batch covers one slot interval of each victim: a few
         // ranged GETs per victim and batch, and no byte of a victim is fetched twice.
@@ -967,6 +1028,7 @@ impl Inner {
         });
         self.publish(&next).await?;
         failpoint("compaction-after-manifest");
+        sink.release().await;
         let merged_into = made.len();
         {
             let mut base = self.base.write().expect("lock");
