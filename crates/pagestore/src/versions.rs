@@ -548,7 +548,15 @@ pub struct GcReport {
 }
 
 async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
-    let mut cat = Catalog::scan(objects).await?;
+    let mut cat = Catalog::scan(objects).await.map_err(|e| {
+        Error::new(
+            e.kind(),
+            format!(
+                "collect garbage: read what the store holds; nothing was deleted: {}",
+                e.chain()
+            ),
+        )
+    })?;
     let now = SystemTime::now();
     let older_than = |t: SystemTime, d: Duration| now.duration_since(t).is_ok_and(|age| age >= d);
     let keep_versions = opts.grace.max(opts.retention);
@@ -579,15 +587,18 @@ async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
     let mut referenced: BTreeSet<String> = BTreeSet::new();
     let mut root_set: BTreeSet<(String, u64)> = BTreeSet::new();
     for (image, v) in &roots {
-        // A root whose manifest is gone (an image deleted under a snapshot) protects nothing.
-        let chain = match cat.chain_of(objects, image, *v).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(image = %image, version = v, error = %e.chain(), "gc: version in use cannot be read; keeping everything of its image");
-                referenced.insert(format!("images/{image}/"));
-                continue;
-            }
-        };
+        // A version in use that cannot be read (or whose base cannot): stop rather than guess
+        // what it needs; the next run tries again.
+        let chain = cat.chain_of(objects, image, *v).await.map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!(
+                    "collect garbage: version {v} of image {image}, which is in use, cannot be \
+                     read, so what it needs is unknown; nothing was deleted: {}",
+                    e.chain()
+                ),
+            )
+        })?;
         root_set.insert((image.clone(), *v));
         root_set.extend(chain);
         referenced.extend(cat.referenced(image, *v));
@@ -595,7 +606,6 @@ async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
     let mut doomed: Vec<(String, u64)> = Vec::new();
     let mut kept = (0u64, 0u64);
     for (name, e) in &cat.images {
-        let keep_all = referenced.contains(&format!("images/{name}/"));
         // Segments of an operation still uploading (a live lease) await their manifest.
         let lease_dir = format!("images/{name}/leases/");
         let mut leased: Vec<String> = Vec::new();
@@ -628,7 +638,7 @@ async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
                     kept.0 += 1;
                     kept.1 += o.size;
                 }
-            } else if !keep_all && (segment || manifest || record) {
+            } else if segment || manifest || record {
                 doomed.push((o.key.clone(), o.size));
             } else {
                 kept.0 += 1;

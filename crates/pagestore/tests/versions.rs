@@ -448,3 +448,37 @@ async fn gc_frees_replaced_data_and_keeps_every_version_in_use() {
     assert_eq!(read(&img, 17).await, page(3));
     assert!(ps.open_snapshot("g", "keep").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_deletes_nothing_when_a_version_in_use_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let ps = store(dir.path(), small());
+    let img = ps.open("x", Some((4 << 20, 12))).await.unwrap();
+    for round in 0..3u8 {
+        write(&img, 0, round).await;
+        img.checkpoint().await.unwrap();
+        if round == 0 {
+            img.snapshot("s").await.unwrap();
+        }
+    }
+    ps.create_clone("x", "s", "y").await.unwrap();
+    // The snapshot's version vanishes behind the store's back.
+    let rec: serde_json::Value =
+        serde_json::from_slice(&ps.objects.get("images/x/snapshots/s").await.unwrap()).unwrap();
+    let v = rec["version"].as_u64().unwrap();
+    ps.objects
+        .delete(&format!("images/x/manifest/{v:020}"))
+        .await
+        .unwrap();
+    let before = stored(&ps, "x").await;
+    let e = ps
+        .gc(&GcOptions {
+            grace: Duration::ZERO,
+            retention: Duration::ZERO,
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("nothing was deleted"), "{e}");
+    assert_eq!(stored(&ps, "x").await, before);
+}
