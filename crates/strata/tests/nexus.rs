@@ -78,24 +78,11 @@ fn control(s: &Strata) -> PathBuf {
 
 /// `strata --control … ARGS`, which must succeed; returns stdout.
 fn cli(s: &Strata, args: &[&str]) -> String {
-    let out = cli_raw(s, args);
-    assert!(
-        out.status.success(),
-        "strata {args:?} failed:\nstdout:\n{}\nstderr:\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        s.log()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    s.cli(args)
 }
 
 fn cli_raw(s: &Strata, args: &[&str]) -> std::process::Output {
-    Command::new(strata_bin())
-        .arg("--control")
-        .arg(control(s))
-        .args(args)
-        .output()
-        .expect("run the strata CLI")
+    s.cli_raw(args)
 }
 
 /// The replicas of `volume` as `strata status --json` reports them.
