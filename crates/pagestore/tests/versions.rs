@@ -342,8 +342,9 @@ async fn a_committed_transaction_survives_a_crash_whole() {
     // An uncommitted one is lost whole.
     let mut t = img.begin().await.unwrap();
     t.write(50 * PS as u64, page(1)).await.unwrap();
-    drop(img); // the process "dies" with t open
+    // The process "dies" with t open: nothing of it was appended anywhere.
     drop(t);
+    img.close().await;
     let img = ps.open("c", None).await.unwrap();
     for p in 0..20 {
         assert_eq!(read(&img, p).await, page(p as u8));
