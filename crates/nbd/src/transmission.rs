@@ -105,6 +105,7 @@ where
         txn: Arc::new(tokio::sync::Mutex::new(None)),
         in_txn: false,
         serial_busy: false,
+        parked: false,
     };
     let result = std::future::poll_fn(|cx| conn.poll(cx)).await;
     match result {
@@ -139,6 +140,8 @@ struct Conn<S> {
     in_txn: bool,
     /// A request that runs in order is in flight.
     serial_busy: bool,
+    /// The next request must wait for those in flight: stop reading until one completes.
+    parked: bool,
 }
 
 type TxnSlot = Arc<tokio::sync::Mutex<Option<Box<dyn Transaction>>>>;
@@ -166,6 +169,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     self.serial_busy = false;
                     self.in_txn = open;
                 }
+                self.parked = false;
                 self.out.push_back(reply);
                 progress = true;
             }
@@ -184,7 +188,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Poll::Pending => {}
                 }
             }
-            if self.reading && self.has_budget() {
+            if self.reading && self.has_budget() && !self.parked {
                 match self.poll_fill(cx) {
                     Poll::Ready(Ok(0)) => {
                         if !self.inbuf.is_empty() || self.discard > 0 {
@@ -277,7 +281,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         // A transaction's requests run alone, in order: wait for the ones before.
         let serial = (cmd::is_txn(req.command) || self.in_txn) && req.command != cmd::DISC;
         if serial && (self.serial_busy || !self.requests.is_empty()) {
+            // Read no more meanwhile: what waits in the buffer is bounded by one request.
+            self.parked = true;
             return Ok(false);
+        }
+        if req.command == cmd::BEGIN_TXN {
+            // What follows BEGIN runs in order behind it, whatever BEGIN answers.
+            self.in_txn = true;
         }
         let mut payload = None;
         if req.command == cmd::WRITE {

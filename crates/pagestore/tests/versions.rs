@@ -217,6 +217,54 @@ async fn resize_grows_online_and_shrinks_only_when_forced() {
     let img = ps.open("r", None).await.unwrap();
     assert_eq!(img.geometry().size, 4 << 20);
     assert_eq!(read(&img, 200).await, zeroes());
+
+    // In a clone, a shrink hides its base's pages for good: after a grow, a reopen, a
+    // compaction, and in a clone of a snapshot taken while it was small.
+    let base = ps.open("rb", Some((1 << 20, 12))).await.unwrap();
+    for p in 0..256 {
+        write(&base, p, 1).await;
+    }
+    base.snapshot("s").await.unwrap();
+    ps.create_clone("rb", "s", "rc").await.unwrap();
+    let rc = ps.open("rc", None).await.unwrap();
+    rc.resize(512 << 10, true).await.unwrap();
+    rc.snapshot("small").await.unwrap();
+    ps.create_clone("rc", "small", "rd").await.unwrap();
+    let rd = ps.open("rd", None).await.unwrap();
+    rd.resize(1 << 20, false).await.unwrap();
+    assert_eq!(read(&rd, 200).await, zeroes());
+    rd.close().await;
+    let rd = ps.open("rd", None).await.unwrap();
+    assert_eq!(
+        read(&rd, 200).await,
+        zeroes(),
+        "a clone of the small snapshot"
+    );
+    assert_eq!(read(&rd, 100).await, page(1));
+    rc.close().await;
+    let rc = ps.open("rc", None).await.unwrap();
+    for round in 0..10u8 {
+        for p in 0..40 {
+            write(&rc, p, round).await;
+        }
+        rc.checkpoint().await.unwrap();
+    }
+    assert!(
+        rc.stats()
+            .compactions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    rc.resize(1 << 20, false).await.unwrap();
+    assert_eq!(
+        read(&rc, 200).await,
+        zeroes(),
+        "after a compaction and a grow"
+    );
+    rc.close().await;
+    let rc = ps.open("rc", None).await.unwrap();
+    assert_eq!(read(&rc, 200).await, zeroes(), "after a reopen");
+    assert_eq!(read(&rc, 100).await, page(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

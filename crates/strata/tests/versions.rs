@@ -289,6 +289,20 @@ fn transactions_over_nbd_commit_roll_back_and_conflict() {
     assert_eq!(b.read(8 * PS as u64, PS as u32), page(2));
     assert_eq!(b.read(101 * PS as u64, PS as u32), page(2));
 
+    // Pipelined without waiting for BEGIN's answer: what follows it is still inside it.
+    let p3 = page(3);
+    assert_eq!(
+        a.pipeline(&[(raw::BEGIN_TXN, 0, &[]), (raw::WRITE, 60 * PS as u64, &p3)]),
+        vec![0, 0]
+    );
+    assert_eq!(
+        b.read(60 * PS as u64, PS as u32),
+        page(0),
+        "not visible before COMMIT"
+    );
+    assert_eq!(a.cmd(raw::COMMIT_TXN, 0, 0, &[]), 0);
+    assert_eq!(b.read(60 * PS as u64, PS as u32), page(3));
+
     // Misuse gets an error reply; the connection stays usable.
     assert_eq!(a.cmd(raw::COMMIT_TXN, 0, 0, &[]), raw::EINVAL);
     assert_eq!(a.cmd(raw::LOCK_TXN, 0, 0, &[]), raw::EINVAL);

@@ -37,6 +37,9 @@ impl Image {
         inner.wal()?;
         inner.check_fenced("resize")?;
         check_geometry(size, inner.page_bits)?;
+        // No write lands meanwhile, no transaction is open across the change, and no other
+        // resize runs: the size read under the lock is the size.
+        let _alone = inner.writers.write().await;
         let old = inner.size();
         if size == old {
             return Ok(());
@@ -51,8 +54,6 @@ impl Image {
                 ),
             ));
         }
-        // No write lands meanwhile, and no transaction is open across the change.
-        let _alone = inner.writers.write().await;
         if inner.open_txns.load(Ordering::Acquire) > 0 {
             return Err(Error::new(
                 ErrorKind::InvalidInput,

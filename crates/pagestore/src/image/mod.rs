@@ -461,10 +461,21 @@ async fn load_base(objects: &dyn Objects, manifest: Manifest) -> Result<Base> {
         .await?
         .into_iter();
     let own = levels.len() - 1;
-    let pages = base.manifest.image_size >> base.manifest.page_size_bits;
+    // A base page is visible only below every size the versions above it have had since: a
+    // shrink in between (recorded as the smaller size of a snapshot) hides it for good. The
+    // image's own entries are all kept, tombstones beyond its end included: they hide base
+    // pages should it grow again.
+    let mut limits: Vec<u64> = levels
+        .iter()
+        .map(|m| m.image_size >> m.page_size_bits)
+        .collect();
+    for i in (0..own).rev() {
+        limits[i] = limits[i].min(limits[i + 1]);
+    }
+    limits[own] = u64::MAX;
     let mut added = Vec::new();
     for (level, m) in levels.iter().enumerate() {
-        let level_pages = (m.image_size >> m.page_size_bits).min(pages);
+        let level_pages = limits[level];
         for s in &m.segments {
             let entries: Vec<Entry> = indexes
                 .next()

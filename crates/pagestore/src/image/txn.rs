@@ -393,6 +393,21 @@ impl Transaction {
             )));
         }
         let inner = self.inner.clone();
+        // Hold the write lock here from now on: the deadline can no longer take it away.
+        let held = self.lock.lock().expect("lock").take();
+        let doom = self.doom.clone();
+        let timed_out = || {
+            conflict(format!(
+                "commit on image {}: {}",
+                inner.name,
+                doom.borrow()
+                    .clone()
+                    .unwrap_or_else(|| "the transaction timed out".into())
+            ))
+        };
+        if held.is_none() {
+            return Err(timed_out());
+        }
         let writes: Vec<(u64, Option<Bytes>)> =
             std::mem::take(&mut self.writes).into_iter().collect();
         if writes.is_empty() {
@@ -403,11 +418,13 @@ impl Transaction {
         {
             let mut v = inner.txns.lock().expect("lock");
             // This transaction reads nothing any more; the others may still need the old pages.
-            if v.close(self.id) {
-                inner
-                    .open_txns
-                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            // If its deadline ended it first, plain writes may have gone unrecorded: refuse.
+            if !v.close(self.id) || doom.borrow().is_some() {
+                return Err(timed_out());
             }
+            inner
+                .open_txns
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             let prior: Vec<(u64, Src)> = if v.open.is_empty() {
                 Vec::new()
             } else {
@@ -423,7 +440,7 @@ impl Transaction {
             }
         }
         // Others may go on while this one waits for the disk.
-        self.lock.lock().expect("lock").take();
+        drop(held);
         wal.flush().await
     }
 

@@ -115,6 +115,32 @@ impl RawNbd {
         Ok((error, data))
     }
 
+    /// Send requests back to back without waiting, then read their simple replies in order
+    /// (errors; no reads among them).
+    pub fn pipeline(&mut self, reqs: &[(u16, u64, &[u8])]) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (command, offset, payload) in reqs {
+            self.cookie += 1;
+            out.extend_from_slice(&0x25609513u32.to_be_bytes());
+            out.extend_from_slice(&0u16.to_be_bytes());
+            out.extend_from_slice(&command.to_be_bytes());
+            out.extend_from_slice(&self.cookie.to_be_bytes());
+            out.extend_from_slice(&offset.to_be_bytes());
+            out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            out.extend_from_slice(payload);
+        }
+        self.s.write_all(&out).expect("send requests");
+        let first = self.cookie + 1 - reqs.len() as u64;
+        (0..reqs.len() as u64)
+            .map(|i| {
+                let mut h = [0u8; 16];
+                self.s.read_exact(&mut h).expect("read a reply");
+                assert_eq!(u64_at(&h, 8), first + i, "replies come in order");
+                u32_at(&h, 4)
+            })
+            .collect()
+    }
+
     /// [`request`](Self::request) on a connection that must stay open.
     pub fn cmd(&mut self, command: u16, offset: u64, length: u32, payload: &[u8]) -> u32 {
         self.request(command, offset, length, payload)
