@@ -40,7 +40,7 @@ done
 
 cargo build --release -q -p strata
 STRATA=$PWD/target/release/strata
-CONTROL=$WORK/strata/control.sock
+ENDPOINT=unix://$WORK/strata/api.sock
 
 cat >"$WORK/strata.toml" <<EOF
 data_dir = "$WORK/strata"
@@ -82,7 +82,7 @@ server_ready() {
 
 # Every replica of the nexus is online: the initial full rebuild of r1 and r2 is done.
 nexus_online() {
-  "$STRATA" --control "$CONTROL" status nexus --json | python3 -c '
+  "$STRATA" --endpoint "$ENDPOINT" status nexus --json | python3 -c '
 import json, sys
 v = json.load(sys.stdin)[0]
 sys.exit(0 if all(c["state"] == "online" for c in v["children"]) else 1)'

@@ -168,7 +168,7 @@ class Strata:
         self.dir = os.path.join(WORK, self.prefix)
         os.makedirs(self.dir)
         self.config = os.path.join(self.dir, "strata.toml")
-        self.control = os.path.join(self.dir, "data", "control.sock")
+        self.endpoint = "unix://" + os.path.join(self.dir, "data", "api.sock")
         settings = "\n".join(f"{k} = {json.dumps(v)}" for k, v in pagestore.items())
         with open(self.config, "w") as f:
             f.write(f"""data_dir = "{self.dir}/data"
@@ -214,7 +214,7 @@ secret_access_key = "{SECRET}"
         return f"nbd://{self.addr}/{volume}"
 
     def status(self):
-        out = subprocess.run([STRATA, "--control", self.control, "status", "--json"],
+        out = subprocess.run([STRATA, "--endpoint", self.endpoint, "status", "--json"],
                              check=True, capture_output=True, text=True).stdout
         return json.loads(out)
 

@@ -148,7 +148,7 @@ def run():
                               stderr=open(os.path.join(WORK, "strata.log"), "w"))
     SPAWNED.append(server)
     wait_port(port)
-    cli = [STRATA, "--control", f"{WORK}/data/control.sock"]
+    cli = [STRATA, "--endpoint", f"unix://{WORK}/data/api.sock"]
     uri = f"nbd://127.0.0.1:{port}"
     subprocess.run(["nbdcopy", "--", "[", "nbdkit", "random", str(SIZE), "]",
                     f"{uri}/vm"], check=True)

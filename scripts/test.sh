@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every Strata test. On a fresh Debian machine this first installs the programs the tests
-# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, and the S3
-# server s3s-fs through cargo), then builds once and runs the whole suite.
+# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, etcd-server,
+# and the S3 server s3s-fs through cargo), then builds once and runs the whole suite.
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh -p strata  # extra arguments go to `cargo test`
@@ -15,6 +15,7 @@ required=(
   nbdkit:nbdkit fio:fio fusermount3:fuse3
   mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount
   openssl:openssl systemd-socket-activate:systemd timeout:coreutils
+  etcd:etcd-server
 )
 missing=()
 for pair in "${required[@]}"; do

@@ -30,6 +30,11 @@ pub enum ErrorKind {
     /// A transaction cannot commit: a write it depends on was overtaken, or it was aborted
     /// (EPERM, as the NBD transaction extension answers).
     Conflict,
+    /// What an administrative request names does not exist (an image, a snapshot). Never the
+    /// outcome of I/O; reported as EINVAL if it reaches a wire.
+    NotFound,
+    /// What an administrative request would create exists already. Reported as EINVAL.
+    AlreadyExists,
 }
 
 impl ErrorKind {
@@ -38,7 +43,10 @@ impl ErrorKind {
         match self {
             ErrorKind::Io | ErrorKind::TimedOut => libc_errno::EIO,
             ErrorKind::NoSpace => libc_errno::ENOSPC,
-            ErrorKind::InvalidInput | ErrorKind::OutOfRange => libc_errno::EINVAL,
+            ErrorKind::InvalidInput
+            | ErrorKind::OutOfRange
+            | ErrorKind::NotFound
+            | ErrorKind::AlreadyExists => libc_errno::EINVAL,
             ErrorKind::PermissionDenied | ErrorKind::Conflict => libc_errno::EPERM,
             ErrorKind::Unsupported => libc_errno::ENOTSUP,
             ErrorKind::TooLarge => libc_errno::EOVERFLOW,
@@ -76,6 +84,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::TimedOut => "timed out",
             ErrorKind::Shutdown => "shutting down",
             ErrorKind::Conflict => "transaction conflict",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::AlreadyExists => "already exists",
         })
     }
 }

@@ -18,6 +18,7 @@ mod device;
 mod error;
 pub mod fault;
 mod mem;
+pub mod stats;
 mod uri;
 
 #[cfg(feature = "conformance")]
@@ -31,4 +32,5 @@ pub use device::{
 pub use error::{Error, ErrorKind, Result};
 pub use fault::{FaultDevice, FaultHandle};
 pub use mem::{MemDevice, MemOpener};
+pub use stats::{IoStats, StatsDevice};
 pub use uri::{parse_size, DeviceUri, Opener, Registry};

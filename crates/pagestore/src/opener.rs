@@ -28,7 +28,7 @@ impl ImageOpener {
     pub fn store(&self, name: &str) -> Result<&PageStore> {
         self.stores.get(name).ok_or_else(|| {
             strata_bdev::Error::new(
-                strata_bdev::ErrorKind::InvalidInput,
+                strata_bdev::ErrorKind::NotFound,
                 format!(
                     "no page store named {name:?} (configured: {})",
                     self.store_names().join(", ")

@@ -32,7 +32,7 @@ fn obj_err(what: &str, e: ObjError) -> Error {
 }
 
 fn not_found(what: String) -> Error {
-    Error::new(ErrorKind::InvalidInput, what)
+    Error::new(ErrorKind::NotFound, what)
 }
 
 /// Split `IMAGE@SNAPSHOT`.
@@ -108,7 +108,7 @@ pub(crate) async fn put_snapshot(
                 Ok(rec)
             }
             _ => Err(Error::new(
-                ErrorKind::InvalidInput,
+                ErrorKind::AlreadyExists,
                 format!(
                     "snapshot {}@{snapshot} exists already; pick another name or delete it first",
                     m.image
@@ -127,7 +127,7 @@ impl PageStore {
         let objects = &*self.objects;
         if latest_manifest(objects, name).await?.is_some() {
             return Err(Error::new(
-                ErrorKind::InvalidInput,
+                ErrorKind::AlreadyExists,
                 format!("image {name} exists already; a clone needs a new name"),
             ));
         }

@@ -1,13 +1,13 @@
 //! CLI commands for page-store images: snapshots, clones, resize, flatten, delete, and
 //! garbage collection.
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use strata_api::v1 as pb;
+use strata_api::v1::images_client::ImagesClient;
 
-use crate::cli::Target;
-use crate::control::{call_with_progress, human_bytes, Request, Response};
+use crate::cli::{api_error, follow, human_bytes, parse_size, Target};
 
 /// `strata snapshot …`
 #[derive(Debug, clap::Subcommand)]
@@ -16,12 +16,7 @@ pub enum SnapshotCommand {
     /// before it is in it; nothing is copied.
     Create { image: String, name: String },
     /// List an image's snapshots with their size and the space only each holds.
-    List {
-        image: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    List { image: String },
     /// Delete IMAGE@SNAPSHOT. Refused while clones read through it, unless --flatten.
     Delete {
         snapshot: String,
@@ -39,9 +34,6 @@ pub enum ImageCommand {
         /// Only this store.
         #[arg(long)]
         store: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Grow an image (or shrink it, with --force); clients see the new size on reconnect.
     Resize {
@@ -106,53 +98,8 @@ pub struct GcArgs {
     /// Keep replaced versions of images this many seconds.
     #[arg(long, default_value_t = 0)]
     pub retention_secs: u64,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
     #[command(flatten)]
     pub local: LocalStores,
-}
-
-fn parse_size(s: &str) -> anyhow::Result<u64> {
-    strata_bdev::parse_size(s).map_err(|e| anyhow::anyhow!("size {s:?}: {e}"))
-}
-
-/// A progress bar on a terminal, a line per 10% otherwise.
-fn progress(what: &str) -> impl FnMut(u64, u64) + '_ {
-    let tty = std::io::stderr().is_terminal();
-    let mut last = None;
-    move |done, total| {
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        let mut err = std::io::stderr();
-        if tty {
-            let filled = (pct as usize * 30 / 100).min(30);
-            let _ = write!(
-                err,
-                "\r\x1b[2K{what} [{}{}] {pct}% ({done} of {total} pages)",
-                "#".repeat(filled),
-                ".".repeat(30 - filled)
-            );
-            if done == total {
-                let _ = writeln!(err);
-            }
-        } else if last != Some(pct / 10) {
-            let _ = writeln!(err, "{what}: {pct}% ({done} of {total} pages)");
-            last = Some(pct / 10);
-        }
-    }
-}
-
-fn call(target: &Target, req: &Request, what: &str) -> anyhow::Result<Response> {
-    match call_with_progress(&target.socket(), req, &mut progress(what))? {
-        Response::Error { message } => bail!("{message}"),
-        r => Ok(r),
-    }
-}
-
-fn print_done(r: Response) {
-    if let Response::Done { message } = r {
-        println!("{message}");
-    }
 }
 
 fn when(secs: u64) -> String {
@@ -168,89 +115,111 @@ fn when(secs: u64) -> String {
     }
 }
 
-pub fn snapshot(target: &Target, cmd: &SnapshotCommand) -> anyhow::Result<()> {
+async fn client(target: &Target) -> anyhow::Result<ImagesClient<tonic::transport::Channel>> {
+    Ok(ImagesClient::new(target.channel().await?))
+}
+
+pub async fn snapshot(target: &Target, cmd: &SnapshotCommand) -> anyhow::Result<()> {
+    let mut c = client(target).await?;
     match cmd {
-        SnapshotCommand::Create { image, name } => print_done(call(
-            target,
-            &Request::Snapshot {
-                image: image.clone(),
-                name: name.clone(),
-            },
-            "snapshot",
-        )?),
-        SnapshotCommand::List { image, json } => {
-            let Response::Snapshots { snapshots } = call(
-                target,
-                &Request::Snapshots {
+        SnapshotCommand::Create { image, name } => {
+            let s = c
+                .create_snapshot(pb::CreateSnapshotRequest {
                     image: image.clone(),
-                },
-                "list",
-            )?
-            else {
-                bail!("unexpected answer from the daemon");
-            };
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&snapshots)?);
-                return Ok(());
-            }
-            println!(
-                "{:<24} {:>8} {:>12} {:>14}  CREATED",
-                "SNAPSHOT", "VERSION", "SIZE", "ONLY IT HOLDS"
-            );
-            for s in snapshots {
+                    name: name.clone(),
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&s, |s| {
                 println!(
-                    "{:<24} {:>8} {:>12} {:>14}  {}",
+                    "snapshot {}@{} taken (version {}, {}); export it read-only as {}@{}",
+                    s.image,
                     s.name,
                     s.version,
                     human_bytes(s.size),
-                    human_bytes(s.exclusive_bytes),
-                    when(s.created)
-                );
-            }
+                    s.image,
+                    s.name
+                )
+            })
         }
-        SnapshotCommand::Delete { snapshot, flatten } => print_done(call(
-            target,
-            &Request::DeleteSnapshot {
-                snapshot: snapshot.clone(),
-                flatten: *flatten,
-            },
-            "flatten",
-        )?),
+        SnapshotCommand::List { image } => {
+            let l = c
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    image: image.clone(),
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&l.snapshots, |snapshots| {
+                println!(
+                    "{:<24} {:>8} {:>12} {:>14}  CREATED",
+                    "SNAPSHOT", "VERSION", "SIZE", "ONLY IT HOLDS"
+                );
+                for s in snapshots {
+                    println!(
+                        "{:<24} {:>8} {:>12} {:>14}  {}",
+                        s.name,
+                        s.version,
+                        human_bytes(s.size),
+                        human_bytes(s.exclusive_bytes),
+                        when(s.created)
+                    );
+                }
+            })
+        }
+        SnapshotCommand::Delete { snapshot, flatten } => {
+            let stream = c
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot: snapshot.clone(),
+                    flatten: *flatten,
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            let message = follow(stream, "flatten", "pages").await?;
+            target.done(&message)
+        }
     }
-    Ok(())
 }
 
-pub fn clone(target: &Target, snapshot: &str, name: &str) -> anyhow::Result<()> {
-    print_done(call(
-        target,
-        &Request::Clone {
+pub async fn clone(target: &Target, snapshot: &str, name: &str) -> anyhow::Result<()> {
+    let i = client(target)
+        .await?
+        .create_clone(pb::CreateCloneRequest {
             snapshot: snapshot.to_string(),
             name: name.to_string(),
-        },
-        "clone",
-    )?);
-    Ok(())
+        })
+        .await
+        .map_err(api_error)?
+        .into_inner();
+    target.print(&i, |i| {
+        println!(
+            "image {}/{} created as a clone of {}/{} ({}); export it as {}/{}",
+            i.store,
+            i.name,
+            i.store,
+            i.base.as_deref().unwrap_or(snapshot),
+            human_bytes(i.size),
+            i.store,
+            i.name
+        )
+    })
 }
 
-/// Image commands that need the daemon; `None` for those that run here (see [`offline`]).
-pub fn image(target: &Target, cmd: &ImageCommand) -> Option<anyhow::Result<()>> {
-    let run = || -> anyhow::Result<()> {
-        match cmd {
-            ImageCommand::List { store, json } => {
-                let Response::Images { images } = call(
-                    target,
-                    &Request::Images {
-                        store: store.clone(),
-                    },
-                    "list",
-                )?
-                else {
-                    bail!("unexpected answer from the daemon");
-                };
-                if *json {
-                    println!("{}", serde_json::to_string_pretty(&images)?);
-                    return Ok(());
-                }
+/// Image commands that need the daemon (`resize --offline` runs here: see [`offline`]).
+pub async fn image(target: &Target, cmd: &ImageCommand) -> anyhow::Result<()> {
+    let mut c = client(target).await?;
+    match cmd {
+        ImageCommand::List { store } => {
+            let l = c
+                .list_images(pb::ListImagesRequest {
+                    store: store.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&l.images, |images| {
                 println!(
                     "{:<32} {:>10} {:>8} {:>10} {:>10} {:>5}  BASE",
                     "IMAGE", "SIZE", "VERSION", "SNAPSHOTS", "STORED", "OPEN"
@@ -264,51 +233,46 @@ pub fn image(target: &Target, cmd: &ImageCommand) -> Option<anyhow::Result<()>> 
                         i.snapshots,
                         human_bytes(i.stored_bytes),
                         if i.open { "yes" } else { "no" },
-                        i.base.unwrap_or_else(|| "-".into())
+                        i.base.as_deref().unwrap_or("-")
                     );
                 }
-                Ok(())
-            }
-            ImageCommand::Resize {
-                image, size, force, ..
-            } => {
-                let size = parse_size(size)?;
-                print_done(call(
-                    target,
-                    &Request::Resize {
-                        image: image.clone(),
-                        size,
-                        force: *force,
-                    },
-                    "resize",
-                )?);
-                Ok(())
-            }
-            ImageCommand::Flatten { image } => {
-                print_done(call(
-                    target,
-                    &Request::Flatten {
-                        image: image.clone(),
-                    },
-                    "flatten",
-                )?);
-                Ok(())
-            }
-            ImageCommand::Delete { image } => {
-                print_done(call(
-                    target,
-                    &Request::DeleteImage {
-                        image: image.clone(),
-                    },
-                    "delete",
-                )?);
-                Ok(())
-            }
+            })
         }
-    };
-    match cmd {
-        ImageCommand::Resize { offline: true, .. } => None,
-        _ => Some(run()),
+        ImageCommand::Resize {
+            image, size, force, ..
+        } => {
+            let r = c
+                .resize_image(pb::ResizeImageRequest {
+                    image: image.clone(),
+                    size: parse_size(size)?,
+                    force: *force,
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&r, |r| println!("{}", r.message))
+        }
+        ImageCommand::Flatten { image } => {
+            let stream = c
+                .flatten_image(pb::FlattenImageRequest {
+                    image: image.clone(),
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            let message = follow(stream, "flatten", "pages").await?;
+            target.done(&message)
+        }
+        ImageCommand::Delete { image } => {
+            let r = c
+                .delete_image(pb::DeleteImageRequest {
+                    image: image.clone(),
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.done(&r.message)
+        }
     }
 }
 
@@ -346,7 +310,7 @@ pub async fn offline(cmd: &ImageCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn gc(args: &GcArgs) -> anyhow::Result<()> {
+pub async fn gc(target: &Target, args: &GcArgs) -> anyhow::Result<()> {
     if args.grace_secs < 60 && !args.dry_run {
         eprintln!(
             "strata gc: warning: a grace period of {} s is shorter than a checkpoint may take to \
@@ -367,7 +331,7 @@ pub async fn gc(args: &GcArgs) -> anyhow::Result<()> {
         &crate::gc::options(&cfg, args.dry_run),
     )
     .await?;
-    if args.json {
+    if target.json() {
         let v: Vec<serde_json::Value> = reports
             .iter()
             .map(|(s, r)| serde_json::json!({"store": s, "report": r}))

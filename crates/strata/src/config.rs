@@ -68,10 +68,6 @@ pub struct Config {
     /// The volumes to open and export.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
-    /// The control socket the `strata` CLI talks to (default: `control.sock` in the data
-    /// directory).
-    #[serde(default)]
-    pub control_socket: Option<PathBuf>,
     /// Object stores for page-store images (`image://STORE/NAME`). A store named `local`
     /// (the directory `{data_dir}/objects`) exists unless one is declared with that name.
     #[serde(default, rename = "store")]
@@ -85,6 +81,68 @@ pub struct Config {
     /// Garbage collection of page stores inside the daemon.
     #[serde(default)]
     pub gc: GcConfig,
+    /// The gRPC API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Where desired state lives.
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// `[state]`: where the volumes created through the API and by `strata apply` are declared.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `file` (the default: `state/` in the data directory) or `etcd://HOST:PORT[,…]/PREFIX`,
+    /// which several nodes can share.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// Seconds between reconciliations of the declared volumes with what is open.
+    #[serde(default = "default_reconcile_secs")]
+    pub reconcile_secs: f64,
+}
+
+fn default_reconcile_secs() -> f64 {
+    2.0
+}
+
+impl Default for StateConfig {
+    fn default() -> StateConfig {
+        StateConfig {
+            store: None,
+            reconcile_secs: default_reconcile_secs(),
+        }
+    }
+}
+
+/// `[api]`: where the gRPC API listens. Anyone who can connect can change every volume, so
+/// it listens on loopback and on a unix socket only readable by the daemon's user by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP addresses (default `127.0.0.1:10810`; `[]` for none).
+    #[serde(default = "default_api_listen")]
+    pub listen: Vec<String>,
+    /// The unix socket (default `api.sock` in the data directory).
+    #[serde(default)]
+    pub unix: Option<PathBuf>,
+    /// This node's name (default: the host name).
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+fn default_api_listen() -> Vec<String> {
+    vec!["127.0.0.1:10810".to_string()]
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            listen: default_api_listen(),
+            unix: None,
+            node_name: None,
+        }
+    }
 }
 
 /// `[jwt]`: an export name that is an HS256 JWT selects (creating it on first use) the image
@@ -408,6 +466,10 @@ pub struct VolumeConfig {
     /// Nexus: a replica whose I/O takes longer than this many seconds is faulted.
     #[serde(default)]
     pub child_timeout_secs: Option<f64>,
+    /// Devices that do not exist are created this large (file and memory URIs without a
+    /// `size=`); set for volumes declared through the API.
+    #[serde(skip)]
+    pub create_size: Option<u64>,
 }
 
 impl VolumeConfig {
@@ -423,6 +485,7 @@ impl VolumeConfig {
             rebuild_segment: None,
             rebuild_parallel: None,
             child_timeout_secs: None,
+            create_size: None,
         }
     }
 
@@ -465,8 +528,9 @@ impl Config {
                     .to_string(),
                 ..VolumeConfig::device("demo", "image://local/demo?size=1G")
             }],
-            control_socket: None,
             stores: Vec::new(),
+            api: ApiConfig::default(),
+            state: StateConfig::default(),
             pagestore: PageStoreConfig::default(),
             jwt: None,
             gc: GcConfig::default(),
@@ -536,6 +600,14 @@ impl Config {
                 bail!("store {:?} is declared twice", st.name);
             }
             st.store_config(Path::new("/"))?;
+        }
+        if !(self.state.reconcile_secs >= 0.05 && self.state.reconcile_secs <= 3600.0) {
+            bail!("[state] reconcile_secs must be between 0.05 and 3600");
+        }
+        if let Some(s) = &self.state.store {
+            if s != "file" && !s.starts_with("etcd://") {
+                bail!("[state] store = {s:?}: use \"file\" or etcd://HOST:PORT/PREFIX");
+            }
         }
         if self.nbd.listen.is_empty() && self.nbd.unix.is_empty() {
             bail!("no NBD listeners: set [nbd] listen or unix, or pass --listen");

@@ -41,10 +41,6 @@ impl Images {
         })
     }
 
-    pub fn opener(&self) -> &ImageOpener {
-        &self.opener
-    }
-
     /// Open the image an `image://STORE/NAME?…` URI names (once), as volume `volume`.
     pub async fn open_volume(&self, volume: &str, uri: &str) -> strata_bdev::Result<Arc<Image>> {
         let u = DeviceUri::parse(uri)?;
@@ -63,6 +59,24 @@ impl Images {
             .expect("lock poisoned")
             .insert(volume.to_string(), key);
         Ok(image)
+    }
+
+    /// Forget that `volume` is an image volume (it was deleted); its image is closed unless
+    /// another volume or a client still uses it.
+    pub async fn forget_volume(&self, volume: &str) {
+        let key = {
+            let mut volumes = self.volumes.write().expect("lock poisoned");
+            match volumes.remove(volume) {
+                Some(k) if !volumes.values().any(|v| *v == k) => k,
+                _ => return,
+            }
+        };
+        let mut open = self.open.lock().await;
+        if open.get(&key).is_some_and(|i| Arc::strong_count(i) == 1) {
+            if let Some(Ok(image)) = open.remove(&key).map(Arc::try_unwrap) {
+                image.close().await;
+            }
+        }
     }
 
     /// `STORE/NAME` of an image given as an image volume's name or as `STORE/NAME`.

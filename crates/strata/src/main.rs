@@ -5,11 +5,14 @@ use clap::{Parser, Subcommand};
 mod cli;
 mod cli_images;
 mod config;
-mod control;
 mod gc;
+mod grpc;
 mod images;
 mod ledger;
+mod manager;
 mod serve;
+mod spec;
+mod state;
 mod volume;
 
 /// Strata: a block-storage data plane.
@@ -33,19 +36,32 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Open the configured volumes and export them over NBD until SIGINT or SIGTERM.
+    /// Open the configured and declared volumes, export them over NBD, and serve the gRPC API
+    /// until SIGINT or SIGTERM.
     ///
-    /// With no arguments: a thin 1 GiB file-backed volume `demo` in the data directory,
+    /// With no arguments: a thin 1 GiB page-store volume `demo` in the data directory,
     /// exported on 127.0.0.1:10809.
     Serve(serve::ServeArgs),
     /// Show the running daemon's volumes, their replicas and rebuilds.
     Status(cli::StatusArgs),
+    /// The daemon: what it is, its state store, its I/O counters.
+    #[command(subcommand)]
+    Node(cli::NodeCommand),
+    /// Create, list, show, delete or resize volumes.
+    #[command(subcommand)]
+    Volume(cli::VolumeCommand),
     /// Add, remove, offline, online or fault a replica of a nexus volume.
     #[command(subcommand)]
     Child(cli::ChildCommand),
-    /// Follow, pause, resume or cancel a rebuild.
+    /// Follow, show, pause, resume or cancel a rebuild.
     #[command(subcommand)]
     Rebuild(cli::RebuildCommand),
+    /// Export volumes over NBD, or stop.
+    #[command(subcommand)]
+    Export(cli::ExportCommand),
+    /// The page stores and their images.
+    #[command(subcommand)]
+    Store(cli::StoreCommand),
     /// Take, list or delete snapshots of page-store images.
     #[command(subcommand)]
     Snapshot(cli_images::SnapshotCommand),
@@ -54,9 +70,21 @@ enum Command {
     /// List, resize, flatten or delete page-store images.
     #[command(subcommand)]
     Image(cli_images::ImageCommand),
+    /// Make the volumes what a spec declares (see docs/SPEC.md).
+    Apply(cli::SpecArgs),
+    /// Show what `strata apply` would do with a spec, changing nothing.
+    Diff(cli::SpecArgs),
+    /// The spec last applied.
+    #[command(subcommand)]
+    Spec(cli::SpecCommand),
     /// Delete objects no image, snapshot or clone needs (after a grace period), in the
     /// stores of a configuration. Safe while servers run.
     Gc(cli_images::GcArgs),
+    /// Print a shell completion script (e.g. `strata completions bash > /etc/bash_completion.d/strata`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Keep I/O buffers on the heap. By default glibc gives every allocation over 128 KiB fresh
@@ -84,24 +112,15 @@ fn main() -> std::process::ExitCode {
         LogFormat::Human => builder.init(),
         LogFormat::Compact => builder.compact().with_ansi(false).init(),
     }
-    let client = match &cli.command {
-        Command::Serve(_) => None,
-        Command::Status(args) => Some(cli::status(&cli.target, args)),
-        Command::Child(cmd) => Some(cli::child(&cli.target, cmd)),
-        Command::Rebuild(cmd) => Some(cli::rebuild(&cli.target, cmd)),
-        Command::Snapshot(cmd) => Some(cli_images::snapshot(&cli.target, cmd)),
-        Command::Clone { snapshot, name } => Some(cli_images::clone(&cli.target, snapshot, name)),
-        Command::Image(cmd) => cli_images::image(&cli.target, cmd),
-        Command::Gc(_) => None,
-    };
-    if let Some(result) = client {
-        return match result {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("strata: {e:#}");
-                std::process::ExitCode::from(1)
-            }
-        };
+    if let Command::Completions { shell } = &cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "strata",
+            &mut std::io::stdout(),
+        );
+        return std::process::ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -113,12 +132,28 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let t = &cli.target;
     let result = runtime.block_on(async {
-        match cli.command {
+        match &cli.command {
             Command::Serve(args) => serve::run(args).await,
-            Command::Gc(args) => cli_images::gc(&args).await,
-            Command::Image(cmd) => cli_images::offline(&cmd).await,
-            _ => unreachable!("client commands return above"),
+            Command::Status(args) => cli::status(t, args).await,
+            Command::Node(cmd) => cli::node(t, cmd).await,
+            Command::Volume(cmd) => cli::volume(t, cmd).await,
+            Command::Child(cmd) => cli::child(t, cmd).await,
+            Command::Rebuild(cmd) => cli::rebuild(t, cmd).await,
+            Command::Export(cmd) => cli::export(t, cmd).await,
+            Command::Store(cmd) => cli::store(t, cmd).await,
+            Command::Snapshot(cmd) => cli_images::snapshot(t, cmd).await,
+            Command::Clone { snapshot, name } => cli_images::clone(t, snapshot, name).await,
+            Command::Image(cmd @ cli_images::ImageCommand::Resize { offline: true, .. }) => {
+                cli_images::offline(cmd).await
+            }
+            Command::Image(cmd) => cli_images::image(t, cmd).await,
+            Command::Apply(args) => cli::apply(t, args, false).await,
+            Command::Diff(args) => cli::apply(t, args, true).await,
+            Command::Spec(cmd) => cli::spec(t, cmd).await,
+            Command::Gc(args) => cli_images::gc(t, args).await,
+            Command::Completions { .. } => unreachable!("handled above"),
         }
     });
     match result {

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use strata_nbd::{Export, Server, ServerConfig, TlsMode, TlsSettings};
+use strata_nbd::{Server, ServerConfig, TlsMode, TlsSettings};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
 use crate::config::{default_data_dir, Config, TlsConfig, TlsModeConfig};
-use crate::control::ControlServer;
-use crate::volume::{self, Volume};
+use crate::manager::{Managed, Manager};
 
 /// Flags that override the configuration file.
 #[derive(Debug, Default, clap::Args)]
@@ -45,6 +44,9 @@ pub struct ServeArgs {
     /// Whether clients must use TLS.
     #[arg(long, value_enum)]
     pub tls_mode: Option<TlsModeConfig>,
+    /// TCP address of the gRPC API; repeat for several. Replaces [api] listen.
+    #[arg(long)]
+    pub api_listen: Vec<String>,
 }
 
 impl ServeArgs {
@@ -65,6 +67,9 @@ impl ServeArgs {
         }
         if !self.socket.is_empty() {
             c.nbd.unix = self.socket.clone();
+        }
+        if !self.api_listen.is_empty() {
+            c.api.listen = self.api_listen.clone();
         }
         for v in &self.volumes {
             let (name, uri) = v
@@ -88,14 +93,11 @@ impl ServeArgs {
 }
 
 /// Run the daemon until a signal.
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("create data directory {}", data_dir.display()))?;
-    if config.volumes.is_empty() {
-        warn!("no volumes are configured; clients will find no exports");
-    }
 
     let opener = Arc::new(image_opener(&config, &data_dir)?);
     let registry = Arc::new(strata::registry_with_images(opener.clone()));
@@ -113,13 +115,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let images = crate::images::Images::new(opener.clone(), jwt, config.nbd.images);
-    let mut volumes = Vec::new();
-    for v in &config.volumes {
-        volumes.push((
-            Arc::new(volume::open(v, &data_dir, &registry, &images).await?),
-            v,
-        ));
-    }
 
     let tls = config.nbd.tls.as_ref().map(load_tls).transpose()?;
     let server_config = ServerConfig {
@@ -135,21 +130,30 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tls,
     };
     let mut tasks = Vec::new();
-    let exports = volumes
-        .iter()
-        .map(|(vol, cfg)| Export {
-            name: vol.name.clone(),
-            description: cfg.description.clone(),
-            device: vol.device(),
-            read_only: cfg.read_only,
-            transactions: match (vol.image(), cfg.read_only) {
-                (Some(i), false) => Some(i.clone() as Arc<dyn strata_bdev::Transactional>),
-                _ => None,
-            },
-        })
-        .collect();
-    let server = Server::new(server_config, exports);
+    let server = Server::new(server_config, Vec::new());
     server.set_resolver(images.clone());
+    let state = crate::state::open(config.state.store.as_deref(), &data_dir)?;
+    let manager = Manager::new(
+        node_name(&config),
+        data_dir.clone(),
+        registry.clone(),
+        images.clone(),
+        server.clone(),
+        state,
+    );
+    for v in &config.volumes {
+        manager.add_configured(v).await?;
+    }
+    // Open the declared volumes before clients come; if the state store cannot be read, the
+    // loop below keeps trying.
+    if let Err(e) = manager.reconcile().await {
+        warn!(error = %e, "cannot read the desired state yet; serving the configured volumes and retrying");
+    }
+    tasks.push(tokio::spawn(
+        manager
+            .clone()
+            .run(Duration::from_secs_f64(config.state.reconcile_secs)),
+    ));
     if config.gc.interval_secs > 0 {
         tasks.push(tokio::spawn(crate::gc::scheduled(
             opener.clone(),
@@ -197,23 +201,60 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
 
-    // The control socket the CLI talks to.
-    let control_path = config
-        .control_socket
-        .clone()
-        .unwrap_or_else(|| data_dir.join("control.sock"));
-    let control = ControlServer::new(
-        volumes.iter().map(|(v, _)| v.clone()).collect(),
-        registry.clone(),
-        images.clone(),
+    manager.set_nbd_uris(
+        listening
+            .iter()
+            .map(|l| l.split_whitespace().next().unwrap_or(l).to_string())
+            .collect(),
     );
-    tasks.push(tokio::spawn(control.serve(bind_unix(&control_path)?)));
+
+    // The gRPC API.
+    let api_unix = config
+        .api
+        .unix
+        .clone()
+        .unwrap_or_else(|| data_dir.join("api.sock"));
+    let api = crate::grpc::Api::new(manager.clone(), store_descriptions(&config, &data_dir)?);
+    let routes = api.routes()?;
+    let mut api_listening = Vec::new();
+    {
+        let l = bind_unix(&api_unix)?;
+        api_listening.push(format!("unix://{}", api_unix.display()));
+        let routes = routes.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                warn!(error = %e, "gRPC API on the unix socket stopped");
+            }
+        }));
+    }
+    for addr in &config.api.listen {
+        let l = TcpListener::bind(addr).await.with_context(|| {
+            format!("gRPC API: listen on {addr} (is the port taken? set [api] listen or pass --api-listen)")
+        })?;
+        api_listening.push(format!("http://{}", l.local_addr()?));
+        let routes = routes.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                warn!(error = %e, "gRPC API on TCP stopped");
+            }
+        }));
+    }
 
     print_banner(
         &data_dir,
-        &volumes.iter().map(|(v, _)| &**v).collect::<Vec<_>>(),
+        &manager.volumes(),
         &listening,
-        &control_path,
+        &api_listening,
         config.nbd.tls.is_some(),
     );
 
@@ -229,14 +270,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for t in tasks {
         t.abort();
     }
-    let mut failed = false;
-    for (v, _) in &volumes {
-        if let Err(e) = v.device().flush().await {
-            failed = true;
-            warn!(volume = %v.name, error = %e.chain(), "flush volume on shutdown");
-        }
-    }
-    for path in config.nbd.unix.iter().chain([&control_path]) {
+    let failed = !manager.flush_all().await.is_empty();
+    for path in config.nbd.unix.iter().chain([&api_unix]) {
         let _ = std::fs::remove_file(path);
     }
     if failed {
@@ -246,19 +281,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The page stores the configuration names (and `local`, unless it names one so).
-pub fn image_opener(
+/// The page stores the configuration names, and `local` unless it names one so.
+fn store_entries(
     config: &Config,
     data_dir: &Path,
-) -> anyhow::Result<strata_pagestore::ImageOpener> {
-    use strata_pagestore::{ImageOpener, PageStore, Store, StoreConfig};
-    let buffer_dir = config
-        .pagestore
-        .buffer_dir
-        .as_deref()
-        .map(|b| PathBuf::from(crate::config::expand_uri(b, data_dir)))
-        .unwrap_or_else(|| data_dir.join("buffer"));
-    let settings = config.pagestore.settings();
+) -> anyhow::Result<Vec<(String, strata_pagestore::StoreConfig)>> {
+    use strata_pagestore::StoreConfig;
     let mut entries: Vec<(String, StoreConfig)> = Vec::new();
     for st in &config.stores {
         entries.push((st.name.clone(), st.store_config(data_dir)?));
@@ -271,6 +299,68 @@ pub fn image_opener(
             },
         ));
     }
+    Ok(entries)
+}
+
+/// The page stores, as the API describes them.
+fn store_descriptions(
+    config: &Config,
+    data_dir: &Path,
+) -> anyhow::Result<Vec<crate::grpc::StoreDesc>> {
+    use strata_pagestore::StoreConfig;
+    let mut out: Vec<crate::grpc::StoreDesc> = store_entries(config, data_dir)?
+        .into_iter()
+        .map(|(name, sc)| {
+            let (kind, location) = match sc {
+                StoreConfig::Dir { path } => ("dir", path.display().to_string()),
+                StoreConfig::S3 {
+                    endpoint,
+                    bucket,
+                    prefix,
+                    ..
+                } => (
+                    "s3",
+                    format!(
+                        "s3://{bucket}/{prefix} at {}",
+                        endpoint.unwrap_or_else(|| "AWS".into())
+                    ),
+                ),
+            };
+            crate::grpc::StoreDesc {
+                name,
+                kind: kind.into(),
+                location,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// This node's name: `[api] node_name`, else the host name.
+fn node_name(config: &Config) -> String {
+    if let Some(n) = &config.api.node_name {
+        return n.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The page stores the configuration names (and `local`, unless it names one so).
+pub fn image_opener(
+    config: &Config,
+    data_dir: &Path,
+) -> anyhow::Result<strata_pagestore::ImageOpener> {
+    use strata_pagestore::{ImageOpener, PageStore, Store};
+    let buffer_dir = config
+        .pagestore
+        .buffer_dir
+        .as_deref()
+        .map(|b| PathBuf::from(crate::config::expand_uri(b, data_dir)))
+        .unwrap_or_else(|| data_dir.join("buffer"));
+    let settings = config.pagestore.settings();
+    let entries = store_entries(config, data_dir)?;
     let mut opener = ImageOpener::new();
     for (name, sc) in entries {
         let objects = Store::open(&sc).map_err(|e| anyhow::anyhow!("store {name:?}: {e}"))?;
@@ -295,9 +385,9 @@ pub fn image_opener(
 
 fn print_banner(
     data_dir: &Path,
-    volumes: &[&Volume],
+    volumes: &[Arc<Managed>],
     listening: &[String],
-    control: &Path,
+    api: &[String],
     tls: bool,
 ) {
     println!(
@@ -305,7 +395,7 @@ fn print_banner(
         env!("CARGO_PKG_VERSION"),
         data_dir.display()
     );
-    for v in volumes {
+    for v in volumes.iter().map(|m| &m.volume) {
         println!(
             "volume {}: {} bytes, {}",
             v.name,
@@ -321,12 +411,11 @@ fn print_banner(
     for l in listening {
         println!("listening: {l}");
     }
-    println!(
-        "control: {} (strata status --control PATH)",
-        control.display()
-    );
+    for a in api {
+        println!("api: {a}");
+    }
     if let (Some(first), Some(tcp)) = (
-        volumes.first(),
+        volumes.first().map(|m| &m.volume),
         listening.iter().find(|l| l.starts_with("nbd://")),
     ) {
         let base = tcp.split_whitespace().next().unwrap_or(tcp);

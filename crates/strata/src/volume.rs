@@ -69,6 +69,22 @@ pub async fn open_device(
     }
 }
 
+/// `uri` with `size=` added when `size` is given, the scheme creates devices of a given size
+/// (files, memory) and the URI does not say.
+pub fn with_size(uri: &str, size: Option<u64>) -> String {
+    let creates = uri.starts_with("file:") || uri.starts_with("mem:");
+    let has_size = uri
+        .split_once('?')
+        .is_some_and(|(_, q)| q.split('&').any(|kv| kv.starts_with("size=")));
+    match size {
+        Some(size) if size > 0 && creates && !has_size => {
+            let sep = if uri.contains('?') { '&' } else { '?' };
+            format!("{uri}{sep}size={size}")
+        }
+        _ => uri.to_string(),
+    }
+}
+
 /// Open the volume `v` describes.
 pub async fn open(
     v: &VolumeConfig,
@@ -77,12 +93,12 @@ pub async fn open(
     images: &crate::images::Images,
 ) -> anyhow::Result<Volume> {
     if let Some(uri) = &v.uri {
-        let uri = expand_uri(uri, data_dir);
+        let uri = with_size(&expand_uri(uri, data_dir), v.create_size);
         if uri.starts_with("image://") {
             let image = images
                 .open_volume(&v.name, &uri)
                 .await
-                .map_err(|e| anyhow::anyhow!("open volume {:?}: {}", v.name, e.chain()))?;
+                .map_err(|e| anyhow::Error::new(e).context(format!("open volume {:?}", v.name)))?;
             return Ok(Volume {
                 name: v.name.clone(),
                 source: uri,
@@ -92,7 +108,7 @@ pub async fn open(
         let device = registry
             .open(&uri)
             .await
-            .map_err(|e| anyhow::anyhow!("open volume {:?}: {}", v.name, e.chain()))?;
+            .map_err(|e| anyhow::Error::new(e).context(format!("open volume {:?}", v.name)))?;
         return Ok(Volume {
             name: v.name.clone(),
             source: uri,
@@ -104,7 +120,8 @@ pub async fn open(
     let record = ledger
         .load()
         .with_context(|| format!("open nexus volume {:?}", v.name))?;
-    let opened = join_all(uris.iter().map(|u| open_device(registry, u))).await;
+    let open_uris: Vec<String> = uris.iter().map(|u| with_size(u, v.create_size)).collect();
+    let opened = join_all(open_uris.iter().map(|u| open_device(registry, u))).await;
     let sizes: Vec<Option<u64>> = opened
         .iter()
         .map(|d| d.as_ref().ok().map(|d| d.geometry().size))

@@ -35,8 +35,8 @@ uri = "image://shared/v?size=64M"
 /// The image as `strata status --json` shows it.
 fn image(s: &Strata) -> Value {
     let out = Command::new(strata_bin())
-        .arg("--control")
-        .arg(s.path("data/control.sock"))
+        .arg("--endpoint")
+        .arg(s.api_endpoint())
         .args(["status", "v", "--json"])
         .output()
         .unwrap();
@@ -106,8 +106,8 @@ fn two_servers_on_one_image_exactly_one_keeps_writing() {
         String::from_utf8_lossy(&refused.stdout)
     );
     let out = Command::new(strata_bin())
-        .arg("--control")
-        .arg(loser.path("data/control.sock"))
+        .arg("--endpoint")
+        .arg(loser.api_endpoint())
         .args(["status", "v"])
         .output()
         .unwrap();

@@ -112,8 +112,8 @@ uri = "image://{store_name}/{VOLUME}?size=1G"
     /// The image as `strata status --json` shows it.
     fn image_status(&self) -> Value {
         let out = std::process::Command::new(strata_bin())
-            .arg("--control")
-            .arg(self.s.path("data/control.sock"))
+            .arg("--endpoint")
+            .arg(self.s.api_endpoint())
             .args(["status", VOLUME, "--json"])
             .output()
             .expect("run the strata CLI");

@@ -593,7 +593,7 @@ impl PageStore {
             None => {
                 let Some((size, bits)) = create else {
                     return Err(Error::new(
-                        ErrorKind::InvalidInput,
+                        ErrorKind::NotFound,
                         format!("image {name} does not exist (give a size to create it)"),
                     ));
                 };

@@ -50,6 +50,7 @@ impl Strata {
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
+            .args(["--api-listen", "127.0.0.1:0"])
             .args(args)
             .env("STRATA_LOG", "info,strata_nbd=debug")
             .stdin(Stdio::null())
@@ -102,7 +103,27 @@ impl Strata {
         }
     }
 
-    /// `strata --control SOCKET ARGS` against this server, which must succeed; returns stdout.
+    /// The gRPC API's unix socket, as an endpoint (`unix:///…/api.sock`).
+    pub fn api_endpoint(&self) -> String {
+        self.banner
+            .iter()
+            .find_map(|l| l.strip_prefix("api: unix://"))
+            .map(|p| format!("unix://{p}"))
+            .expect("the banner names the API socket")
+    }
+
+    /// The gRPC API's TCP address, as an endpoint (`http://127.0.0.1:PORT`).
+    pub fn api_http(&self) -> String {
+        self.banner
+            .iter()
+            .filter_map(|l| l.strip_prefix("api: "))
+            .find(|a| a.starts_with("http://"))
+            .expect("the banner names the API's TCP address")
+            .to_string()
+    }
+
+    /// `strata --endpoint unix://…/api.sock ARGS` against this server, which must succeed;
+    /// returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = self.cli_raw(args);
         assert!(
@@ -115,11 +136,11 @@ impl Strata {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `strata --control SOCKET ARGS`, whatever its exit status.
+    /// `strata --endpoint … ARGS`, whatever its exit status.
     pub fn cli_raw(&self, args: &[&str]) -> Output {
         Command::new(strata_bin())
-            .arg("--control")
-            .arg(self.path("data/control.sock"))
+            .arg("--endpoint")
+            .arg(self.api_endpoint())
             .args(args)
             .output()
             .expect("run the strata CLI")

@@ -1,0 +1,650 @@
+//! Declarative specs (`strata apply -f spec.yaml`): the volumes a cluster should have. Applying
+//! one compares it with the declarations in the state store, plans what differs, refuses what
+//! cannot be done safely (with the field and the reason), writes the declarations that changed
+//! and lets reconciliation make them real. The format is in `docs/SPEC.md`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+use tracing::info;
+
+use crate::config::Size;
+use crate::manager::{
+    check_volume_name, BackingDef, Manager, OpError, OpKind, OpResult, VolumeDef,
+};
+
+/// The document.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecDoc {
+    /// The format version; 1 if absent.
+    #[serde(default)]
+    version: Option<u32>,
+    #[serde(default)]
+    volumes: Vec<VolumeEntry>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One volume as a spec writes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeEntry {
+    name: String,
+    #[serde(default)]
+    size: Option<Size>,
+    #[serde(default)]
+    device: Option<String>,
+    #[serde(default)]
+    replicas: Option<Vec<String>>,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default = "yes")]
+    export: bool,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    node: Option<String>,
+    /// Snapshots that must exist (image volumes).
+    #[serde(default)]
+    snapshots: Vec<String>,
+}
+
+/// A volume a spec declares, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub def: VolumeDef,
+    pub snapshots: Vec<String>,
+    /// Its place in the document, for messages: `volumes[3]`.
+    pub path: String,
+}
+
+/// Parse and validate a spec; `node` is the node volumes without one go to. Errors name the
+/// field (`volumes[1].replicas[0]: …`).
+pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
+    let doc: SpecDoc = serde_yaml_ng::from_str(text).map_err(|e| format!("spec: {e}"))?;
+    if let Some(v) = doc.version.filter(|&v| v != 1) {
+        return Err(format!(
+            "version: {v} is not a spec version this daemon reads (1)"
+        ));
+    }
+    let mut out: Vec<Desired> = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, v) in doc.volumes.into_iter().enumerate() {
+        let path = format!("volumes[{i}]");
+        if let Some(first) = seen.insert(v.name.clone(), i) {
+            return Err(format!(
+                "{path}.name: {:?} is declared twice (also volumes[{first}])",
+                v.name
+            ));
+        }
+        let backing = match (v.device, v.replicas, v.image) {
+            (Some(d), None, None) => BackingDef::Device(d),
+            (None, Some(r), None) => BackingDef::Nexus(r),
+            (None, None, Some(i)) => BackingDef::Image(i),
+            _ => {
+                return Err(format!(
+                    "{path}: give exactly one of device (a URI), replicas (a list of URIs) or \
+                     image (STORE/IMAGE)"
+                ))
+            }
+        };
+        let node = v.node.unwrap_or_else(|| node.to_string());
+        check_volume_name(&node).map_err(|_| {
+            format!("{path}.node: {node:?} is not a node name (letters, digits, . _ -)")
+        })?;
+        let def = VolumeDef {
+            name: v.name,
+            size: v.size.map_or(0, |s| s.0),
+            backing,
+            export: v.export,
+            read_only: v.read_only,
+            description: v.description,
+            node,
+        };
+        def.validate(&format!("{path}.")).map_err(|e| e.message)?;
+        if !v.snapshots.is_empty() && !matches!(def.backing, BackingDef::Image(_)) {
+            return Err(format!(
+                "{path}.snapshots: only page-store image volumes have snapshots"
+            ));
+        }
+        for (j, s) in v.snapshots.iter().enumerate() {
+            strata_pagestore::check_name(s)
+                .map_err(|e| format!("{path}.snapshots[{j}]: {}", e.chain()))?;
+        }
+        out.push(Desired {
+            def,
+            snapshots: v.snapshots,
+            path,
+        });
+    }
+    Ok(out)
+}
+
+/// One thing an apply does, or refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    pub verb: &'static str,
+    pub path: String,
+    pub volume: String,
+    pub message: String,
+    pub done: bool,
+}
+
+/// What to carry out for one volume.
+enum Step {
+    /// Create it (here, or declare it for another node).
+    Create(VolumeDef),
+    /// Store the new declaration; reconciliation changes the volume.
+    Declare(VolumeDef),
+    Delete(VolumeDef),
+}
+
+struct Plan {
+    actions: Vec<Action>,
+    /// Per volume: what to do, and the indexes of its actions.
+    steps: Vec<(Step, Vec<usize>)>,
+    /// `(action index, volume, snapshot)`.
+    snapshots: Vec<(usize, String, String)>,
+}
+
+impl Plan {
+    fn push(&mut self, verb: &'static str, path: &str, volume: &str, message: String) -> usize {
+        self.actions.push(Action {
+            verb,
+            path: path.to_string(),
+            volume: volume.to_string(),
+            message,
+            done: false,
+        });
+        self.actions.len() - 1
+    }
+}
+
+const SPEC_KEY: &str = "spec";
+
+/// The volume names of the spec last applied.
+async fn previous_names(manager: &Manager) -> OpResult<BTreeSet<String>> {
+    let Some(text) = manager.state.get(SPEC_KEY).await? else {
+        return Ok(BTreeSet::new());
+    };
+    let text = String::from_utf8_lossy(&text);
+    Ok(parse(&text, &manager.node)
+        .map(|v| v.into_iter().map(|d| d.def.name).collect())
+        .unwrap_or_default())
+}
+
+/// The spec last applied, if any.
+pub async fn current(manager: &Manager) -> OpResult<String> {
+    Ok(manager
+        .state
+        .get(SPEC_KEY)
+        .await?
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default())
+}
+
+/// Compare `desired` with the declarations and plan the changes.
+async fn plan(manager: &Manager, desired: &[Desired], prune: bool) -> OpResult<Plan> {
+    let records: BTreeMap<String, VolumeDef> = manager
+        .records()
+        .await?
+        .into_iter()
+        .map(|d| (d.name.clone(), d))
+        .collect();
+    let mut p = Plan {
+        actions: Vec::new(),
+        steps: Vec::new(),
+        snapshots: Vec::new(),
+    };
+    for d in desired {
+        let want = &d.def;
+        let name = want.name.as_str();
+        let path = d.path.as_str();
+        if manager.get(name).is_ok_and(|m| m.from_config) {
+            p.push(
+                "refuse",
+                path,
+                name,
+                format!(
+                    "node {} declares volume {name} in its configuration file; remove it there \
+                     or rename this one",
+                    manager.node
+                ),
+            );
+            continue;
+        }
+        let Some(have) = records.get(name) else {
+            let i = p.push(
+                "create",
+                path,
+                name,
+                format!(
+                    "create {} volume {name}{}",
+                    want.kind(),
+                    describe(want, manager)
+                ),
+            );
+            p.steps.push((Step::Create(want.clone()), vec![i]));
+            plan_snapshots(manager, &mut p, d, &BTreeSet::new()).await;
+            continue;
+        };
+        if have.node != want.node {
+            p.push(
+                "refuse",
+                &format!("{path}.node"),
+                name,
+                format!(
+                    "volume {name} is served by node {}; moving a volume to node {} is not done \
+                     in place",
+                    have.node, want.node
+                ),
+            );
+            continue;
+        }
+        let mut want = want.clone();
+        if want.size == 0 {
+            want.size = have.size;
+        }
+        let (changes, refusals) = diff(path, have, &want);
+        if !refusals.is_empty() {
+            for (field, why) in refusals {
+                p.push("refuse", &field, name, why);
+            }
+            continue;
+        }
+        if !changes.is_empty() {
+            let idx: Vec<usize> = changes
+                .into_iter()
+                .map(|(verb, field, msg)| p.push(verb, &field, name, msg))
+                .collect();
+            p.steps.push((Step::Declare(want.clone()), idx));
+        }
+        let existing = existing_snapshots(manager, &want).await;
+        plan_snapshots(manager, &mut p, d, &existing).await;
+    }
+    let names: BTreeSet<&str> = desired.iter().map(|d| d.def.name.as_str()).collect();
+    for old in previous_names(manager).await? {
+        let Some(rec) = records.get(&old) else {
+            continue;
+        };
+        if names.contains(old.as_str()) {
+            continue;
+        }
+        if prune {
+            let i = p.push(
+                "delete",
+                "volumes",
+                &old,
+                format!(
+                    "delete volume {old} (on node {}); its devices and image keep their data",
+                    rec.node
+                ),
+            );
+            p.steps.push((Step::Delete(rec.clone()), vec![i]));
+        } else {
+            p.push(
+                "keep",
+                "volumes",
+                &old,
+                format!(
+                    "volume {old} is no longer in the spec; kept (apply with --prune deletes it)"
+                ),
+            );
+        }
+    }
+    Ok(p)
+}
+
+fn describe(d: &VolumeDef, manager: &Manager) -> String {
+    let size = if d.size > 0 {
+        format!(" of {}", crate::cli::human_bytes(d.size))
+    } else {
+        String::new()
+    };
+    let what = match &d.backing {
+        BackingDef::Device(u) => format!(" on {u}"),
+        BackingDef::Nexus(r) => format!(" over {} replicas", r.len()),
+        BackingDef::Image(k) => format!(" on image {k}"),
+    };
+    let node = if d.node != manager.node {
+        format!(" on node {}", d.node)
+    } else {
+        String::new()
+    };
+    let export = if d.export { ", exported over NBD" } else { "" };
+    format!("{size}{what}{node}{export}")
+}
+
+type Change = (&'static str, String, String);
+
+/// What differs between a declaration and the one wanted: changes that can be made, and
+/// refusals `(field path, why)`.
+fn diff(path: &str, have: &VolumeDef, want: &VolumeDef) -> (Vec<Change>, Vec<(String, String)>) {
+    let mut changes = Vec::new();
+    let mut refuse = Vec::new();
+    let name = &want.name;
+    match (&have.backing, &want.backing) {
+        (BackingDef::Device(a), BackingDef::Device(b)) if a != b => refuse.push((
+            format!("{path}.device"),
+            format!("volume {name} is on {a}; moving it to {b} is not done in place"),
+        )),
+        (BackingDef::Image(a), BackingDef::Image(b)) if a != b => refuse.push((
+            format!("{path}.image"),
+            format!("volume {name} is image {a}; it cannot become {b} (clone or copy instead)"),
+        )),
+        (BackingDef::Nexus(a), BackingDef::Nexus(b)) => {
+            for (j, uri) in b.iter().enumerate() {
+                if !a.contains(uri) {
+                    changes.push((
+                        "add-replica",
+                        format!("{path}.replicas[{j}]"),
+                        format!(
+                            "add replica {uri} to {name}; a full rebuild copies the data onto it"
+                        ),
+                    ));
+                }
+            }
+            for uri in a.iter().filter(|u| !b.contains(u)) {
+                changes.push((
+                    "remove-replica",
+                    format!("{path}.replicas"),
+                    format!("remove replica {uri} from {name} (its data stays on the device)"),
+                ));
+            }
+        }
+        (a, b) if std::mem::discriminant(a) != std::mem::discriminant(b) => refuse.push((
+            path.to_string(),
+            format!(
+                "volume {name} is a {} volume; it cannot become a {} volume in place",
+                have.kind(),
+                want.kind()
+            ),
+        )),
+        _ => {}
+    }
+    if want.size != have.size {
+        match &want.backing {
+            BackingDef::Image(_) if want.size > have.size => changes.push((
+                "resize",
+                format!("{path}.size"),
+                format!(
+                    "grow {name} from {} to {}",
+                    crate::cli::human_bytes(have.size),
+                    crate::cli::human_bytes(want.size)
+                ),
+            )),
+            BackingDef::Image(_) => refuse.push((
+                format!("{path}.size"),
+                format!(
+                    "shrinking {name} from {} to {} discards data; a spec does not do that (use \
+                     `strata volume resize --force`)",
+                    have.size, want.size
+                ),
+            )),
+            _ => refuse.push((
+                format!("{path}.size"),
+                format!(
+                    "{name} holds {} bytes; only page-store image volumes can be resized",
+                    have.size
+                ),
+            )),
+        }
+    }
+    match (have.export, want.export) {
+        (false, true) => changes.push((
+            "export",
+            format!("{path}.export"),
+            format!("export {name} over NBD"),
+        )),
+        (true, false) => changes.push((
+            "unexport",
+            format!("{path}.export"),
+            format!("stop exporting {name} (connected clients keep their connection)"),
+        )),
+        _ => {}
+    }
+    if have.read_only != want.read_only || have.description != want.description {
+        changes.push((
+            "update",
+            path.to_string(),
+            format!(
+                "set {name} {} and its description to {:?}",
+                if want.read_only {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+                want.description
+            ),
+        ));
+    }
+    (changes, refuse)
+}
+
+async fn existing_snapshots(manager: &Manager, def: &VolumeDef) -> BTreeSet<String> {
+    let BackingDef::Image(key) = &def.backing else {
+        return BTreeSet::new();
+    };
+    let Some((store, img)) = key.split_once('/') else {
+        return BTreeSet::new();
+    };
+    let Ok(ps) = manager.images.store(store) else {
+        return BTreeSet::new();
+    };
+    match ps.catalog().await {
+        Ok(cat) => cat.snapshots(img).into_iter().map(|s| s.name).collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+async fn plan_snapshots(manager: &Manager, p: &mut Plan, d: &Desired, existing: &BTreeSet<String>) {
+    let name = &d.def.name;
+    for (j, s) in d.snapshots.iter().enumerate() {
+        if existing.contains(s) {
+            continue;
+        }
+        let path = format!("{}.snapshots[{j}]", d.path);
+        if d.def.node != manager.node {
+            p.push(
+                "refuse",
+                &path,
+                name,
+                format!(
+                    "snapshot {name}@{s} is taken by node {}, which serves {name}: apply the \
+                     spec through it",
+                    d.def.node
+                ),
+            );
+            continue;
+        }
+        let i = p.push("snapshot", &path, name, format!("take snapshot {name}@{s}"));
+        p.snapshots.push((i, name.clone(), s.clone()));
+    }
+}
+
+/// Apply (or with `dry_run`, only plan) a spec.
+pub async fn apply(
+    manager: &Manager,
+    text: &str,
+    dry_run: bool,
+    prune: bool,
+) -> OpResult<Vec<Action>> {
+    let desired = parse(text, &manager.node).map_err(OpError::invalid)?;
+    if !manager.state.available().await {
+        return Err(OpError::new(
+            OpKind::Unavailable,
+            format!(
+                "state store {} is unavailable: specs cannot be applied until it is back \
+                 (volumes keep serving)",
+                manager.state.describe()
+            ),
+        ));
+    }
+    let mut p = plan(manager, &desired, prune).await?;
+    if dry_run {
+        return Ok(p.actions);
+    }
+    let steps = std::mem::take(&mut p.steps);
+    let mut declared = Vec::new();
+    for (step, idx) in steps {
+        let result = match step {
+            Step::Create(def) if def.node == manager.node => manager.create(def).await.map(|_| ()),
+            Step::Create(def) | Step::Declare(def) => {
+                let r = manager.declare(&def).await;
+                declared.push((def.name.clone(), idx.clone()));
+                r
+            }
+            Step::Delete(def) if def.node == manager.node => {
+                manager.delete(&def.name, false).await.map(|_| ())
+            }
+            Step::Delete(def) => manager.undeclare(&def.name).await,
+        };
+        for i in idx {
+            match &result {
+                Ok(()) => p.actions[i].done = true,
+                Err(e) => {
+                    p.actions[i].verb = "refuse";
+                    p.actions[i].message = format!("{}: {}", p.actions[i].message, e.message);
+                }
+            }
+        }
+    }
+    manager
+        .state
+        .put(SPEC_KEY, text.as_bytes())
+        .await
+        .map_err(OpError::from)?;
+    // Make this node's declarations real now rather than at the next round.
+    manager.reconcile().await?;
+    let problems: BTreeMap<String, String> = manager.problems().into_iter().collect();
+    for (volume, idx) in declared {
+        if let Some(why) = problems.get(&volume) {
+            for i in idx {
+                p.actions[i].done = false;
+                p.actions[i].verb = "refuse";
+                p.actions[i].message = format!("{}: {why}", p.actions[i].message);
+            }
+        }
+    }
+    for (i, volume, snap) in std::mem::take(&mut p.snapshots) {
+        let r = async {
+            let (store, img) = manager
+                .images
+                .key(&volume)
+                .map_err(|e| OpError::not_found(format!("{e:#}")))?;
+            let image = manager
+                .images
+                .image(&store, &img, None)
+                .await
+                .map_err(|e| OpError::new(OpKind::Unavailable, format!("{e:#}")))?;
+            image.snapshot(&snap).await.map_err(OpError::from)
+        }
+        .await;
+        match r {
+            Ok(_) => p.actions[i].done = true,
+            Err(e) => {
+                p.actions[i].verb = "refuse";
+                p.actions[i].message = format!("{}: {}", p.actions[i].message, e.message);
+            }
+        }
+    }
+    let done = p.actions.iter().filter(|a| a.done).count();
+    info!(actions = p.actions.len(), done, "spec applied");
+    Ok(p.actions)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_a_spec_and_names_the_field_of_each_error() {
+        let ok = parse(
+            r#"
+volumes:
+  - name: db
+    size: 64M
+    replicas: ["file:///a.img", "file:///b.img"]
+  - name: scratch
+    image: local/scratch
+    size: 1G
+    snapshots: [base]
+    node: n2
+"#,
+            "n1",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[0].def.size, 64 << 20);
+        assert_eq!(ok[0].def.node, "n1");
+        assert_eq!(ok[1].def.node, "n2");
+        assert!(ok[0].def.export);
+
+        let err = |text: &str| parse(text, "n1").unwrap_err();
+        let e = err("volumes:\n  - name: a\n    replica: [x]\n");
+        assert!(e.contains("volumes[0]") && e.contains("replica"), "{e}");
+        let e = err("volumes:\n  - name: a\n    device: mem://a\n    size: 1000\n");
+        assert!(e.starts_with("volumes[0].size:"), "{e}");
+        let e = err("volumes:\n  - {name: a, device: mem://a}\n  - {name: a, device: mem://b}\n");
+        assert!(
+            e.starts_with("volumes[1].name:") && e.contains("twice"),
+            "{e}"
+        );
+        let e = err("volumes:\n  - {name: a, replicas: [\"file:///x\", \"bad uri\"]}\n");
+        assert!(e.starts_with("volumes[0].replicas[1]:"), "{e}");
+        let e = err("volumes:\n  - {name: a, device: mem://a, image: local/a}\n");
+        assert!(e.contains("exactly one of"), "{e}");
+        let e = err("volumes:\n  - {name: a, device: mem://a, snapshots: [s]}\n");
+        assert!(e.starts_with("volumes[0].snapshots:"), "{e}");
+        let e = err("volumes:\n  - {name: a, image: local/a, snapshots: [\"no/slash\"]}\n");
+        assert!(e.starts_with("volumes[0].snapshots[0]:"), "{e}");
+        let e = err("version: 2\n");
+        assert!(e.starts_with("version:"), "{e}");
+        let e = err("volumes:\n  - {name: a, device: mem://a, size: 12Q}\n");
+        assert!(e.contains("volumes[0].size") || e.contains("unit"), "{e}");
+    }
+
+    #[test]
+    fn diff_allows_safe_changes_and_refuses_the_rest() {
+        let def = |backing: BackingDef, size: u64| VolumeDef {
+            name: "v".into(),
+            size,
+            backing,
+            export: true,
+            read_only: false,
+            description: String::new(),
+            node: "n".into(),
+        };
+        let nexus = |r: &[&str]| BackingDef::Nexus(r.iter().map(|s| s.to_string()).collect());
+        let (c, r) = diff(
+            "volumes[0]",
+            &def(nexus(&["a", "b"]), 1024),
+            &def(nexus(&["a", "b", "c"]), 1024),
+        );
+        assert!(r.is_empty());
+        assert_eq!(c[0].0, "add-replica");
+        assert_eq!(c[0].1, "volumes[0].replicas[2]");
+        let (_, r) = diff(
+            "volumes[0]",
+            &def(nexus(&["a"]), 1024),
+            &def(nexus(&["a"]), 2048),
+        );
+        assert_eq!(r[0].0, "volumes[0].size");
+        let img = || BackingDef::Image("local/v".into());
+        let (c, r) = diff("volumes[0]", &def(img(), 1024), &def(img(), 2048));
+        assert!(r.is_empty());
+        assert_eq!(c[0].0, "resize");
+        let (_, r) = diff("volumes[0]", &def(img(), 2048), &def(img(), 1024));
+        assert!(r[0].1.contains("discards"));
+        let (_, r) = diff("volumes[0]", &def(img(), 1024), &def(nexus(&["a"]), 1024));
+        assert!(r[0].1.contains("cannot become"));
+        let (c, r) = diff("volumes[0]", &def(img(), 1024), &def(img(), 1024));
+        assert!(c.is_empty() && r.is_empty());
+    }
+}
