@@ -44,6 +44,13 @@ if ! command -v s3s-fs >/dev/null 2>&1; then
   cargo install s3s-fs@0.14.1 --features binary --locked
 fi
 
+# The metrics test checks the exposition with the Prometheus project's own Python parser.
+if ! python3 -c 'import prometheus_client' 2>/dev/null; then
+  echo "installing test tools: prometheus-client (Python)"
+  python3 -m pip install -q prometheus-client ||
+    DEBIAN_FRONTEND=noninteractive ${sudo:-} apt-get install -y -qq python3-prometheus-client
+fi
+
 # The filesystem test needs FUSE and loop devices, which need root.
 if [ "$(id -u)" != 0 ]; then
   echo "warning: not root; the ext4-through-nbdfuse test needs root for losetup and mount" >&2

@@ -293,7 +293,15 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let server = self.clone();
-        let span = tracing::info_span!("nbd", peer = %peer);
+        // Every line a connection logs carries its id, its peer and, once chosen, its export.
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "nbd",
+            conn = id,
+            peer = %peer,
+            volume = tracing::field::Empty
+        );
         self.tasks.spawn(
             async move {
                 debug!("connected");
@@ -691,6 +699,7 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let export = found.export;
+        tracing::Span::current().record("volume", export.name.as_str());
         debug!(export = %export.name, structured = s.structured, tls = s.tls, "transmission");
         let Some(client) = found.client_id else {
             return self

@@ -87,6 +87,30 @@ pub struct Config {
     /// Where desired state lives.
     #[serde(default)]
     pub state: StateConfig,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where `GET /metrics` (Prometheus text format) is served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP addresses (default `127.0.0.1:10811`; `[]` for none).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: Vec<String>,
+}
+
+fn default_metrics_listen() -> Vec<String> {
+    vec!["127.0.0.1:10811".to_string()]
+}
+
+impl Default for MetricsConfig {
+    fn default() -> MetricsConfig {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
 }
 
 /// `[state]`: where the volumes created through the API and by `strata apply` are declared.
@@ -531,6 +555,7 @@ impl Config {
             stores: Vec::new(),
             api: ApiConfig::default(),
             state: StateConfig::default(),
+            metrics: MetricsConfig::default(),
             pagestore: PageStoreConfig::default(),
             jwt: None,
             gc: GcConfig::default(),

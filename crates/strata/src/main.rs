@@ -10,6 +10,7 @@ mod grpc;
 mod images;
 mod ledger;
 mod manager;
+mod metrics;
 mod serve;
 mod spec;
 mod state;
@@ -19,8 +20,9 @@ mod volume;
 #[derive(Debug, Parser)]
 #[command(name = "strata", version, about)]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    /// Log format on stderr: human, compact (one line, no colour) or json (one object a line,
+    /// with the connection and volume a line concerns as fields).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "STRATA_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(flatten)]
     target: cli::Target,
@@ -32,6 +34,7 @@ struct Cli {
 enum LogFormat {
     Human,
     Compact,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +114,12 @@ fn main() -> std::process::ExitCode {
     match cli.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Compact => builder.compact().with_ansi(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
     }
     if let Command::Completions { shell } = &cli.command {
         use clap::CommandFactory;

@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// TCP address of the gRPC API; repeat for several. Replaces [api] listen.
     #[arg(long)]
     pub api_listen: Vec<String>,
+    /// TCP address of the Prometheus /metrics endpoint; repeat for several. Replaces
+    /// [metrics] listen.
+    #[arg(long)]
+    pub metrics_listen: Vec<String>,
 }
 
 impl ServeArgs {
@@ -70,6 +74,9 @@ impl ServeArgs {
         }
         if !self.api_listen.is_empty() {
             c.api.listen = self.api_listen.clone();
+        }
+        if !self.metrics_listen.is_empty() {
+            c.metrics.listen = self.metrics_listen.clone();
         }
         for v in &self.volumes {
             let (name, uri) = v
@@ -250,6 +257,14 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         }));
     }
 
+    for addr in &config.metrics.listen {
+        let l = TcpListener::bind(addr).await.with_context(|| {
+            format!("metrics: listen on {addr} (is the port taken? set [metrics] listen or pass --metrics-listen)")
+        })?;
+        api_listening.push(format!("http://{}/metrics", l.local_addr()?));
+        tasks.push(tokio::spawn(crate::metrics::serve(manager.clone(), l)));
+    }
+
     print_banner(
         &data_dir,
         &manager.volumes(),
@@ -412,7 +427,11 @@ fn print_banner(
         println!("listening: {l}");
     }
     for a in api {
-        println!("api: {a}");
+        if a.ends_with("/metrics") {
+            println!("metrics: {a}");
+        } else {
+            println!("api: {a}");
+        }
     }
     if let (Some(first), Some(tcp)) = (
         volumes.first().map(|m| &m.volume),

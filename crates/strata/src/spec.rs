@@ -61,6 +61,9 @@ pub struct Desired {
     pub snapshots: Vec<String>,
     /// Its place in the document, for messages: `volumes[3]`.
     pub path: String,
+    /// The spec names its node (else it is created on the node applying the spec, and stays
+    /// where it is once it exists).
+    pub node_given: bool,
 }
 
 /// Parse and validate a spec; `node` is the node volumes without one go to. Errors name the
@@ -93,6 +96,7 @@ pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
                 ))
             }
         };
+        let node_given = v.node.is_some();
         let node = v.node.unwrap_or_else(|| node.to_string());
         check_volume_name(&node).map_err(|_| {
             format!("{path}.node: {node:?} is not a node name (letters, digits, . _ -)")
@@ -120,6 +124,7 @@ pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
             def,
             snapshots: v.snapshots,
             path,
+            node_given,
         });
     }
     Ok(out)
@@ -166,16 +171,20 @@ impl Plan {
 }
 
 const SPEC_KEY: &str = "spec";
+/// The volumes specs declared and that were not pruned since: what `--prune` may delete.
+const SPEC_NAMES_KEY: &str = "spec-volumes";
 
-/// The volume names of the spec last applied.
+/// The volumes earlier applies declared (and did not prune).
 async fn previous_names(manager: &Manager) -> OpResult<BTreeSet<String>> {
-    let Some(text) = manager.state.get(SPEC_KEY).await? else {
+    let Some(v) = manager.state.get(SPEC_NAMES_KEY).await? else {
         return Ok(BTreeSet::new());
     };
-    let text = String::from_utf8_lossy(&text);
-    Ok(parse(&text, &manager.node)
-        .map(|v| v.into_iter().map(|d| d.def.name).collect())
-        .unwrap_or_default())
+    serde_json::from_slice(&v).map_err(|e| {
+        OpError::new(
+            OpKind::Internal,
+            format!("state store key {SPEC_NAMES_KEY} is not a list of names: {e}"),
+        )
+    })
 }
 
 /// The spec last applied, if any.
@@ -233,6 +242,10 @@ async fn plan(manager: &Manager, desired: &[Desired], prune: bool) -> OpResult<P
             plan_snapshots(manager, &mut p, d, &BTreeSet::new()).await;
             continue;
         };
+        let mut want = want.clone();
+        if !d.node_given {
+            want.node = have.node.clone();
+        }
         if have.node != want.node {
             p.push(
                 "refuse",
@@ -246,7 +259,6 @@ async fn plan(manager: &Manager, desired: &[Desired], prune: bool) -> OpResult<P
             );
             continue;
         }
-        let mut want = want.clone();
         if want.size == 0 {
             want.size = have.size;
         }
@@ -265,7 +277,11 @@ async fn plan(manager: &Manager, desired: &[Desired], prune: bool) -> OpResult<P
             p.steps.push((Step::Declare(want.clone()), idx));
         }
         let existing = existing_snapshots(manager, &want).await;
-        plan_snapshots(manager, &mut p, d, &existing).await;
+        let placed = Desired {
+            def: want.clone(),
+            ..d.clone()
+        };
+        plan_snapshots(manager, &mut p, &placed, &existing).await;
     }
     let names: BTreeSet<&str> = desired.iter().map(|d| d.def.name.as_str()).collect();
     for old in previous_names(manager).await? {
@@ -514,11 +530,21 @@ pub async fn apply(
             }
         }
     }
+    // Remember what specs manage: this one's volumes, and older ones kept without --prune.
+    let mut names: BTreeSet<String> = desired.iter().map(|d| d.def.name.clone()).collect();
+    for a in &p.actions {
+        if a.verb == "keep" || (a.verb == "refuse" && a.path == "volumes") {
+            names.insert(a.volume.clone());
+        }
+    }
     manager
         .state
-        .put(SPEC_KEY, text.as_bytes())
-        .await
-        .map_err(OpError::from)?;
+        .put(
+            SPEC_NAMES_KEY,
+            &serde_json::to_vec(&names).expect("names serialize"),
+        )
+        .await?;
+    manager.state.put(SPEC_KEY, text.as_bytes()).await?;
     // Make this node's declarations real now rather than at the next round.
     manager.reconcile().await?;
     let problems: BTreeMap<String, String> = manager.problems().into_iter().collect();

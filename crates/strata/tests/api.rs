@@ -764,13 +764,7 @@ async fn every_service_answers_and_refuses_bad_requests_with_the_right_code() {
     let mut services: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
     services.sort();
     for want in [
-        "Children",
-        "Exports",
-        "Images",
-        "Node",
-        "Specs",
-        "Stores",
-        "Volumes",
+        "Children", "Exports", "Images", "Node", "Specs", "Stores", "Volumes",
     ] {
         assert!(
             services.contains(&format!("strata.v1.{want}")),

@@ -15,6 +15,12 @@ fn embedded_default_has_a_thin_1g_demo_volume_and_prints_how_to_connect() {
     let home = tempfile::tempdir().unwrap();
     let mut child = Command::new(strata_bin())
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "--api-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
         .env("STRATA_DATA_DIR", home.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -128,6 +134,10 @@ fn systemd_socket_activation_through_libnbd() {
             "serve",
             "--config",
             path.to_str().unwrap(),
+            "--api-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
             "]",
         ],
     );
@@ -145,6 +155,10 @@ fn systemd_socket_activation_through_libnbd() {
             "serve",
             "--config",
             path.to_str().unwrap(),
+            "--api-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -50,7 +50,12 @@ impl Strata {
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
-            .args(["--api-listen", "127.0.0.1:0"])
+            .args([
+                "--api-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .args(args)
             .env("STRATA_LOG", "info,strata_nbd=debug")
             .stdin(Stdio::null())
@@ -119,6 +124,15 @@ impl Strata {
             .filter_map(|l| l.strip_prefix("api: "))
             .find(|a| a.starts_with("http://"))
             .expect("the banner names the API's TCP address")
+            .to_string()
+    }
+
+    /// Where it serves Prometheus metrics: `http://127.0.0.1:PORT/metrics`.
+    pub fn metrics_url(&self) -> String {
+        self.banner
+            .iter()
+            .find_map(|l| l.strip_prefix("metrics: "))
+            .expect("the banner names the metrics endpoint")
             .to_string()
     }
 
