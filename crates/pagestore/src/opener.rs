@@ -1,17 +1,18 @@
 //! `image://STORE/NAME?size=SIZE&page_size=BYTES`: open (creating if missing) a page-store image.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use strata_bdev::{BlockDevice, DeviceUri, Opener, Result};
 
 use crate::image::{Image, PageStore};
 
-/// Opens images in the named page stores.
+/// Opens images in the named page stores. Stores can be added and removed while it is in use;
+/// images already open keep their store.
 #[derive(Debug, Default)]
 pub struct ImageOpener {
-    stores: HashMap<String, PageStore>,
+    stores: RwLock<HashMap<String, Arc<PageStore>>>,
 }
 
 impl ImageOpener {
@@ -20,13 +21,27 @@ impl ImageOpener {
     }
 
     /// Make `store` reachable as `image://NAME/…`.
-    pub fn add_store(&mut self, name: &str, store: PageStore) {
-        self.stores.insert(name.to_string(), store);
+    pub fn add_store(&self, name: &str, store: PageStore) {
+        self.stores
+            .write()
+            .expect("lock poisoned")
+            .insert(name.to_string(), Arc::new(store));
+    }
+
+    /// Make a store unreachable by name (its open images keep working).
+    pub fn remove_store(&self, name: &str) -> Option<Arc<PageStore>> {
+        self.stores.write().expect("lock poisoned").remove(name)
     }
 
     /// The store named `name`, or an error listing the configured ones.
-    pub fn store(&self, name: &str) -> Result<&PageStore> {
-        self.stores.get(name).ok_or_else(|| {
+    pub fn store(&self, name: &str) -> Result<Arc<PageStore>> {
+        let found = self
+            .stores
+            .read()
+            .expect("lock poisoned")
+            .get(name)
+            .cloned();
+        found.ok_or_else(|| {
             strata_bdev::Error::new(
                 strata_bdev::ErrorKind::NotFound,
                 format!(
@@ -39,7 +54,13 @@ impl ImageOpener {
 
     /// The configured stores' names, sorted.
     pub fn store_names(&self) -> Vec<String> {
-        let mut known: Vec<String> = self.stores.keys().cloned().collect();
+        let mut known: Vec<String> = self
+            .stores
+            .read()
+            .expect("lock poisoned")
+            .keys()
+            .cloned()
+            .collect();
         known.sort_unstable();
         known
     }
@@ -53,12 +74,10 @@ impl ImageOpener {
 
     async fn open_parsed(&self, mut uri: DeviceUri) -> Result<Arc<Image>> {
         let store_name = uri.authority.clone();
-        let Some(store) = self.stores.get(&store_name) else {
-            let mut known: Vec<&str> = self.stores.keys().map(String::as_str).collect();
-            known.sort_unstable();
+        let Ok(store) = self.store(&store_name) else {
             return Err(uri.invalid(&format!(
                 "no page store named {store_name:?} (configured: {})",
-                known.join(", ")
+                self.store_names().join(", ")
             )));
         };
         let name = uri.path.trim_start_matches('/').to_string();

@@ -14,34 +14,24 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::manager::{BackingDef, Managed, Manager, OpError, OpKind, VolumeDef};
+use crate::manager::{
+    BackingDef, Managed, Manager, OpError, OpKind, StoreDef, StoreDesc, VolumeDef,
+};
 use crate::volume::{open_device, with_size};
 
 type Reply<T> = Result<Response<T>, Status>;
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::Progress, Status>> + Send>>;
 type RebuildStream = Pin<Box<dyn Stream<Item = Result<pb::Rebuild, Status>> + Send>>;
 
-/// A page store as `Stores` reports it.
-#[derive(Debug, Clone)]
-pub struct StoreDesc {
-    pub name: String,
-    pub kind: String,
-    pub location: String,
-}
-
 /// Implements every service over one [`Manager`].
 #[derive(Clone)]
 pub struct Api {
     manager: Arc<Manager>,
-    stores: Arc<Vec<StoreDesc>>,
 }
 
 impl Api {
-    pub fn new(manager: Arc<Manager>, stores: Vec<StoreDesc>) -> Api {
-        Api {
-            manager,
-            stores: Arc::new(stores),
-        }
+    pub fn new(manager: Arc<Manager>) -> Api {
+        Api { manager }
     }
 
     /// Every service, with reflection, as one router.
@@ -390,6 +380,7 @@ impl Api {
             bytes_got: st.bytes_got.load(Relaxed),
             bytes_put: st.bytes_put.load(Relaxed),
             images,
+            from_config: d.from_config,
         })
     }
 }
@@ -428,8 +419,8 @@ impl pb::stores_server::Stores for Api {
         _: Request<pb::ListStoresRequest>,
     ) -> Reply<pb::ListStoresResponse> {
         let mut stores = Vec::new();
-        for d in self.stores.iter() {
-            stores.push(self.store_msg(d, false).await?);
+        for d in self.manager.stores() {
+            stores.push(self.store_msg(&d, false).await?);
         }
         Ok(Response::new(pb::ListStoresResponse { stores }))
     }
@@ -437,14 +428,66 @@ impl pb::stores_server::Stores for Api {
     async fn get_store(&self, req: Request<pb::GetStoreRequest>) -> Reply<pb::Store> {
         let name = req.into_inner().name;
         required("name", &name)?;
-        let Some(d) = self.stores.iter().find(|d| d.name == name) else {
-            let names: Vec<&str> = self.stores.iter().map(|d| d.name.as_str()).collect();
+        let stores = self.manager.stores();
+        let Some(d) = stores.iter().find(|d| d.name == name) else {
+            let names: Vec<&str> = stores.iter().map(|d| d.name.as_str()).collect();
             return Err(Status::not_found(format!(
                 "no store {name:?} (stores: {})",
                 names.join(", ")
             )));
         };
         Ok(Response::new(self.store_msg(d, true).await?))
+    }
+
+    async fn create_store(&self, req: Request<pb::CreateStoreRequest>) -> Reply<pb::Store> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        let def = match r.kind {
+            Some(pb::create_store_request::Kind::Dir(d)) => {
+                required("dir.path", &d.path)?;
+                if !d.path.starts_with('/') {
+                    return Err(Status::invalid_argument(format!(
+                        "dir.path: {:?} is not an absolute path",
+                        d.path
+                    )));
+                }
+                StoreDef::Dir {
+                    path: d.path.into(),
+                }
+            }
+            Some(pb::create_store_request::Kind::S3(s)) => {
+                let opt = |v: String| (!v.is_empty()).then_some(v);
+                StoreDef::S3 {
+                    endpoint: opt(s.endpoint),
+                    region: opt(s.region).unwrap_or_else(|| "us-east-1".into()),
+                    bucket: s.bucket,
+                    prefix: s.prefix,
+                    access_key_id: opt(s.access_key_id),
+                    secret_access_key: opt(s.secret_access_key),
+                }
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "kind: give dir { path } or s3 { endpoint, bucket, … }",
+                ))
+            }
+        };
+        let d = self
+            .manager
+            .create_store(&r.name, def)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.store_msg(&d, false).await?))
+    }
+
+    async fn delete_store(
+        &self,
+        req: Request<pb::DeleteStoreRequest>,
+    ) -> Reply<pb::DeleteStoreResponse> {
+        let name = req.into_inner().name;
+        required("name", &name)?;
+        let message = self.manager.delete_store(&name).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteStoreResponse { message }))
     }
 }
 
@@ -786,7 +829,7 @@ impl pb::images_server::Images for Api {
     ) -> Reply<pb::ListImagesResponse> {
         let store = req.into_inner().store;
         let stores: Vec<String> = if store.is_empty() {
-            self.stores.iter().map(|d| d.name.clone()).collect()
+            self.manager.stores().into_iter().map(|d| d.name).collect()
         } else {
             vec![store]
         };

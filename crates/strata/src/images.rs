@@ -98,7 +98,7 @@ impl Images {
         }
     }
 
-    pub fn store(&self, store: &str) -> anyhow::Result<&PageStore> {
+    pub fn store(&self, store: &str) -> anyhow::Result<Arc<PageStore>> {
         Ok(self.opener.store(store)?)
     }
 
@@ -171,6 +171,35 @@ impl Images {
         let i = Arc::new(self.store(store)?.open_snapshot(name, snap).await?);
         open.insert(key, i.clone());
         Ok(i)
+    }
+
+    /// Whether any image (or snapshot) of `store` is in use (by a volume or a client).
+    pub async fn open_in(&self, store: &str) -> bool {
+        let prefix = format!("{store}/");
+        self.open
+            .lock()
+            .await
+            .iter()
+            .any(|(k, i)| k.starts_with(&prefix) && Arc::strong_count(i) > 1)
+    }
+
+    /// Close the images of `store` nobody uses (before the store goes away).
+    pub async fn close_idle_in(&self, store: &str) {
+        let prefix = format!("{store}/");
+        let idle: Vec<Arc<Image>> = {
+            let mut open = self.open.lock().await;
+            let keys: Vec<String> = open
+                .iter()
+                .filter(|(k, i)| k.starts_with(&prefix) && Arc::strong_count(i) == 1)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| open.remove(k)).collect()
+        };
+        for i in idle {
+            if let Ok(image) = Arc::try_unwrap(i) {
+                image.close().await;
+            }
+        }
     }
 
     /// Whether a snapshot is open (exported to a client, or was).

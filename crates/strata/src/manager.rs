@@ -147,6 +147,89 @@ pub struct VolumeDef {
     pub node: String,
 }
 
+/// An object store for page-store images, as the API declares it (and as it is kept in the
+/// state store, credentials included: protect the state store as you would the credentials).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StoreDef {
+    Dir {
+        path: PathBuf,
+    },
+    S3 {
+        #[serde(default)]
+        endpoint: Option<String>,
+        region: String,
+        bucket: String,
+        #[serde(default)]
+        prefix: String,
+        #[serde(default)]
+        access_key_id: Option<String>,
+        #[serde(default)]
+        secret_access_key: Option<String>,
+    },
+}
+
+impl StoreDef {
+    pub fn config(&self) -> strata_pagestore::StoreConfig {
+        match self.clone() {
+            StoreDef::Dir { path } => strata_pagestore::StoreConfig::Dir { path },
+            StoreDef::S3 {
+                endpoint,
+                region,
+                bucket,
+                prefix,
+                access_key_id,
+                secret_access_key,
+            } => strata_pagestore::StoreConfig::S3 {
+                endpoint,
+                region,
+                bucket,
+                prefix,
+                access_key_id,
+                secret_access_key,
+            },
+        }
+    }
+}
+
+/// A page store the daemon knows, for listing.
+#[derive(Debug, Clone)]
+pub struct StoreDesc {
+    pub name: String,
+    /// "dir" or "s3".
+    pub kind: String,
+    /// The directory, or `s3://bucket/prefix at endpoint` (never credentials).
+    pub location: String,
+    pub from_config: bool,
+}
+
+impl StoreDesc {
+    pub fn new(name: &str, sc: &strata_pagestore::StoreConfig, from_config: bool) -> StoreDesc {
+        use strata_pagestore::StoreConfig;
+        let (kind, location) = match sc {
+            StoreConfig::Dir { path } => ("dir", path.display().to_string()),
+            StoreConfig::S3 {
+                endpoint,
+                bucket,
+                prefix,
+                ..
+            } => (
+                "s3",
+                format!(
+                    "s3://{bucket}/{prefix} at {}",
+                    endpoint.as_deref().unwrap_or("AWS")
+                ),
+            ),
+        };
+        StoreDesc {
+            name: name.to_string(),
+            kind: kind.into(),
+            location,
+            from_config,
+        }
+    }
+}
+
 /// Sizes are multiples of this.
 pub const SECTOR: u64 = 512;
 
@@ -313,9 +396,18 @@ pub struct Manager {
     retry: Mutex<BTreeMap<(String, String), (Instant, Duration)>>,
     /// The child health last mirrored to the state store, by volume.
     health: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// The page stores, and how to make new ones.
+    stores: RwLock<BTreeMap<String, StoreDesc>>,
+    store_factory: RwLock<
+        Option<(
+            crate::serve::StoreFactory,
+            Arc<strata_pagestore::ImageOpener>,
+        )>,
+    >,
 }
 
 const VOLUMES: &str = "volumes/";
+const STORES: &str = "stores/";
 
 impl Manager {
     pub fn new(
@@ -340,7 +432,190 @@ impl Manager {
             problems: RwLock::new(BTreeMap::new()),
             retry: Mutex::new(BTreeMap::new()),
             health: Mutex::new(BTreeMap::new()),
+            stores: RwLock::new(BTreeMap::new()),
+            store_factory: RwLock::new(None),
         })
+    }
+
+    /// The stores the configuration declares, and how to add more.
+    pub fn set_stores(
+        &self,
+        configured: Vec<StoreDesc>,
+        factory: crate::serve::StoreFactory,
+        opener: Arc<strata_pagestore::ImageOpener>,
+    ) {
+        let mut stores = self.stores.write().expect("lock poisoned");
+        for d in configured {
+            stores.insert(d.name.clone(), d);
+        }
+        *self.store_factory.write().expect("lock poisoned") = Some((factory, opener));
+    }
+
+    /// The page stores, by name.
+    pub fn stores(&self) -> Vec<StoreDesc> {
+        self.stores
+            .read()
+            .expect("lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Make a page store reachable (`image://NAME/…`) and remember it.
+    pub async fn create_store(&self, name: &str, def: StoreDef) -> OpResult<StoreDesc> {
+        strata_pagestore::check_name(name)
+            .map_err(|e| OpError::invalid(format!("name: {}", e.chain())))?;
+        if let StoreDef::S3 { bucket, region, .. } = &def {
+            if bucket.is_empty() {
+                return Err(OpError::invalid("s3.bucket is required"));
+            }
+            if region.is_empty() {
+                return Err(OpError::invalid(
+                    "s3.region is required (us-east-1 for most S3-compatible services)",
+                ));
+            }
+        }
+        let _changing = self.changes.lock().await;
+        if self
+            .stores
+            .read()
+            .expect("lock poisoned")
+            .contains_key(name)
+        {
+            return Err(OpError::new(
+                OpKind::Exists,
+                format!("store {name:?} exists"),
+            ));
+        }
+        let (factory, opener) = self
+            .store_factory
+            .read()
+            .expect("lock poisoned")
+            .clone()
+            .ok_or_else(|| OpError::new(OpKind::Internal, "stores are not set up yet"))?;
+        let sc = def.config();
+        let ps = factory
+            .build(name, &sc)
+            .map_err(|e| OpError::invalid(format!("{e:#}")))?;
+        // Reach it once now, so that a wrong endpoint or credentials fail here, not at the
+        // first checkpoint.
+        match tokio::time::timeout(Duration::from_secs(15), ps.objects.list("images/")).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(OpError::new(
+                    OpKind::Unavailable,
+                    format!("store {name:?}: cannot list it: {e} (check the endpoint, bucket and credentials)"),
+                ))
+            }
+            Err(_) => {
+                return Err(OpError::new(
+                    OpKind::Unavailable,
+                    format!("store {name:?}: no answer within 15 s (check the endpoint)"),
+                ))
+            }
+        }
+        let json = serde_json::to_vec_pretty(&def).expect("a StoreDef serializes");
+        self.state.put(&format!("{STORES}{name}"), &json).await?;
+        opener.add_store(name, ps);
+        let desc = StoreDesc::new(name, &sc, false);
+        self.stores
+            .write()
+            .expect("lock poisoned")
+            .insert(name.to_string(), desc.clone());
+        info!(store = %name, kind = %desc.kind, location = %desc.location, "store created");
+        Ok(desc)
+    }
+
+    /// Forget a store the API created (its objects stay where they are). Refused while a
+    /// volume uses one of its images or an image of it is open.
+    pub async fn delete_store(&self, name: &str) -> OpResult<String> {
+        let _changing = self.changes.lock().await;
+        let Some(desc) = self
+            .stores
+            .read()
+            .expect("lock poisoned")
+            .get(name)
+            .cloned()
+        else {
+            return Err(OpError::not_found(format!("no store {name:?}")));
+        };
+        if desc.from_config {
+            return Err(OpError::precondition(format!(
+                "store {name:?} is declared in the configuration file; remove it there and restart"
+            )));
+        }
+        let users: Vec<String> = self
+            .records()
+            .await?
+            .into_iter()
+            .filter(
+                |d| matches!(&d.backing, BackingDef::Image(k) if k.split('/').next() == Some(name)),
+            )
+            .map(|d| d.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(OpError::precondition(format!(
+                "store {name:?} holds the images of volumes {}; delete them first",
+                users.join(", ")
+            )));
+        }
+        if self.images.open_in(name).await {
+            return Err(OpError::precondition(format!(
+                "images of store {name:?} are open (clients are using them); disconnect them first"
+            )));
+        }
+        self.state.delete(&format!("{STORES}{name}")).await?;
+        self.images.close_idle_in(name).await;
+        if let Some((_, opener)) = self.store_factory.read().expect("lock poisoned").as_ref() {
+            opener.remove_store(name);
+        }
+        self.stores.write().expect("lock poisoned").remove(name);
+        let msg = format!(
+            "store {name} removed; its objects stay in {}",
+            desc.location
+        );
+        info!("{msg}");
+        Ok(msg)
+    }
+
+    /// Add the stores the state store declares that are not known yet.
+    async fn reconcile_stores(&self) -> OpResult<()> {
+        let records = self.state.list(STORES).await?;
+        let Some((factory, opener)) = self.store_factory.read().expect("lock poisoned").clone()
+        else {
+            return Ok(());
+        };
+        for (key, value) in records {
+            let name = key.trim_start_matches(STORES).to_string();
+            if self
+                .stores
+                .read()
+                .expect("lock poisoned")
+                .contains_key(&name)
+            {
+                continue;
+            }
+            let def: StoreDef = match serde_json::from_slice(&value) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(%key, error = %e, "state store record is not a store; ignored");
+                    continue;
+                }
+            };
+            let sc = def.config();
+            match factory.build(&name, &sc) {
+                Ok(ps) => {
+                    opener.add_store(&name, ps);
+                    self.stores
+                        .write()
+                        .expect("lock poisoned")
+                        .insert(name.clone(), StoreDesc::new(&name, &sc, false));
+                    info!(store = %name, "store added as the state store declares");
+                }
+                Err(e) => warn!(store = %name, error = %format!("{e:#}"), "store cannot be opened"),
+            }
+        }
+        Ok(())
     }
 
     /// What the last reconciliation could not do: `(volume, why)`.
@@ -446,6 +721,7 @@ impl Manager {
     /// and kept in [`Manager::problems`]; the rest goes on.
     pub async fn reconcile(&self) -> OpResult<()> {
         let _changing = self.changes.lock().await;
+        self.reconcile_stores().await?;
         let records = self.records().await?;
         let mine: BTreeMap<String, VolumeDef> = records
             .into_iter()

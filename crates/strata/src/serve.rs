@@ -148,6 +148,11 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         server.clone(),
         state,
     );
+    manager.set_stores(
+        store_descriptions(&config, &data_dir)?,
+        StoreFactory::new(&config, &data_dir),
+        opener.clone(),
+    );
     for v in &config.volumes {
         manager.add_configured(v).await?;
     }
@@ -221,7 +226,7 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .unix
         .clone()
         .unwrap_or_else(|| data_dir.join("api.sock"));
-    let api = crate::grpc::Api::new(manager.clone(), store_descriptions(&config, &data_dir)?);
+    let api = crate::grpc::Api::new(manager.clone());
     let routes = api.routes()?;
     let mut api_listening = Vec::new();
     {
@@ -317,39 +322,15 @@ fn store_entries(
     Ok(entries)
 }
 
-/// The page stores, as the API describes them.
+/// The page stores the configuration declares, as the API describes them.
 fn store_descriptions(
     config: &Config,
     data_dir: &Path,
-) -> anyhow::Result<Vec<crate::grpc::StoreDesc>> {
-    use strata_pagestore::StoreConfig;
-    let mut out: Vec<crate::grpc::StoreDesc> = store_entries(config, data_dir)?
+) -> anyhow::Result<Vec<crate::manager::StoreDesc>> {
+    Ok(store_entries(config, data_dir)?
         .into_iter()
-        .map(|(name, sc)| {
-            let (kind, location) = match sc {
-                StoreConfig::Dir { path } => ("dir", path.display().to_string()),
-                StoreConfig::S3 {
-                    endpoint,
-                    bucket,
-                    prefix,
-                    ..
-                } => (
-                    "s3",
-                    format!(
-                        "s3://{bucket}/{prefix} at {}",
-                        endpoint.unwrap_or_else(|| "AWS".into())
-                    ),
-                ),
-            };
-            crate::grpc::StoreDesc {
-                name,
-                kind: kind.into(),
-                location,
-            }
-        })
-        .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+        .map(|(name, sc)| crate::manager::StoreDesc::new(&name, &sc, true))
+        .collect())
 }
 
 /// This node's name: `[api] node_name`, else the host name.
@@ -362,38 +343,61 @@ fn node_name(config: &Config) -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// Makes page stores from store settings, with the configuration's buffer and cache
+/// directories and tunables.
+#[derive(Debug, Clone)]
+pub struct StoreFactory {
+    buffer_dir: PathBuf,
+    settings: strata_pagestore::Settings,
+    disk_cache_root: Option<PathBuf>,
+}
+
+impl StoreFactory {
+    pub fn new(config: &Config, data_dir: &Path) -> StoreFactory {
+        StoreFactory {
+            buffer_dir: config
+                .pagestore
+                .buffer_dir
+                .as_deref()
+                .map(|b| PathBuf::from(crate::config::expand_uri(b, data_dir)))
+                .unwrap_or_else(|| data_dir.join("buffer")),
+            settings: config.pagestore.settings(),
+            disk_cache_root: config
+                .pagestore
+                .disk_cache_dir
+                .as_deref()
+                .map(|d| PathBuf::from(crate::config::expand_uri(d, data_dir))),
+        }
+    }
+
+    /// The page store `name` over the object store `sc` describes.
+    pub fn build(
+        &self,
+        name: &str,
+        sc: &strata_pagestore::StoreConfig,
+    ) -> anyhow::Result<strata_pagestore::PageStore> {
+        let objects = strata_pagestore::Store::open(sc)
+            .map_err(|e| anyhow::anyhow!("store {name:?}: {e}"))?;
+        // One buffer (and cache) directory per store, so that equal image names never meet.
+        let mut settings = self.settings.clone();
+        settings.disk_cache_dir = self.disk_cache_root.as_ref().map(|d| d.join(name));
+        Ok(strata_pagestore::PageStore {
+            objects: Arc::new(objects),
+            buffer_dir: self.buffer_dir.join(name),
+            settings,
+        })
+    }
+}
+
 /// The page stores the configuration names (and `local`, unless it names one so).
 pub fn image_opener(
     config: &Config,
     data_dir: &Path,
 ) -> anyhow::Result<strata_pagestore::ImageOpener> {
-    use strata_pagestore::{ImageOpener, PageStore, Store};
-    let buffer_dir = config
-        .pagestore
-        .buffer_dir
-        .as_deref()
-        .map(|b| PathBuf::from(crate::config::expand_uri(b, data_dir)))
-        .unwrap_or_else(|| data_dir.join("buffer"));
-    let settings = config.pagestore.settings();
-    let entries = store_entries(config, data_dir)?;
-    let mut opener = ImageOpener::new();
-    for (name, sc) in entries {
-        let objects = Store::open(&sc).map_err(|e| anyhow::anyhow!("store {name:?}: {e}"))?;
-        // One buffer (and cache) directory per store, so that equal image names never meet.
-        let mut settings = settings.clone();
-        settings.disk_cache_dir = config
-            .pagestore
-            .disk_cache_dir
-            .as_deref()
-            .map(|d| PathBuf::from(crate::config::expand_uri(d, data_dir)).join(&name));
-        opener.add_store(
-            &name,
-            PageStore {
-                objects: Arc::new(objects),
-                buffer_dir: buffer_dir.join(&name),
-                settings,
-            },
-        );
+    let factory = StoreFactory::new(config, data_dir);
+    let opener = strata_pagestore::ImageOpener::new();
+    for (name, sc) in store_entries(config, data_dir)? {
+        opener.add_store(&name, factory.build(&name, &sc)?);
     }
     Ok(opener)
 }

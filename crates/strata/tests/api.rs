@@ -827,3 +827,284 @@ async fn a_daemon_that_is_not_running_is_a_clear_error() {
     let msg = e.to_string();
     assert!(msg.contains("is `strata serve` running"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_images_and_specs_through_the_client() {
+    common::require("qemu-io");
+    let s3 = common::S3Server::start();
+    let s = Strata::start(CONFIG);
+    let mut c = clients(&s.api_endpoint()).await;
+    let ch = strata_api::connect(&s.api_endpoint()).await.unwrap();
+    let mut specs = pb::specs_client::SpecsClient::new(ch);
+    let s3_store = |name: &str, secret: &str, endpoint: &str| pb::CreateStoreRequest {
+        name: name.into(),
+        kind: Some(pb::create_store_request::Kind::S3(pb::S3Store {
+            endpoint: endpoint.into(),
+            region: "us-east-1".into(),
+            bucket: common::S3Server::BUCKET.into(),
+            prefix: "api".into(),
+            access_key_id: common::S3Server::ACCESS_KEY.into(),
+            secret_access_key: secret.into(),
+        })),
+    };
+
+    // Stores: an S3 bucket, reached before the call returns.
+    let st = c
+        .stores
+        .create_store(s3_store("s3", common::S3Server::SECRET_KEY, &s3.endpoint))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((st.kind.as_str(), st.from_config), ("s3", false));
+    assert!(
+        !st.location.contains(common::S3Server::SECRET_KEY),
+        "{st:?}"
+    );
+    fails(
+        c.stores
+            .create_store(s3_store("bad", "wrong-secret", &s3.endpoint))
+            .await,
+        Code::Unavailable,
+        "credentials",
+    );
+    let closed = format!("http://127.0.0.1:{}", common::free_port());
+    fails(
+        c.stores
+            .create_store(s3_store("gone", common::S3Server::SECRET_KEY, &closed))
+            .await,
+        Code::Unavailable,
+        "gone",
+    );
+    fails(
+        c.stores
+            .create_store(s3_store("s3", common::S3Server::SECRET_KEY, &s3.endpoint))
+            .await,
+        Code::AlreadyExists,
+        "s3",
+    );
+    let dir_store = |name: &str, path: &str| pb::CreateStoreRequest {
+        name: name.into(),
+        kind: Some(pb::create_store_request::Kind::Dir(pb::DirStore {
+            path: path.into(),
+        })),
+    };
+    fails(
+        c.stores
+            .create_store(dir_store("rel", "relative/dir"))
+            .await,
+        Code::InvalidArgument,
+        "absolute",
+    );
+    fails(
+        c.stores.create_store(dir_store("bad/name", "/tmp/x")).await,
+        Code::InvalidArgument,
+        "name",
+    );
+    fails(
+        c.stores
+            .create_store(pb::CreateStoreRequest {
+                name: "k".into(),
+                kind: None,
+            })
+            .await,
+        Code::InvalidArgument,
+        "kind",
+    );
+    let objects = s.path("more-objects");
+    c.stores
+        .create_store(dir_store("more", objects.to_str().unwrap()))
+        .await
+        .unwrap();
+
+    // An image volume in the S3 store; images listed, resized and deleted.
+    c.volumes
+        .create_volume(spec(
+            "v",
+            16 * MIB,
+            pb::volume_spec::Backing::Image("s3/vol".into()),
+        ))
+        .await
+        .unwrap();
+    let uri = format!("nbd://{}/v", s.addr);
+    qemu_io(&uri, false, &["write -P 0x77 0 1M", "flush"]);
+    fails(
+        c.stores
+            .delete_store(pb::DeleteStoreRequest { name: "s3".into() })
+            .await,
+        Code::FailedPrecondition,
+        "v",
+    );
+    let l = c
+        .images
+        .list_images(pb::ListImagesRequest { store: "s3".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(l.images.len(), 1);
+    assert_eq!((l.images[0].name.as_str(), l.images[0].open), ("vol", true));
+    let r = c
+        .images
+        .resize_image(pb::ResizeImageRequest {
+            image: "s3/vol".into(),
+            size: 32 * MIB,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.size, 32 * MIB);
+    let v = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest { name: "v".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        v.spec.unwrap().size,
+        32 * MIB,
+        "the volume's declaration follows"
+    );
+    fails(
+        c.images
+            .resize_image(pb::ResizeImageRequest {
+                image: "s3/vol".into(),
+                size: 8 * MIB,
+                force: false,
+            })
+            .await,
+        Code::FailedPrecondition,
+        "force",
+    );
+    fails(
+        c.images
+            .delete_image(pb::DeleteImageRequest {
+                image: "s3/vol".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "volume",
+    );
+    fails(
+        c.images
+            .list_images(pb::ListImagesRequest {
+                store: "nope".into(),
+            })
+            .await,
+        Code::NotFound,
+        "nope",
+    );
+    c.volumes
+        .delete_volume(pb::DeleteVolumeRequest {
+            name: "v".into(),
+            delete_image: false,
+        })
+        .await
+        .unwrap();
+    c.images
+        .delete_image(pb::DeleteImageRequest {
+            image: "s3/vol".into(),
+        })
+        .await
+        .unwrap();
+    let l = c
+        .images
+        .list_images(pb::ListImagesRequest { store: "s3".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(l.images.is_empty(), "{l:?}");
+    c.stores
+        .delete_store(pb::DeleteStoreRequest { name: "s3".into() })
+        .await
+        .unwrap();
+    fails(
+        c.stores
+            .delete_store(pb::DeleteStoreRequest {
+                name: "local".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "configuration file",
+    );
+    fails(
+        c.stores
+            .delete_store(pb::DeleteStoreRequest { name: "s3".into() })
+            .await,
+        Code::NotFound,
+        "s3",
+    );
+
+    // Specs through the client: dry run, a field-precise refusal, apply, read back.
+    let doc = "volumes:\n  - name: sv\n    image: more/sv\n    size: 8M\n";
+    let plan = specs
+        .apply(pb::ApplyRequest {
+            spec: doc.into(),
+            dry_run: true,
+            prune: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plan.actions.len(), 1);
+    assert_eq!(
+        (plan.actions[0].verb.as_str(), plan.actions[0].done),
+        ("create", false)
+    );
+    fails(
+        specs
+            .apply(pb::ApplyRequest {
+                spec: "volumes:\n  - name: sv\n    image: more/sv\n    size: 7\n".into(),
+                dry_run: false,
+                prune: false,
+            })
+            .await,
+        Code::InvalidArgument,
+        "volumes[0].size",
+    );
+    fails(
+        specs
+            .apply(pb::ApplyRequest {
+                spec: "volumes: 3\n".into(),
+                dry_run: false,
+                prune: false,
+            })
+            .await,
+        Code::InvalidArgument,
+        "volumes",
+    );
+    let done = specs
+        .apply(pb::ApplyRequest {
+            spec: doc.into(),
+            dry_run: false,
+            prune: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.actions.iter().all(|a| a.done), "{done:?}");
+    let got = specs
+        .get_spec(pb::GetSpecRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.spec, doc);
+
+    // A store created through the API is there again after a restart, with its volume.
+    drop((c, specs));
+    let (status, dir) = s.stop();
+    assert!(status.success());
+    let s = Strata::start_in(dir, CONFIG, &[]);
+    let mut c = clients(&s.api_endpoint()).await;
+    let names: Vec<String> = c
+        .stores
+        .list_stores(pb::ListStoresRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .stores
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["local", "more"]);
+    qemu_io(&format!("nbd://{}/sv", s.addr), true, &["read -P 0 0 1M"]);
+}
