@@ -537,7 +537,7 @@ fn sample(samples: &[(String, f64)], series: &str) -> f64 {
 fn metrics_scraped_during_fio_move_and_parse_as_prometheus_text() {
     require("fio");
     require("python3");
-    let s = Strata::start(common::CONFIG);
+    let s = Strata::start_with(common::CONFIG, &["--log-format", "json"]);
     let url = s.metrics_url();
     let addr = url
         .trim_start_matches("http://")
@@ -616,4 +616,14 @@ print(n)
     assert_eq!(n, samples.len());
     // Anything but GET /metrics is refused.
     assert!(http_get(&addr, "/").is_none());
+    // The log is JSON, one object a line; a connection's lines carry its id and volume.
+    let log = s.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["span"]["volume"] == "scratch" && l["span"]["conn"].is_u64()),
+        "{log}"
+    );
 }
