@@ -565,6 +565,7 @@ impl pb::children_server::Children for Api {
             .map_err(|e| Status::invalid_argument(format!("child: {}", e.chain())))?;
         // A new file or memory replica is made as large as the volume.
         let size = Some(n.geometry().size);
+        let _changing = self.manager.change_lock().await;
         let dev = open_device(&self.manager.registry, &with_size(&r.child, size))
             .await
             .map_err(|e| {
@@ -600,6 +601,7 @@ impl pb::children_server::Children for Api {
         let r = req.into_inner();
         let (_, n) = self.nexus(&r.volume)?;
         let (i, name) = Self::child(&n, &r.child)?;
+        let _changing = self.manager.change_lock().await;
         n.remove_child(&name).map_err(|e| status(e.into()))?;
         n.save_record()
             .await

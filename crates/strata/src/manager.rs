@@ -618,6 +618,12 @@ impl Manager {
         Ok(())
     }
 
+    /// Hold off reconciliation and other changes to the volume set while a change that spans
+    /// a nexus and its declaration (adding or removing a replica) is made.
+    pub async fn change_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
+    }
+
     /// What the last reconciliation could not do: `(volume, why)`.
     pub fn problems(&self) -> Vec<(String, String)> {
         self.problems
@@ -1183,7 +1189,8 @@ impl Manager {
         Ok(m)
     }
 
-    /// Record a nexus volume's replica list after a change made through the children calls.
+    /// Record a nexus volume's replica list after a change made through the children calls
+    /// (made under [`Manager::change_lock`], so that reconciliation does not undo it first).
     pub async fn replicas_changed(&self, name: &str) -> OpResult<()> {
         let m = self.get(name)?;
         let Some(n) = m.volume.nexus() else {

@@ -231,6 +231,10 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let mut api_listening = Vec::new();
     {
         let l = bind_unix(&api_unix)?;
+        // Whoever can connect can change every volume: the daemon's user only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&api_unix, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restrict {} to its owner", api_unix.display()))?;
         api_listening.push(format!("unix://{}", api_unix.display()));
         let routes = routes.clone();
         tasks.push(tokio::spawn(async move {

@@ -623,7 +623,9 @@ print(n)
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
     assert!(
-        lines.iter().any(|l| l["span"]["volume"] == "scratch" && l["span"]["conn"].is_u64()),
+        lines
+            .iter()
+            .any(|l| l["span"]["volume"] == "scratch" && l["span"]["conn"].is_u64()),
         "{log}"
     );
 }
