@@ -577,6 +577,14 @@ pub enum RebuildCommand {
     Watch { volume: String, child: String },
     /// Show a rebuild's progress.
     Status { volume: String, child: String },
+    /// Rebuild an offline or faulted replica (after a cancel, say).
+    Start {
+        volume: String,
+        child: String,
+        /// Follow the rebuild until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Pause a rebuild.
     Pause { volume: String, child: String },
     /// Resume a paused rebuild.
@@ -646,6 +654,22 @@ pub async fn rebuild(target: &Target, cmd: &RebuildCommand) -> anyhow::Result<()
                 .map_err(api_error)?
                 .into_inner();
             return target.print(&r, |r| println!("{}", rebuild_line(r)));
+        }
+        RebuildCommand::Start {
+            volume,
+            child,
+            wait,
+        } => {
+            let r = c
+                .start_rebuild(req(volume, child))
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&r, |r| println!("{}", r.message))?;
+            return match wait {
+                true => watch(target, &mut c, volume, child).await,
+                false => Ok(()),
+            };
         }
         RebuildCommand::Pause { volume, child } => c.pause_rebuild(req(volume, child)).await,
         RebuildCommand::Resume { volume, child } => c.resume_rebuild(req(volume, child)).await,

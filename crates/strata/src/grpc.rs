@@ -566,6 +566,10 @@ impl pb::children_server::Children for Api {
         // A new file or memory replica is made as large as the volume.
         let size = Some(n.geometry().size);
         let _changing = self.manager.change_lock().await;
+        self.manager
+            .check_declarable(&r.volume)
+            .await
+            .map_err(status)?;
         let dev = open_device(&self.manager.registry, &with_size(&r.child, size))
             .await
             .map_err(|e| {
@@ -580,10 +584,12 @@ impl pb::children_server::Children for Api {
         n.save_record()
             .await
             .map_err(|e| Status::internal(format!("save the nexus record: {e}")))?;
-        self.manager
-            .replicas_changed(&r.volume)
-            .await
-            .map_err(status)?;
+        if let Err(e) = self.manager.replicas_changed(&r.volume).await {
+            // Not declared, it would be removed again by reconciliation: undo it now.
+            let _ = n.remove_child(&r.child);
+            let _ = n.save_record().await;
+            return Err(status(e));
+        }
         let (i, _) = Self::child(&n, &r.child)?;
         Self::child_reply(
             &n,
@@ -602,6 +608,10 @@ impl pb::children_server::Children for Api {
         let (_, n) = self.nexus(&r.volume)?;
         let (i, name) = Self::child(&n, &r.child)?;
         let _changing = self.manager.change_lock().await;
+        self.manager
+            .check_declarable(&r.volume)
+            .await
+            .map_err(status)?;
         n.remove_child(&name).map_err(|e| status(e.into()))?;
         n.save_record()
             .await
@@ -674,6 +684,29 @@ impl pb::children_server::Children for Api {
             i,
             format!("volume {}: replica #{i} {name} is faulted", r.volume),
         )
+    }
+
+    async fn start_rebuild(&self, req: Request<pb::ChildRequest>) -> Reply<pb::ChildResponse> {
+        let r = req.get_ref();
+        let (_, n) = self.nexus(&r.volume)?;
+        let (i, name) = Self::child(&n, &r.child)?;
+        match n.status().child(&name).map(|c| &c.state) {
+            Some(ChildState::Online) => {
+                return Err(Status::failed_precondition(format!(
+                    "replica #{i} of {} is online: nothing to rebuild (offline it first to \
+                     rebuild it)",
+                    r.volume
+                )))
+            }
+            Some(ChildState::Rebuilding) => {
+                return Err(Status::failed_precondition(format!(
+                    "replica #{i} of {} is being rebuilt already (`strata rebuild watch`)",
+                    r.volume
+                )))
+            }
+            _ => {}
+        }
+        pb::children_server::Children::online_child(self, req).await
     }
 
     async fn pause_rebuild(&self, req: Request<pb::ChildRequest>) -> Reply<pb::ChildResponse> {

@@ -337,8 +337,15 @@ async fn every_service_answers_and_refuses_bad_requests_with_the_right_code() {
         "last healthy",
     );
     c.children.online_child(child("m", "0")).await.unwrap();
-    c.children.online_child(child("m", "1")).await.unwrap();
+    // StartRebuild brings back an offline (or faulted, or cancelled) replica like OnlineChild.
+    c.children.start_rebuild(child("m", "1")).await.unwrap();
     assert_eq!(watch(&mut c, "m", "1").await.state, "completed");
+    assert_eq!(watch(&mut c, "m", "0").await.state, "completed");
+    fails(
+        c.children.start_rebuild(child("m", "1")).await,
+        Code::FailedPrecondition,
+        "nothing to rebuild",
+    );
     qemu_io(&uri, true, &["read -P 0x5a 0 1M", "read -P 0x6b 4M 2M"]);
 
     // Node stats count what the clients did.
