@@ -74,7 +74,7 @@ def fio(uri, rw):
         ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
          "--iodepth=32", "--size=1G", "--time_based", f"--runtime={RUNTIME}", "--ramp_time=2",
          "--output-format=json"], check=True, capture_output=True, text=True).stdout
-    job = json.loads(out)["jobs"][0]
+    job = json.loads(out[out.index("{"):])["jobs"][0]  # fio may print notes first
     return job["read" if "read" in rw else "write"]["iops"]
 
 
