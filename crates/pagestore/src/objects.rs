@@ -81,19 +81,25 @@ pub trait Objects: Send + Sync + fmt::Debug + 'static {
     fn stats(&self) -> &Stats;
 }
 
-/// Where images live.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where images live. Serialized (for the daemon's state store) as an object tagged by
+/// `kind`: `{"kind": "dir", "path": …}` or `{"kind": "s3", "bucket": …, …}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StoreConfig {
     /// A local directory (created if missing).
     Dir { path: PathBuf },
     /// An S3-compatible service. Missing credentials are taken from `AWS_ACCESS_KEY_ID` and
     /// `AWS_SECRET_ACCESS_KEY`.
     S3 {
+        #[serde(default)]
         endpoint: Option<String>,
         region: String,
         bucket: String,
+        #[serde(default)]
         prefix: String,
+        #[serde(default)]
         access_key_id: Option<String>,
+        #[serde(default)]
         secret_access_key: Option<String>,
     },
 }

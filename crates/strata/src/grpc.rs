@@ -14,9 +14,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::manager::{
-    BackingDef, Managed, Manager, OpError, OpKind, StoreDef, StoreDesc, VolumeDef,
-};
+use crate::manager::{BackingDef, Managed, Manager, OpError, OpKind, StoreDesc, VolumeDef};
 use crate::volume::{open_device, with_size};
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -451,13 +449,13 @@ impl pb::stores_server::Stores for Api {
                         d.path
                     )));
                 }
-                StoreDef::Dir {
+                strata_pagestore::StoreConfig::Dir {
                     path: d.path.into(),
                 }
             }
             Some(pb::create_store_request::Kind::S3(s)) => {
                 let opt = |v: String| (!v.is_empty()).then_some(v);
-                StoreDef::S3 {
+                strata_pagestore::StoreConfig::S3 {
                     endpoint: opt(s.endpoint),
                     region: opt(s.region).unwrap_or_else(|| "us-east-1".into()),
                     bucket: s.bucket,

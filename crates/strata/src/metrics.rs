@@ -315,18 +315,14 @@ pub async fn render(manager: &Manager) -> String {
                         &[("store", &store)],
                         retries,
                     );
-                    e.counter(
-                        "strata_store_bytes_total",
-                        "Bytes moved to (put) and from (get) an object store.",
-                        &[("store", &store), ("direction", "get")],
-                        ss.bytes_got.load(Relaxed),
-                    );
-                    e.counter(
-                        "strata_store_bytes_total",
-                        "Bytes moved to (put) and from (get) an object store.",
-                        &[("store", &store), ("direction", "put")],
-                        ss.bytes_put.load(Relaxed),
-                    );
+                    for (direction, n) in [("get", &ss.bytes_got), ("put", &ss.bytes_put)] {
+                        e.counter(
+                            "strata_store_bytes_total",
+                            "Bytes moved to (put) and from (get) an object store.",
+                            &[("store", &store), ("direction", direction)],
+                            n.load(Relaxed),
+                        );
+                    }
                 }
             }
         }

@@ -229,6 +229,7 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let api = crate::grpc::Api::new(manager.clone());
     let routes = api.routes()?;
     let mut api_listening = Vec::new();
+    let mut metrics_listening = Vec::new();
     {
         let l = bind_unix(&api_unix)?;
         // Whoever can connect can change every volume: the daemon's user only.
@@ -270,7 +271,7 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let l = TcpListener::bind(addr).await.with_context(|| {
             format!("metrics: listen on {addr} (is the port taken? set [metrics] listen or pass --metrics-listen)")
         })?;
-        api_listening.push(format!("http://{}/metrics", l.local_addr()?));
+        metrics_listening.push(format!("http://{}/metrics", l.local_addr()?));
         tasks.push(tokio::spawn(crate::metrics::serve(manager.clone(), l)));
     }
 
@@ -279,6 +280,7 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         &manager.volumes(),
         &listening,
         &api_listening,
+        &metrics_listening,
         config.nbd.tls.is_some(),
     );
 
@@ -411,6 +413,7 @@ fn print_banner(
     volumes: &[Arc<Managed>],
     listening: &[String],
     api: &[String],
+    metrics: &[String],
     tls: bool,
 ) {
     println!(
@@ -435,11 +438,10 @@ fn print_banner(
         println!("listening: {l}");
     }
     for a in api {
-        if a.ends_with("/metrics") {
-            println!("metrics: {a}");
-        } else {
-            println!("api: {a}");
-        }
+        println!("api: {a}");
+    }
+    for m in metrics {
+        println!("metrics: {m}");
     }
     if let (Some(first), Some(tcp)) = (
         volumes.first().map(|m| &m.volume),

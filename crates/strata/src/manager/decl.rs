@@ -1,8 +1,6 @@
 //! Declarations: volumes and stores as the API and specs describe them and the state store
 //! keeps them, and the checks they pass before anything is opened.
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 use strata_bdev::DeviceUri;
 
@@ -36,51 +34,6 @@ pub struct VolumeDef {
     /// The node that serves it (its `[api] node_name`); empty means the node that stored it.
     #[serde(default)]
     pub node: String,
-}
-
-/// An object store for page-store images, as the API declares it (and as it is kept in the
-/// state store, credentials included: protect the state store as you would the credentials).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum StoreDef {
-    Dir {
-        path: PathBuf,
-    },
-    S3 {
-        #[serde(default)]
-        endpoint: Option<String>,
-        region: String,
-        bucket: String,
-        #[serde(default)]
-        prefix: String,
-        #[serde(default)]
-        access_key_id: Option<String>,
-        #[serde(default)]
-        secret_access_key: Option<String>,
-    },
-}
-
-impl StoreDef {
-    pub fn config(&self) -> strata_pagestore::StoreConfig {
-        match self.clone() {
-            StoreDef::Dir { path } => strata_pagestore::StoreConfig::Dir { path },
-            StoreDef::S3 {
-                endpoint,
-                region,
-                bucket,
-                prefix,
-                access_key_id,
-                secret_access_key,
-            } => strata_pagestore::StoreConfig::S3 {
-                endpoint,
-                region,
-                bucket,
-                prefix,
-                access_key_id,
-                secret_access_key,
-            },
-        }
-    }
 }
 
 /// A page store the daemon knows, for listing.

@@ -9,14 +9,16 @@
 //!                           └──► StateStore ("volumes/NAME": VolumeDef as JSON, "stores/NAME")
 //! ```
 //!
-//! `error.rs` (OpError), `decl.rs` (VolumeDef, StoreDef), `reconcile.rs`, `stores.rs`.
+//! `error.rs` (OpError), `decl.rs` (VolumeDef, StoreDesc), `reconcile.rs`, `stores.rs`. A
+//! store created through the API is kept as its `strata_pagestore::StoreConfig` (credentials
+//! included: protect the state store as you would the credentials).
 
 mod decl;
 mod error;
 mod reconcile;
 mod stores;
 
-pub use decl::{check_volume_name, BackingDef, StoreDef, StoreDesc, VolumeDef, SECTOR};
+pub use decl::{check_volume_name, BackingDef, StoreDesc, VolumeDef, SECTOR};
 pub use error::{OpError, OpKind, OpResult};
 
 use std::collections::BTreeMap;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::{BackingDef, Manager, OpError, OpKind, OpResult, StoreDef, StoreDesc, STORES};
+use strata_pagestore::StoreConfig;
+
+use super::{BackingDef, Manager, OpError, OpKind, OpResult, StoreDesc, STORES};
 
 impl Manager {
     /// The stores the configuration declares, and how to add more.
@@ -33,10 +35,10 @@ impl Manager {
     }
 
     /// Make a page store reachable (`image://NAME/…`) and remember it.
-    pub async fn create_store(&self, name: &str, def: StoreDef) -> OpResult<StoreDesc> {
+    pub async fn create_store(&self, name: &str, sc: StoreConfig) -> OpResult<StoreDesc> {
         strata_pagestore::check_name(name)
             .map_err(|e| OpError::invalid(format!("name: {}", e.chain())))?;
-        if let StoreDef::S3 { bucket, region, .. } = &def {
+        if let StoreConfig::S3 { bucket, region, .. } = &sc {
             if bucket.is_empty() {
                 return Err(OpError::invalid("s3.bucket is required"));
             }
@@ -64,7 +66,6 @@ impl Manager {
             .expect("lock poisoned")
             .clone()
             .ok_or_else(|| OpError::new(OpKind::Internal, "stores are not set up yet"))?;
-        let sc = def.config();
         let ps = factory
             .build(name, &sc)
             .map_err(|e| OpError::invalid(format!("{e:#}")))?;
@@ -85,7 +86,7 @@ impl Manager {
                 ))
             }
         }
-        let json = serde_json::to_vec_pretty(&def).expect("a StoreDef serializes");
+        let json = serde_json::to_vec_pretty(&sc).expect("a StoreConfig serializes");
         self.state.put(&format!("{STORES}{name}"), &json).await?;
         opener.add_store(name, ps);
         let desc = StoreDesc::new(name, &sc, false);
@@ -166,14 +167,13 @@ impl Manager {
             {
                 continue;
             }
-            let def: StoreDef = match serde_json::from_slice(&value) {
+            let sc: StoreConfig = match serde_json::from_slice(&value) {
                 Ok(d) => d,
                 Err(e) => {
                     warn!(%key, error = %e, "state store record is not a store; ignored");
                     continue;
                 }
             };
-            let sc = def.config();
             match factory.build(&name, &sc) {
                 Ok(ps) => {
                     opener.add_store(&name, ps);
