@@ -10,7 +10,6 @@ cd "$(dirname "$0")/.."
 
 # program -> Debian package that provides it
 required=(
-  qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils
   nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin
   nbdkit:nbdkit fio:fio fusermount3:fuse3
   mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount
@@ -34,6 +33,22 @@ if ((${#missing[@]})); then
   fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# qemu 10.0 from bookworm-backports: Debian 12's own qemu (7.2) is older than what the tests are
+# written against. The suite is added to APT's sources when it is missing.
+qemu_version() { qemu-img --version 2>/dev/null | sed -n 's/^qemu-img version \([0-9]*\).*/\1/p'; }
+if [ "$(qemu_version)" = "" ] || [ "$(qemu_version)" -lt 10 ] || ! command -v qemu-system-x86_64 >/dev/null; then
+  echo "installing test tools: qemu-utils, qemu-system-x86 (10.0, bookworm-backports)"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo 'deb http://deb.debian.org/debian bookworm-backports main' |
+      $sudo tee /etc/apt/sources.list.d/strata-backports.list >/dev/null
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    -t bookworm-backports qemu-utils qemu-system-x86
 fi
 
 # The page-store tests run an S3 server: s3s-fs, a small one that keeps objects in a directory.
