@@ -11,7 +11,8 @@
 //!   image://STORE/NAME?size=1G  a page-store image ([`registry_with_images`])
 //! ```
 //!
-//! [`nexus`] mirrors a volume over several of them (`examples/nexus.rs`).
+//! [`nexus`] mirrors a volume over several of them (`examples/nexus.rs`). [`daemon`] is
+//! `strata serve` as a library, [`cli`] the command line.
 //!
 //! ```no_run
 //! # async fn demo() -> strata::bdev::Result<()> {
@@ -24,6 +25,10 @@
 //! ```
 
 use std::sync::Arc;
+
+pub mod cli;
+pub mod daemon;
+pub mod format;
 
 pub use strata_bdev as bdev;
 pub use strata_bdev_file as file;

@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::manager::Manager;
+use tokio_util::sync::CancellationToken;
+
+use super::manager::Manager;
 
 /// Escape a label value.
 fn esc(v: &str) -> String {
@@ -151,7 +153,7 @@ pub async fn render(manager: &Manager) -> String {
     );
     let mut stores_seen = std::collections::BTreeSet::new();
     for m in manager.volumes() {
-        let name = m.volume.name.clone();
+        let name = m.name.clone();
         let v = name.as_str();
         let s = m.stats();
         e.gauge(
@@ -184,7 +186,7 @@ pub async fn render(manager: &Manager) -> String {
                 h,
             );
         }
-        if let Some(n) = m.volume.nexus() {
+        if let Some(n) = m.nexus() {
             for (i, c) in n.status().children.iter().enumerate() {
                 let idx = i.to_string();
                 let state = match &c.state {
@@ -233,7 +235,7 @@ pub async fn render(manager: &Manager) -> String {
                 }
             }
         }
-        if let Some(i) = m.volume.image() {
+        if let Some(i) = m.image() {
             let st = i.stats();
             let l = [("volume", v)];
             e.gauge(
@@ -285,8 +287,8 @@ pub async fn render(manager: &Manager) -> String {
                 &l,
                 u64::from(i.fenced().is_some()),
             );
-            if let crate::manager::BackingDef::Image(key) = &m.def().backing {
-                let store = key.split('/').next().unwrap_or_default().to_string();
+            if let Some(key) = m.decl().image() {
+                let store = key.store.clone();
                 if stores_seen.insert(store.clone()) {
                     let ss = i.store_stats();
                     let [gets, puts, lists, deletes, errors, retries] = ss.counts();
@@ -330,10 +332,14 @@ pub async fn render(manager: &Manager) -> String {
     e.finish()
 }
 
-/// Serve `/metrics` on `listener` until the task is dropped.
-pub async fn serve(manager: Arc<Manager>, listener: TcpListener) {
+/// Serve `/metrics` on `listener` until `stop` is cancelled.
+pub async fn serve(manager: Arc<Manager>, listener: TcpListener, stop: CancellationToken) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
             Ok((stream, _)) => {
                 let m = manager.clone();
                 tokio::spawn(async move {

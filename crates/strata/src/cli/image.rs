@@ -3,11 +3,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use strata_api::v1 as pb;
 use strata_api::v1::images_client::ImagesClient;
 
-use crate::cli::{api_error, follow, human_bytes, parse_size, Target};
+use super::parse_size;
+use crate::daemon::config::Config;
+use crate::daemon::manager::{resize_offline, ImageKey, Stores};
+use super::target::{api_error, follow, Target};
+use crate::format::{human_bytes, when};
 
 /// `strata snapshot …`
 #[derive(Debug, clap::Subcommand)]
@@ -68,50 +72,12 @@ pub struct LocalStores {
 }
 
 impl LocalStores {
-    fn opener(&self) -> anyhow::Result<strata_pagestore::ImageOpener> {
-        let args = crate::serve::ServeArgs {
-            config: self.config.clone(),
-            data_dir: self.data_dir.clone(),
-            ..Default::default()
-        };
-        let config = args.resolve()?;
-        let data_dir = config
-            .data_dir
-            .clone()
-            .unwrap_or_else(crate::config::default_data_dir);
-        crate::serve::image_opener(&config, &data_dir)
-    }
-}
-
-/// `strata gc`
-#[derive(Debug, clap::Args)]
-pub struct GcArgs {
-    /// Only this store (default: every store of the configuration).
-    #[arg(long)]
-    pub store: Option<String>,
-    /// List what would be deleted and how many bytes; delete nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Keep everything written, or replaced, less than this many seconds ago.
-    #[arg(long, default_value_t = 3600)]
-    pub grace_secs: u64,
-    /// Keep replaced versions of images this many seconds.
-    #[arg(long, default_value_t = 0)]
-    pub retention_secs: u64,
-    #[command(flatten)]
-    pub local: LocalStores,
-}
-
-fn when(secs: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let ago = now.saturating_sub(secs);
-    match ago {
-        0..=119 => format!("{ago} s ago"),
-        120..=7199 => format!("{} min ago", ago / 60),
-        7200..=172_799 => format!("{} h ago", ago / 3600),
-        _ => format!("{} days ago", ago / 86400),
+    /// The page stores the configuration declares, opened here.
+    pub fn stores(&self) -> anyhow::Result<Stores> {
+        let config = Config::load_or_default(self.config.as_deref(), self.data_dir.as_deref())?;
+        config.validate()?;
+        Stores::new(config.store_factory(), &config.store_entries()?)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 
@@ -289,68 +255,14 @@ pub async fn offline(cmd: &ImageCommand) -> anyhow::Result<()> {
         bail!("only resize runs offline");
     };
     let size = parse_size(size)?;
-    let (store, name) = image
-        .split_once('/')
-        .with_context(|| format!("{image:?}: name the image as STORE/IMAGE"))?;
-    let opener = local.opener()?;
-    let img = opener
-        .store(store)?
-        .open(name, None)
+    let key = ImageKey::parse(image).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let old = resize_offline(&local.stores()?, &key, size, *force)
         .await
-        .map_err(|e| anyhow::anyhow!("open image {image}: {}", e.chain()))?;
-    let old = strata_bdev::BlockDevice::geometry(&img).size;
-    let result = img.resize(size, *force).await;
-    img.close().await;
-    result.map_err(|e| anyhow::anyhow!("resize image {image}: {}", e.chain()))?;
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
         "image {image} resized from {} to {}",
         human_bytes(old),
         human_bytes(size)
     );
-    Ok(())
-}
-
-pub async fn gc(target: &Target, args: &GcArgs) -> anyhow::Result<()> {
-    if args.grace_secs < 60 && !args.dry_run {
-        eprintln!(
-            "strata gc: warning: a grace period of {} s is shorter than a checkpoint may take to \
-             publish what it uploaded; with servers writing to these stores, keep it at 60 s or \
-             more",
-            args.grace_secs
-        );
-    }
-    let opener = args.local.opener()?;
-    let cfg = crate::config::GcConfig {
-        interval_secs: 0,
-        grace_secs: args.grace_secs,
-        retention_secs: args.retention_secs,
-    };
-    let reports = crate::gc::run_once(
-        &opener,
-        args.store.as_deref(),
-        &crate::gc::options(&cfg, args.dry_run),
-    )
-    .await?;
-    if target.json() {
-        let v: Vec<serde_json::Value> = reports
-            .iter()
-            .map(|(s, r)| serde_json::json!({"store": s, "report": r}))
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    for (store, r) in reports {
-        let verb = if r.dry_run { "would delete" } else { "deleted" };
-        for (key, size) in &r.deleted {
-            println!("{store}: {verb} {key} ({})", human_bytes(*size));
-        }
-        println!(
-            "{store}: {verb} {} objects ({}); kept {} objects ({})",
-            r.deleted.len(),
-            human_bytes(r.deleted_bytes),
-            r.kept,
-            human_bytes(r.kept_bytes)
-        );
-    }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! How the daemon's operations fail: a kind each front end maps (gRPC codes), and a message a
 //! person can act on.
 
-use crate::state::StateError;
+use crate::daemon::state::StateError;
 
 /// How an operation failed, so that each front end reports it its own way (gRPC codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,11 @@ impl OpError {
 
     pub fn precondition(message: impl Into<String>) -> OpError {
         OpError::new(OpKind::Precondition, message)
+    }
+
+    /// The same error, its message prefixed with what was being done.
+    pub fn context(self, what: &str) -> OpError {
+        OpError::new(self.kind, format!("{what}: {}", self.message))
     }
 }
 

@@ -1,5 +1,7 @@
 //! The daemon's settings: a TOML file, overridden by flags, with an embedded default that serves
-//! a demo volume.
+//! a demo volume. Each section that tunes a component is that component's own settings struct
+//! (`[gc]` is `manager::gc::GcSettings`, a nexus volume's tunables `strata_nexus::NexusSettings`);
+//! volumes convert into the manager's [`VolumeDecl`] here, once.
 //!
 //! ```toml
 //! data_dir = "/var/lib/strata"
@@ -28,8 +30,17 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Context};
 use serde::Deserialize;
+use strata_nexus::NexusSettings;
+
+use super::manager::gc::GcSettings;
+use super::manager::{
+    Backing, ImageDecl, ImageKey, NexusDecl, Protocol, StoreFactory, VolumeDecl,
+    DEFAULT_PAGE_SIZE,
+};
 
 /// A byte size written as a number or a string with a unit ("64M").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -80,7 +91,7 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
     /// Garbage collection of page stores inside the daemon.
     #[serde(default)]
-    pub gc: GcConfig,
+    pub gc: GcSettings,
     /// The gRPC API.
     #[serde(default)]
     pub api: ApiConfig,
@@ -184,35 +195,6 @@ pub struct JwtConfig {
 
 fn default_jwt_store() -> String {
     "local".into()
-}
-
-/// `[gc]`: collect garbage in every store on a schedule.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GcConfig {
-    /// Seconds between collections (0: never; `strata gc` runs one by hand).
-    #[serde(default)]
-    pub interval_secs: u64,
-    /// Nothing written, or replaced, less than this many seconds ago is deleted.
-    #[serde(default = "default_grace")]
-    pub grace_secs: u64,
-    /// Replaced versions of an image are kept this many seconds.
-    #[serde(default)]
-    pub retention_secs: u64,
-}
-
-fn default_grace() -> u64 {
-    3600
-}
-
-impl Default for GcConfig {
-    fn default() -> GcConfig {
-        GcConfig {
-            interval_secs: 0,
-            grace_secs: default_grace(),
-            retention_secs: 0,
-        }
-    }
 }
 
 /// `[[store]]`: where page-store images live.
@@ -341,7 +323,7 @@ impl StoreEntry {
                     bail!("store {:?}: type \"dir\" needs path = \"...\"", self.name);
                 };
                 Ok(strata_pagestore::StoreConfig::Dir {
-                    path: PathBuf::from(expand_uri(path, data_dir)),
+                    path: PathBuf::from(super::manager::expand_uri(path, data_dir)),
                 })
             }
             StoreKind::S3 => {
@@ -462,11 +444,11 @@ pub enum TlsModeConfig {
 
 /// `[[volume]]`: one named device and its export.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VolumeConfig {
     /// The export name.
     pub name: String,
-    /// The device URI (`file://`, `mem://`, `nbd://`, …); `{data_dir}` expands.
+    /// The device URI (`file://`, `mem://`, `nbd://`, `image://STORE/NAME?size=…`, …);
+    /// `{data_dir}` expands.
     #[serde(default)]
     pub uri: Option<String>,
     /// Or: the URIs of the replicas of a nexus volume, which mirrors every write to each.
@@ -478,22 +460,14 @@ pub struct VolumeConfig {
     /// Export read-only.
     #[serde(default)]
     pub read_only: bool,
-    /// Nexus: bytes per bit of the map of what an absent replica missed.
+    /// The protocols it is exported over (default: every one the daemon serves).
     #[serde(default)]
-    pub dirty_granularity: Option<Size>,
-    /// Nexus: bytes a rebuild copies at once under one range lock.
-    #[serde(default)]
-    pub rebuild_segment: Option<Size>,
-    /// Nexus: segments a rebuild copies in parallel.
-    #[serde(default)]
-    pub rebuild_parallel: Option<usize>,
-    /// Nexus: a replica whose I/O takes longer than this many seconds is faulted.
-    #[serde(default)]
-    pub child_timeout_secs: Option<f64>,
-    /// Devices that do not exist are created this large (file and memory URIs without a
-    /// `size=`); set for volumes declared through the API.
-    #[serde(skip)]
-    pub create_size: Option<u64>,
+    pub exports: Option<Vec<String>>,
+    /// A nexus volume's tunables (`strata_nexus::NexusSettings`: `dirty_granularity`,
+    /// `rebuild_segment`, `rebuild_parallel`, `child_timeout_secs`); any other key is a mistake,
+    /// reported by name.
+    #[serde(flatten)]
+    pub nexus: BTreeMap<String, toml::Value>,
 }
 
 impl VolumeConfig {
@@ -505,34 +479,149 @@ impl VolumeConfig {
             replicas: Vec::new(),
             description: String::new(),
             read_only: false,
-            dirty_granularity: None,
-            rebuild_segment: None,
-            rebuild_parallel: None,
-            child_timeout_secs: None,
-            create_size: None,
+            exports: None,
+            nexus: BTreeMap::new(),
         }
     }
 
-    /// The nexus settings this volume asks for.
-    pub fn nexus_settings(&self) -> strata_nexus::NexusSettings {
-        let mut s = strata_nexus::NexusSettings::default();
-        if let Some(g) = self.dirty_granularity {
-            s.dirty_granularity = g.0;
+    /// The volume this entry declares.
+    pub fn decl(&self) -> anyhow::Result<VolumeDecl> {
+        let name = &self.name;
+        let settings: NexusSettings = toml::Value::Table(self.nexus.clone().into_iter().collect())
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("volume {name:?}: {e}"))?;
+        let (backing, size) = match (&self.uri, self.replicas.is_empty()) {
+            (Some(uri), true) if uri.starts_with("image:") => image_backing(name, uri)?,
+            (Some(uri), true) => (Backing::Device(uri.clone()), 0),
+            (None, false) => (
+                Backing::Nexus(NexusDecl {
+                    replicas: self.replicas.clone(),
+                    settings,
+                }),
+                0,
+            ),
+            (None, true) => bail!(
+                "volume {name:?}: give it a device (uri = \"...\") or replicas (replicas = [\"...\", ...])"
+            ),
+            (Some(_), false) => bail!(
+                "volume {name:?}: has both uri and replicas; a nexus volume lists its devices in replicas only"
+            ),
+        };
+        if !self.nexus.is_empty() && !matches!(backing, Backing::Nexus(_)) {
+            bail!(
+                "volume {name:?}: dirty_granularity, rebuild_segment, rebuild_parallel and \
+                 child_timeout_secs apply to nexus volumes (replicas = [...]) only"
+            );
         }
-        if let Some(seg) = self.rebuild_segment {
-            s.rebuild_segment = seg.0;
-        }
-        if let Some(p) = self.rebuild_parallel {
-            s.rebuild_parallel = p;
-        }
-        s.io_timeout = self
-            .child_timeout_secs
-            .map(std::time::Duration::from_secs_f64);
-        s
+        let exports = match &self.exports {
+            None => Protocol::defaults(),
+            Some(list) => list
+                .iter()
+                .map(|p| Protocol::parse(p).map_err(|e| anyhow::anyhow!("volume {name:?}: exports: {e}")))
+                .collect::<anyhow::Result<_>>()?,
+        };
+        let d = VolumeDecl {
+            name: name.clone(),
+            size,
+            backing,
+            exports,
+            read_only: self.read_only,
+            description: self.description.clone(),
+            node: String::new(),
+        };
+        d.validate("")
+            .map_err(|e| anyhow::anyhow!("volume {name:?}: {e}"))?;
+        Ok(d)
     }
 }
 
+/// `image://STORE/NAME?size=SIZE&page_size=BYTES`: the image and the size it is created with.
+fn image_backing(volume: &str, uri: &str) -> anyhow::Result<(Backing, u64)> {
+    let mut u = strata_bdev::DeviceUri::parse(uri)
+        .map_err(|e| anyhow::anyhow!("volume {volume:?}: {}", e.chain()))?;
+    let key = ImageKey::parse(&format!("{}/{}", u.authority, u.path.trim_start_matches('/')))
+        .map_err(|e| anyhow::anyhow!("volume {volume:?}: uri {uri:?}: {e}"))?;
+    let size = u.take_size("size").map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
+    let page = u
+        .take_size("page_size")
+        .map_err(|e| anyhow::anyhow!("{}", e.chain()))?
+        .unwrap_or(u64::from(DEFAULT_PAGE_SIZE));
+    u.finish(&["size", "page_size"])
+        .map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
+    let page_size = u32::try_from(page)
+        .map_err(|_| anyhow::anyhow!("volume {volume:?}: page_size {page} is too large"))?;
+    Ok((Backing::Image(ImageDecl { key, page_size }), size.unwrap_or(0)))
+}
+
 impl Config {
+    /// The configuration file `path`, or the embedded default; `data_dir` overrides its data
+    /// directory.
+    pub fn load_or_default(path: Option<&Path>, data_dir: Option<&Path>) -> anyhow::Result<Config> {
+        let mut c = match path {
+            Some(path) => Config::load(path)?,
+            None => Config::embedded_default(),
+        };
+        if let Some(d) = data_dir {
+            c.data_dir = Some(d.to_path_buf());
+        }
+        Ok(c)
+    }
+
+    /// Where local state lives: the configured data directory, else the default one.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    /// The access-token verifier `[jwt]` asks for; its secret is `STRATA_JWT_SECRET` when set.
+    pub fn jwt(&self) -> anyhow::Result<Option<super::jwt::Jwt>> {
+        let Some(j) = &self.jwt else { return Ok(None) };
+        let secret = std::env::var("STRATA_JWT_SECRET")
+            .ok()
+            .or_else(|| j.secret.clone())
+            .context("[jwt] needs a secret: set STRATA_JWT_SECRET or [jwt] secret")?;
+        Ok(Some(super::jwt::Jwt::new(secret.as_bytes(), &j.store)))
+    }
+
+    /// The volumes the file declares.
+    pub fn volume_decls(&self) -> anyhow::Result<Vec<VolumeDecl>> {
+        self.volumes.iter().map(VolumeConfig::decl).collect()
+    }
+
+    /// The page stores the file names, and `local` (the directory `{data_dir}/objects`) unless
+    /// it names one so.
+    pub fn store_entries(&self) -> anyhow::Result<Vec<(String, strata_pagestore::StoreConfig)>> {
+        let data_dir = self.data_dir();
+        let mut entries = Vec::new();
+        for st in &self.stores {
+            entries.push((st.name.clone(), st.store_config(&data_dir)?));
+        }
+        if !entries.iter().any(|(n, _)| n == "local") {
+            entries.push((
+                "local".into(),
+                strata_pagestore::StoreConfig::Dir {
+                    path: data_dir.join("objects"),
+                },
+            ));
+        }
+        Ok(entries)
+    }
+
+    /// How this node makes page stores: its buffer and cache directories and tunables.
+    pub fn store_factory(&self) -> StoreFactory {
+        let data_dir = self.data_dir();
+        let expand = |p: &str| PathBuf::from(super::manager::expand_uri(p, &data_dir));
+        StoreFactory {
+            buffer_dir: self
+                .pagestore
+                .buffer_dir
+                .as_deref()
+                .map(expand)
+                .unwrap_or_else(|| data_dir.join("buffer")),
+            settings: self.pagestore.settings(),
+            disk_cache_root: self.pagestore.disk_cache_dir.as_deref().map(expand),
+        }
+    }
+
     /// Read and validate a configuration file.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -558,7 +647,7 @@ impl Config {
             metrics: MetricsConfig::default(),
             pagestore: PageStoreConfig::default(),
             jwt: None,
-            gc: GcConfig::default(),
+            gc: GcSettings::default(),
         }
     }
 
@@ -566,55 +655,10 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         let mut seen = std::collections::HashSet::new();
         for v in &self.volumes {
-            if v.name.is_empty() || v.name.len() > 4096 {
-                bail!("volume name {:?}: must be 1 to 4096 bytes", v.name);
-            }
             if !seen.insert(v.name.as_str()) {
                 bail!("volume {:?} is declared twice", v.name);
             }
-            match (&v.uri, v.replicas.len()) {
-                (Some(_), 0) => {
-                    let nexus_only = [
-                        ("dirty_granularity", v.dirty_granularity.is_some()),
-                        ("rebuild_segment", v.rebuild_segment.is_some()),
-                        ("rebuild_parallel", v.rebuild_parallel.is_some()),
-                        ("child_timeout_secs", v.child_timeout_secs.is_some()),
-                    ];
-                    if let Some((field, _)) = nexus_only.iter().find(|(_, set)| *set) {
-                        bail!(
-                            "volume {:?}: {field} applies to nexus volumes (replicas = [...]) only",
-                            v.name
-                        );
-                    }
-                }
-                (None, 0) => bail!(
-                    "volume {:?}: give it a device (uri = \"...\") or replicas (replicas = [\"...\", ...])",
-                    v.name
-                ),
-                (Some(_), _) => bail!(
-                    "volume {:?}: has both uri and replicas; a nexus volume lists its devices in replicas only",
-                    v.name
-                ),
-                (None, _) => {
-                    let mut uris = std::collections::HashSet::new();
-                    for r in &v.replicas {
-                        if !uris.insert(r) {
-                            bail!("volume {:?}: replica {r:?} is listed twice", v.name);
-                        }
-                    }
-                    if v.rebuild_parallel == Some(0) {
-                        bail!("volume {:?}: rebuild_parallel must be at least 1", v.name);
-                    }
-                    if let Some(t) = v.child_timeout_secs {
-                        if !(t > 0.0 && t.is_finite()) {
-                            bail!("volume {:?}: child_timeout_secs must be a positive number of seconds", v.name);
-                        }
-                    }
-                    if v.dirty_granularity.is_some_and(|g| g.0 == 0 || !g.0.is_multiple_of(4096)) {
-                        bail!("volume {:?}: dirty_granularity must be a positive multiple of 4 KiB", v.name);
-                    }
-                }
-            }
+            v.decl()?;
         }
         let mut stores = std::collections::HashSet::new();
         for st in &self.stores {
@@ -667,11 +711,6 @@ pub fn default_data_dir() -> PathBuf {
     PathBuf::from("strata-data")
 }
 
-/// Expand `{data_dir}` in a URI.
-pub fn expand_uri(uri: &str, data_dir: &Path) -> String {
-    uri.replace("{data_dir}", &data_dir.to_string_lossy())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,7 +744,7 @@ mod tests {
         assert_eq!(c.nbd.max_in_flight_bytes, Size(128 << 20));
         assert_eq!(c.nbd.tls.unwrap().mode, TlsModeConfig::Optional);
         assert_eq!(
-            expand_uri(
+            crate::daemon::manager::expand_uri(
                 c.volumes[1].uri.as_deref().unwrap(),
                 c.data_dir.as_deref().unwrap()
             ),
@@ -715,8 +754,8 @@ mod tests {
 
     #[test]
     fn mistakes_are_reported() {
-        let e =
-            toml::from_str::<Config>("[[volume]]\nname = \"a\"\nurl = \"mem://a\"\n").unwrap_err();
+        let c: Config = toml::from_str("[[volume]]\nname = \"a\"\nurl = \"mem://a\"\n").unwrap();
+        let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("unknown field `url`"), "{e}");
         let e = toml::from_str::<Config>("[nbd]\nmax_payload = \"12Q\"\n").unwrap_err();
         assert!(e.to_string().contains("unit"), "{e}");
@@ -742,9 +781,28 @@ mod tests {
                 "multiple of 4 KiB",
             ),
         ];
+        let bad = bad.into_iter().chain([
+            (
+                "[[volume]]\nname = \"../x\"\nuri = \"mem://a\"\n",
+                "volume name",
+            ),
+            (
+                "[[volume]]\nname = \"a\"\nreplicas = [\"mem://b\"]\nchild_timeout_secs = 1e300\n",
+                "31 years",
+            ),
+            (
+                "[[volume]]\nname = \"a\"\nuri = \"image://local/a?size=1G&pages=1\"\n",
+                "pages",
+            ),
+        ]);
         for (text, want) in bad {
-            let c: Config = toml::from_str(text).unwrap();
-            let e = c.validate().unwrap_err().to_string();
+            let e = match toml::from_str::<Config>(text) {
+                Err(e) => e.to_string(),
+                Ok(c) => match c.validate() {
+                    Err(e) => e.to_string(),
+                    Ok(()) => panic!("{text}: accepted"),
+                },
+            };
             assert!(e.contains(want), "{text}: {e}");
         }
     }

@@ -5,18 +5,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_bdev::BlockDevice;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{
-    export_of, BackingDef, Managed, Manager, OpError, OpKind, OpResult, VolumeDef, VOLUMES,
-};
+use super::open::{open_device, with_size};
+use super::{Backing, Managed, Manager, OpResult, VolumeDecl, VOLUMES};
 
 impl Manager {
     /// The volume records in the state store: `(name, declaration)`.
-    pub async fn records(&self) -> OpResult<Vec<VolumeDef>> {
+    pub async fn records(&self) -> OpResult<Vec<VolumeDecl>> {
         let mut out = Vec::new();
         for (key, value) in self.state.list(VOLUMES).await? {
-            match serde_json::from_slice::<VolumeDef>(&value) {
+            match serde_json::from_slice::<VolumeDecl>(&value) {
                 Ok(mut d) => {
                     if d.node.is_empty() {
                         d.node = self.node.clone();
@@ -37,21 +37,15 @@ impl Manager {
         let _changing = self.changes.lock().await;
         self.reconcile_stores().await?;
         let records = self.records().await?;
-        let mine: BTreeMap<String, VolumeDef> = records
+        let mine: BTreeMap<String, VolumeDecl> = records
             .into_iter()
             .filter(|d| d.node == self.node)
             .map(|d| (d.name.clone(), d))
             .collect();
         let mut problems = BTreeMap::new();
         for (name, def) in &mine {
-            let current = self
-                .volumes
-                .read()
-                .expect("lock poisoned")
-                .get(name)
-                .cloned();
-            let result = match current {
-                None => match self.open_def(def).await {
+            let result = match self.lookup(name) {
+                None => match self.open_managed(def, false).await {
                     Ok(m) => {
                         info!(volume = %name, kind = def.kind(), "volume opened as the state store declares");
                         self.insert(m);
@@ -77,10 +71,10 @@ impl Manager {
         let gone: Vec<Arc<Managed>> = self
             .volumes()
             .into_iter()
-            .filter(|m| !m.from_config && !mine.contains_key(&m.volume.name))
+            .filter(|m| !m.from_config && !mine.contains_key(&m.name))
             .collect();
         for m in gone {
-            info!(volume = %m.volume.name, "volume is no longer declared for this node; closing it");
+            info!(volume = %m.name, "volume is no longer declared for this node; closing it");
             self.close_volume(m, false).await;
         }
         *self.problems.write().expect("lock poisoned") = problems;
@@ -90,8 +84,8 @@ impl Manager {
     }
 
     /// Change an open volume to match `want` where that is safe.
-    async fn converge(&self, m: &Arc<Managed>, want: &VolumeDef) -> Result<(), String> {
-        let have = m.def();
+    async fn converge(&self, m: &Arc<Managed>, want: &VolumeDecl) -> Result<(), String> {
+        let have = m.decl();
         let name = &want.name;
         let same_kind =
             std::mem::discriminant(&have.backing) == std::mem::discriminant(&want.backing);
@@ -103,32 +97,34 @@ impl Manager {
                     want.kind()
                 ))
             }
-            (BackingDef::Device(a), BackingDef::Device(b)) if a != b => {
+            (Backing::Device(a), Backing::Device(b)) if a != b => {
                 return Err(format!(
                     "its device is {a}; moving it to {b} is not done in place: copy the data and \
                      create a new volume"
                 ))
             }
-            (BackingDef::Image(a), BackingDef::Image(b)) if a != b => {
+            (Backing::Image(a), Backing::Image(b)) if a.key != b.key => {
                 return Err(format!(
-                    "it is image {a}; the declaration names {b}: clone or copy it instead"
+                    "it is image {}; the declaration names {}: clone or copy it instead",
+                    a.key, b.key
                 ))
             }
-            (BackingDef::Nexus(_), BackingDef::Nexus(wanted)) => {
-                let n = m
-                    .volume
-                    .nexus()
-                    .expect("a nexus volume has a nexus")
-                    .clone();
+            (Backing::Nexus(had), Backing::Nexus(wanted)) => {
+                if had.settings != wanted.settings {
+                    return Err(
+                        "its nexus settings differ from the declaration's; they take effect when \
+                         the volume is opened again"
+                            .to_string(),
+                    );
+                }
+                let wanted = &wanted.replicas;
+                let n = m.nexus().expect("a nexus volume has a nexus").clone();
                 let children: Vec<String> =
                     n.status().children.into_iter().map(|c| c.name).collect();
                 for uri in wanted.iter().filter(|u| !children.contains(u)) {
                     let size = Some(n.geometry().size);
-                    let dev = crate::volume::open_device(
-                        &self.registry,
-                        &crate::volume::with_size(uri, size),
-                    )
-                    .await
+                    let dev = open_device(&self.registry, &with_size(uri, size))
+                        .await
                     .map_err(|e| format!("add replica {uri}: {}", e.chain()))?;
                     n.add_child(uri.clone(), dev)
                         .map_err(|e| format!("add replica {uri}: {e}"))?;
@@ -147,7 +143,7 @@ impl Manager {
         }
         let size = m.device.geometry().size;
         if want.size != 0 && want.size != size {
-            match m.volume.image() {
+            match m.image() {
                 Some(i) if want.size > size => {
                     i.resize(want.size, false)
                         .await
@@ -170,15 +166,13 @@ impl Manager {
                 }
             }
         }
-        if (have.export, have.read_only, &have.description)
-            != (want.export, want.read_only, &want.description)
+        if (&have.exports, have.read_only, &have.description)
+            != (&want.exports, want.read_only, &want.description)
         {
-            self.server.remove_export(name);
-            if want.export {
-                self.server.add_export(export_of(m, want));
-            }
+            self.exports.remove(name);
+            self.exports.apply(&want.exports, &m.exported(want));
         }
-        *m.def.lock().expect("lock poisoned") = want.clone();
+        m.set_decl(want.clone());
         Ok(())
     }
 
@@ -186,12 +180,12 @@ impl Manager {
     /// 5 min per replica.
     async fn heal(&self) {
         for m in self.volumes().into_iter().filter(|m| !m.from_config) {
-            let Some(n) = m.volume.nexus() else { continue };
+            let Some(n) = m.nexus() else { continue };
             for c in n.status().children {
                 if !matches!(c.state, strata_nexus::ChildState::Faulted(_)) {
                     continue;
                 }
-                let key = (m.volume.name.clone(), c.name.clone());
+                let key = (m.name.clone(), c.name.clone());
                 let now = Instant::now();
                 let wait = {
                     let retry = self.retry.lock().expect("lock poisoned");
@@ -207,42 +201,15 @@ impl Manager {
                     .insert(key.clone(), (now + wait, wait));
                 match self.online(n, &c.name).await {
                     Ok(()) => {
-                        info!(volume = %m.volume.name, replica = %c.name, "faulted replica reopened; rebuilding it");
+                        info!(volume = %m.name, replica = %c.name, "faulted replica reopened; rebuilding it");
                         self.retry.lock().expect("lock poisoned").remove(&key);
                     }
                     Err(e) => {
-                        warn!(volume = %m.volume.name, replica = %c.name, error = %e, retry_in = ?wait, "faulted replica still cannot be reopened")
+                        warn!(volume = %m.name, replica = %c.name, error = %e, retry_in = ?wait, "faulted replica still cannot be reopened")
                     }
                 }
             }
         }
-    }
-
-    /// Bring a replica back online: a faulted one is closed and reopened from its URI first.
-    pub async fn online(&self, n: &Arc<strata_nexus::Nexus>, child: &str) -> OpResult<()> {
-        let faulted = matches!(
-            n.status().child(child).map(|c| &c.state),
-            Some(strata_nexus::ChildState::Faulted(_))
-        );
-        if faulted {
-            // Its device failed: close it (releasing locks and connections), open it again.
-            let old = n.close_device(child)?;
-            let _ = tokio::task::spawn_blocking(move || drop(old)).await;
-            let dev = crate::volume::open_device(&self.registry, child)
-                .await
-                .map_err(|e| {
-                    OpError::new(
-                        OpKind::Unavailable,
-                        format!("reopen replica {child}: {} (it stays faulted)", e.chain()),
-                    )
-                })?;
-            n.replace_device(child, dev)?;
-        }
-        n.online_child(child)?;
-        n.save_record()
-            .await
-            .map_err(|e| OpError::new(OpKind::Internal, format!("save the nexus record: {e}")))?;
-        Ok(())
     }
 
     /// Copy the state of this node's nexus volumes to `health/NODE.VOLUME` in the state store,
@@ -250,7 +217,7 @@ impl Manager {
     /// the local ledger: a fault must never wait on the network).
     async fn mirror_health(&self) {
         for m in self.volumes() {
-            let Some(n) = m.volume.nexus() else { continue };
+            let Some(n) = m.nexus() else { continue };
             let children: Vec<serde_json::Value> = n
                 .status()
                 .children
@@ -258,7 +225,7 @@ impl Manager {
                 .map(|c| serde_json::json!({"uri": c.name, "state": c.state.to_string()}))
                 .collect();
             let value = serde_json::to_vec(&children).expect("JSON serializes");
-            let key = format!("health/{}.{}", self.node, m.volume.name);
+            let key = format!("health/{}.{}", self.node, m.name);
             if self.health.lock().expect("lock poisoned").get(&key) == Some(&value) {
                 continue;
             }
@@ -271,10 +238,10 @@ impl Manager {
         }
     }
 
-    /// Reconcile now and then every `every`, until the task is dropped.
-    pub async fn run(self: Arc<Self>, every: Duration) {
+    /// Reconcile now and then every `every`, until `stop` is cancelled.
+    pub async fn run(self: Arc<Self>, every: Duration, stop: CancellationToken) {
         let mut unavailable = false;
-        loop {
+        while !stop.is_cancelled() {
             match self.reconcile().await {
                 Ok(()) if unavailable => {
                     info!(store = %self.state.describe(), "state store is reachable again");
@@ -287,7 +254,10 @@ impl Manager {
                 }
                 Err(_) => {}
             }
-            tokio::time::sleep(every).await;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
         }
     }
 }

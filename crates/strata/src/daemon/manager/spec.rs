@@ -6,12 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
+use strata_nexus::NexusSettings;
 use tracing::info;
 
-use crate::config::Size;
-use crate::manager::{
-    check_volume_name, BackingDef, Manager, OpError, OpKind, OpResult, VolumeDef,
+use super::{
+    check_volume_name, Backing, ImageDecl, ImageKey, Manager, NexusDecl, OpError, OpKind,
+    OpResult, Protocol, VolumeDecl, DEFAULT_PAGE_SIZE,
 };
+use crate::format::human_bytes;
 
 /// The document.
 #[derive(Debug, Deserialize)]
@@ -24,25 +26,27 @@ struct SpecDoc {
     volumes: Vec<VolumeEntry>,
 }
 
-fn yes() -> bool {
-    true
-}
-
 /// One volume as a spec writes it.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct VolumeEntry {
     name: String,
-    #[serde(default)]
-    size: Option<Size>,
+    #[serde(default, with = "opt_size")]
+    size: Option<u64>,
     #[serde(default)]
     device: Option<String>,
     #[serde(default)]
     replicas: Option<Vec<String>>,
     #[serde(default)]
     image: Option<String>,
-    #[serde(default = "yes")]
-    export: bool,
+    /// An image's page size (default 4096).
+    #[serde(default, with = "opt_size")]
+    page_size: Option<u64>,
+    /// The protocols it is exported over (default: every one the daemon serves).
+    #[serde(default)]
+    exports: Option<Vec<String>>,
+    /// `false`: not exported (the same as `exports: []`).
+    #[serde(default)]
+    export: Option<bool>,
     #[serde(default)]
     read_only: bool,
     #[serde(default)]
@@ -52,12 +56,25 @@ struct VolumeEntry {
     /// Snapshots that must exist (image volumes).
     #[serde(default)]
     snapshots: Vec<String>,
+    /// A nexus's settings (`strata_nexus::NexusSettings`: dirty_granularity, rebuild_segment,
+    /// rebuild_parallel, child_timeout_secs); any other field is a mistake, reported by name.
+    #[serde(flatten)]
+    nexus: serde_yaml_ng::Mapping,
+}
+
+/// An optional size written as bytes or with a unit.
+mod opt_size {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct S(#[serde(with = "strata_bdev::units::size")] u64);
+        Ok(<Option<S> as serde::Deserialize>::deserialize(d)?.map(|s| s.0))
+    }
 }
 
 /// A volume a spec declares, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
-    pub def: VolumeDef,
+    pub def: VolumeDecl,
     pub snapshots: Vec<String>,
     /// Its place in the document, for messages: `volumes[3]`.
     pub path: String,
@@ -85,10 +102,21 @@ pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
                 v.name
             ));
         }
+        let nexus_set = !v.nexus.is_empty();
+        let settings: NexusSettings =
+            serde_yaml_ng::from_value(serde_yaml_ng::Value::Mapping(v.nexus))
+                .map_err(|e| format!("{path}: {e}"))?;
         let backing = match (v.device, v.replicas, v.image) {
-            (Some(d), None, None) => BackingDef::Device(d),
-            (None, Some(r), None) => BackingDef::Nexus(r),
-            (None, None, Some(i)) => BackingDef::Image(i),
+            (Some(d), None, None) => Backing::Device(d),
+            (None, Some(replicas), None) => Backing::Nexus(NexusDecl { replicas, settings }),
+            (None, None, Some(i)) => Backing::Image(ImageDecl {
+                key: ImageKey::parse(&i).map_err(|e| format!("{path}.image: {e}"))?,
+                page_size: match v.page_size {
+                    None => DEFAULT_PAGE_SIZE,
+                    Some(p) => u32::try_from(p)
+                        .map_err(|_| format!("{path}.page_size: {p} is too large"))?,
+                },
+            }),
             _ => {
                 return Err(format!(
                     "{path}: give exactly one of device (a URI), replicas (a list of URIs) or \
@@ -96,22 +124,37 @@ pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
                 ))
             }
         };
+        if nexus_set && !matches!(backing, Backing::Nexus(_)) {
+            return Err(format!(
+                "{path}: dirty_granularity, rebuild_segment, rebuild_parallel and \
+                 child_timeout_secs apply to nexus volumes (replicas) only"
+            ));
+        }
+        let exports = match (v.exports, v.export) {
+            (Some(list), _) => list
+                .iter()
+                .enumerate()
+                .map(|(j, p)| Protocol::parse(p).map_err(|e| format!("{path}.exports[{j}]: {e}")))
+                .collect::<Result<_, _>>()?,
+            (None, Some(false)) => Default::default(),
+            (None, _) => Protocol::defaults(),
+        };
         let node_given = v.node.is_some();
         let node = v.node.unwrap_or_else(|| node.to_string());
         check_volume_name(&node).map_err(|_| {
             format!("{path}.node: {node:?} is not a node name (letters, digits, . _ -)")
         })?;
-        let def = VolumeDef {
+        let def = VolumeDecl {
             name: v.name,
-            size: v.size.map_or(0, |s| s.0),
+            size: v.size.unwrap_or(0),
             backing,
-            export: v.export,
+            exports,
             read_only: v.read_only,
             description: v.description,
             node,
         };
         def.validate(&format!("{path}.")).map_err(|e| e.message)?;
-        if !v.snapshots.is_empty() && !matches!(def.backing, BackingDef::Image(_)) {
+        if !v.snapshots.is_empty() && def.image().is_none() {
             return Err(format!(
                 "{path}.snapshots: only page-store image volumes have snapshots"
             ));
@@ -143,10 +186,10 @@ pub struct Action {
 /// What to carry out for one volume.
 enum Step {
     /// Create it (here, or declare it for another node).
-    Create(VolumeDef),
+    Create(VolumeDecl),
     /// Store the new declaration; reconciliation changes the volume.
-    Declare(VolumeDef),
-    Delete(VolumeDef),
+    Declare(VolumeDecl),
+    Delete(VolumeDecl),
 }
 
 struct Plan {
@@ -199,7 +242,7 @@ pub async fn current(manager: &Manager) -> OpResult<String> {
 
 /// Compare `desired` with the declarations and plan the changes.
 async fn plan(manager: &Manager, desired: &[Desired], prune: bool) -> OpResult<Plan> {
-    let records: BTreeMap<String, VolumeDef> = manager
+    let records: BTreeMap<String, VolumeDecl> = manager
         .records()
         .await?
         .into_iter()
@@ -316,44 +359,59 @@ async fn plan(manager: &Manager, desired: &[Desired], prune: bool) -> OpResult<P
     Ok(p)
 }
 
-fn describe(d: &VolumeDef, manager: &Manager) -> String {
+fn describe(d: &VolumeDecl, manager: &Manager) -> String {
     let size = if d.size > 0 {
-        format!(" of {}", crate::cli::human_bytes(d.size))
+        format!(" of {}", human_bytes(d.size))
     } else {
         String::new()
-    };
-    let what = match &d.backing {
-        BackingDef::Device(u) => format!(" on {u}"),
-        BackingDef::Nexus(r) => format!(" over {} replicas", r.len()),
-        BackingDef::Image(k) => format!(" on image {k}"),
     };
     let node = if d.node != manager.node {
         format!(" on node {}", d.node)
     } else {
         String::new()
     };
-    let export = if d.export { ", exported over NBD" } else { "" };
-    format!("{size}{what}{node}{export}")
+    let export = if d.exports.is_empty() {
+        String::new()
+    } else {
+        format!(", exported over {}", protocols(&d.exports))
+    };
+    format!("{size} {}{node}{export}", d.summary())
+}
+
+fn protocols(p: &BTreeSet<Protocol>) -> String {
+    p.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
 }
 
 type Change = (&'static str, String, String);
 
 /// What differs between a declaration and the one wanted: changes that can be made, and
 /// refusals `(field path, why)`.
-fn diff(path: &str, have: &VolumeDef, want: &VolumeDef) -> (Vec<Change>, Vec<(String, String)>) {
+fn diff(path: &str, have: &VolumeDecl, want: &VolumeDecl) -> (Vec<Change>, Vec<(String, String)>) {
     let mut changes = Vec::new();
     let mut refuse = Vec::new();
     let name = &want.name;
     match (&have.backing, &want.backing) {
-        (BackingDef::Device(a), BackingDef::Device(b)) if a != b => refuse.push((
+        (Backing::Device(a), Backing::Device(b)) if a != b => refuse.push((
             format!("{path}.device"),
             format!("volume {name} is on {a}; moving it to {b} is not done in place"),
         )),
-        (BackingDef::Image(a), BackingDef::Image(b)) if a != b => refuse.push((
+        (Backing::Image(a), Backing::Image(b)) if a != b => refuse.push((
             format!("{path}.image"),
-            format!("volume {name} is image {a}; it cannot become {b} (clone or copy instead)"),
+            format!(
+                "volume {name} is image {} ({}-byte pages); it cannot become {} ({}-byte pages) \
+                 (clone or copy instead)",
+                a.key, a.page_size, b.key, b.page_size
+            ),
         )),
-        (BackingDef::Nexus(a), BackingDef::Nexus(b)) => {
+        (Backing::Nexus(a), Backing::Nexus(b)) if a.settings != b.settings => refuse.push((
+            path.to_string(),
+            format!(
+                "volume {name}'s nexus settings are not changed in place (delete the volume and \
+                 create it again to change them)"
+            ),
+        )),
+        (Backing::Nexus(a), Backing::Nexus(b)) => {
+            let (a, b) = (&a.replicas, &b.replicas);
             for (j, uri) in b.iter().enumerate() {
                 if !a.contains(uri) {
                     changes.push((
@@ -385,16 +443,16 @@ fn diff(path: &str, have: &VolumeDef, want: &VolumeDef) -> (Vec<Change>, Vec<(St
     }
     if want.size != have.size {
         match &want.backing {
-            BackingDef::Image(_) if want.size > have.size => changes.push((
+            Backing::Image(_) if want.size > have.size => changes.push((
                 "resize",
                 format!("{path}.size"),
                 format!(
                     "grow {name} from {} to {}",
-                    crate::cli::human_bytes(have.size),
-                    crate::cli::human_bytes(want.size)
+                    human_bytes(have.size),
+                    human_bytes(want.size)
                 ),
             )),
-            BackingDef::Image(_) => refuse.push((
+            Backing::Image(_) => refuse.push((
                 format!("{path}.size"),
                 format!(
                     "shrinking {name} from {} to {} discards data; a spec does not do that (use \
@@ -411,18 +469,24 @@ fn diff(path: &str, have: &VolumeDef, want: &VolumeDef) -> (Vec<Change>, Vec<(St
             )),
         }
     }
-    match (have.export, want.export) {
-        (false, true) => changes.push((
+    let added: BTreeSet<Protocol> = want.exports.difference(&have.exports).copied().collect();
+    let removed: BTreeSet<Protocol> = have.exports.difference(&want.exports).copied().collect();
+    if !added.is_empty() {
+        changes.push((
             "export",
-            format!("{path}.export"),
-            format!("export {name} over NBD"),
-        )),
-        (true, false) => changes.push((
+            format!("{path}.exports"),
+            format!("export {name} over {}", protocols(&added)),
+        ));
+    }
+    if !removed.is_empty() {
+        changes.push((
             "unexport",
-            format!("{path}.export"),
-            format!("stop exporting {name} (connected clients keep their connection)"),
-        )),
-        _ => {}
+            format!("{path}.exports"),
+            format!(
+                "stop exporting {name} over {} (connected clients keep their connection)",
+                protocols(&removed)
+            ),
+        ));
     }
     if have.read_only != want.read_only || have.description != want.description {
         changes.push((
@@ -442,18 +506,15 @@ fn diff(path: &str, have: &VolumeDef, want: &VolumeDef) -> (Vec<Change>, Vec<(St
     (changes, refuse)
 }
 
-async fn existing_snapshots(manager: &Manager, def: &VolumeDef) -> BTreeSet<String> {
-    let BackingDef::Image(key) = &def.backing else {
+async fn existing_snapshots(manager: &Manager, def: &VolumeDecl) -> BTreeSet<String> {
+    let Some(key) = def.image() else {
         return BTreeSet::new();
     };
-    let Some((store, img)) = key.split_once('/') else {
-        return BTreeSet::new();
-    };
-    let Ok(ps) = manager.images.store(store) else {
+    let Ok(ps) = manager.stores.get(&key.store) else {
         return BTreeSet::new();
     };
     match ps.catalog().await {
-        Ok(cat) => cat.snapshots(img).into_iter().map(|s| s.name).collect(),
+        Ok(cat) => cat.snapshots(&key.image).into_iter().map(|s| s.name).collect(),
         Err(_) => BTreeSet::new(),
     }
 }
@@ -558,19 +619,7 @@ pub async fn apply(
         }
     }
     for (i, volume, snap) in std::mem::take(&mut p.snapshots) {
-        let r = async {
-            let (store, img) = manager
-                .images
-                .key(&volume)
-                .map_err(|e| OpError::not_found(format!("{e:#}")))?;
-            let image = manager
-                .images
-                .image(&store, &img, None)
-                .await
-                .map_err(|e| OpError::new(OpKind::Unavailable, format!("{e:#}")))?;
-            image.snapshot(&snap).await.map_err(OpError::from)
-        }
-        .await;
+        let r = manager.create_snapshot(&volume, &snap).await;
         match r {
             Ok(_) => p.actions[i].done = true,
             Err(e) => {
@@ -597,6 +646,8 @@ volumes:
   - name: db
     size: 64M
     replicas: ["file:///a.img", "file:///b.img"]
+    rebuild_parallel: 8
+    child_timeout_secs: 5
   - name: scratch
     image: local/scratch
     size: 1G
@@ -610,9 +661,23 @@ volumes:
         assert_eq!(ok[0].def.size, 64 << 20);
         assert_eq!(ok[0].def.node, "n1");
         assert_eq!(ok[1].def.node, "n2");
-        assert!(ok[0].def.export);
-
         let err = |text: &str| parse(text, "n1").unwrap_err();
+        assert_eq!(ok[0].def.exports, Protocol::defaults());
+        let Backing::Nexus(n) = &ok[0].def.backing else {
+            panic!("a nexus")
+        };
+        assert_eq!(n.settings.rebuild_parallel, 8);
+        assert_eq!(
+            n.settings.io_timeout,
+            Some(std::time::Duration::from_secs(5))
+        );
+        let e = err("volumes:\n  - {name: a, device: mem://a, rebuild_parallel: 2}\n");
+        assert!(e.contains("nexus volumes"), "{e}");
+        let e = err("volumes:\n  - {name: a, device: mem://a, exports: [carrier-pigeon]}\n");
+        assert!(e.starts_with("volumes[0].exports[0]:"), "{e}");
+        let e = err("volumes:\n  - {name: a, replicas: [mem://a], child_timeout_secs: 1e300}\n");
+        assert!(e.contains("31 years"), "{e}");
+
         let e = err("volumes:\n  - name: a\n    replica: [x]\n");
         assert!(e.contains("volumes[0]") && e.contains("replica"), "{e}");
         let e = err("volumes:\n  - name: a\n    device: mem://a\n    size: 1000\n");
@@ -638,16 +703,21 @@ volumes:
 
     #[test]
     fn diff_allows_safe_changes_and_refuses_the_rest() {
-        let def = |backing: BackingDef, size: u64| VolumeDef {
+        let def = |backing: Backing, size: u64| VolumeDecl {
             name: "v".into(),
             size,
             backing,
-            export: true,
+            exports: Protocol::defaults(),
             read_only: false,
             description: String::new(),
             node: "n".into(),
         };
-        let nexus = |r: &[&str]| BackingDef::Nexus(r.iter().map(|s| s.to_string()).collect());
+        let nexus = |r: &[&str]| {
+            Backing::Nexus(NexusDecl {
+                replicas: r.iter().map(|s| s.to_string()).collect(),
+                settings: NexusSettings::default(),
+            })
+        };
         let (c, r) = diff(
             "volumes[0]",
             &def(nexus(&["a", "b"]), 1024),
@@ -662,7 +732,12 @@ volumes:
             &def(nexus(&["a"]), 2048),
         );
         assert_eq!(r[0].0, "volumes[0].size");
-        let img = || BackingDef::Image("local/v".into());
+        let img = || {
+            Backing::Image(ImageDecl {
+                key: ImageKey::parse("local/v").unwrap(),
+                page_size: DEFAULT_PAGE_SIZE,
+            })
+        };
         let (c, r) = diff("volumes[0]", &def(img(), 1024), &def(img(), 2048));
         assert!(r.is_empty());
         assert_eq!(c[0].0, "resize");

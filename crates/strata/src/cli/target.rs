@@ -1,0 +1,102 @@
+//! Where the CLI finds the daemon, how it prints (tables for people, `--output json` for
+//! scripts), and how it reads the API's errors and progress streams.
+
+use anyhow::bail;
+use strata_api::v1 as pb;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::format::Bar;
+
+/// Where to find the daemon, and how to print.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// The daemon's API: unix:///path/api.sock or http://HOST:PORT (default: api.sock in the
+    /// default data directory).
+    #[arg(long, global = true, env = "STRATA_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Same as --output json.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+impl Target {
+    fn endpoint(&self) -> String {
+        self.endpoint.clone().unwrap_or_else(|| {
+            format!(
+                "unix://{}",
+                crate::daemon::config::default_data_dir().join("api.sock").display()
+            )
+        })
+    }
+
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(strata_api::connect(&self.endpoint()).await?)
+    }
+
+    pub fn json(&self) -> bool {
+        self.json || self.output == Output::Json
+    }
+
+    /// Print `value` as JSON when asked to, else run `table`.
+    pub fn print<T: serde::Serialize>(
+        &self,
+        value: &T,
+        table: impl FnOnce(&T),
+    ) -> anyhow::Result<()> {
+        if self.json() {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            table(value);
+        }
+        Ok(())
+    }
+
+    /// Print a message (or, for JSON, `{"message": …}`).
+    pub fn done(&self, message: &str) -> anyhow::Result<()> {
+        self.print(&serde_json::json!({ "message": message }), |_| {
+            println!("{message}")
+        })
+    }
+}
+
+/// What a failed call says: the daemon's message, without gRPC's wrapping.
+pub fn api_error(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::Unavailable && s.message().contains("transport") {
+        return anyhow::anyhow!("the daemon is unreachable: {}", s.message());
+    }
+    anyhow::anyhow!("{}", s.message())
+}
+
+pub async fn follow(
+    mut stream: tonic::Streaming<pb::Progress>,
+    what: &str,
+    unit: &'static str,
+) -> anyhow::Result<String> {
+    let mut bar = Bar::new(what, unit);
+    let mut shown = false;
+    while let Some(p) = stream.next().await {
+        let p = p.map_err(api_error)?;
+        if p.total > 0 {
+            bar.update(p.done, p.total, "");
+            shown = true;
+        }
+        if p.finished {
+            if shown {
+                bar.finish();
+            }
+            return Ok(p.message);
+        }
+    }
+    bail!("the daemon ended the call without saying whether it finished")
+}
+

@@ -1,0 +1,157 @@
+//! `strata volume`: create, list, show, delete, resize.
+
+
+use anyhow::bail;
+use strata_api::v1 as pb;
+
+use super::target::{api_error, Target};
+use super::parse_size;
+use crate::format::human_bytes;
+
+/// `strata volume …`
+#[derive(Debug, clap::Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume over a device, a nexus of replicas, or a page-store image, and export it.
+    Create {
+        name: String,
+        /// Size (e.g. 1G); devices and images that do not exist are created this large.
+        #[arg(long)]
+        size: Option<String>,
+        /// A device URI (file:///…, mem://…, nbd://…).
+        #[arg(long, conflicts_with_all = ["replica", "image"])]
+        device: Option<String>,
+        /// A replica URI of a nexus volume; repeat for each.
+        #[arg(long, conflicts_with = "image")]
+        replica: Vec<String>,
+        /// A page-store image, STORE/IMAGE.
+        #[arg(long)]
+        image: Option<String>,
+        /// Do not export it over NBD.
+        #[arg(long)]
+        no_export: bool,
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List the volumes.
+    List,
+    /// Show one volume.
+    Get { name: String },
+    /// Stop serving a volume and forget it (its devices keep their data).
+    Delete {
+        name: String,
+        /// Also delete the page-store image behind it, with its snapshots.
+        #[arg(long)]
+        delete_image: bool,
+    },
+    /// Resize a page-store image volume (shrinking needs --force and discards data).
+    Resize {
+        name: String,
+        size: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> {
+    let mut c = pb::volumes_client::VolumesClient::new(target.channel().await?);
+    let show = |v: &pb::Volume| super::status::print_volume(v);
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            device,
+            replica,
+            image,
+            no_export,
+            read_only,
+            description,
+        } => {
+            use pb::volume_spec::Backing;
+            let backing = match (device, replica.is_empty(), image) {
+                (Some(d), true, None) => Backing::Device(d.clone()),
+                (None, false, None) => Backing::Nexus(pb::NexusSpec {
+                    replicas: replica.clone(),
+                    settings: None,
+                }),
+                (None, true, Some(i)) => Backing::Image(i.clone()),
+                _ => bail!(
+                    "give one of --device URI, --replica URI (repeated) or --image STORE/IMAGE"
+                ),
+            };
+            let size = size.as_deref().map(parse_size).transpose()?.unwrap_or(0);
+            let v = c
+                .create_volume(pb::CreateVolumeRequest {
+                    spec: Some(pb::VolumeSpec {
+                        name: name.clone(),
+                        size,
+                        backing: Some(backing),
+                        export: Some(!no_export),
+                        read_only: *read_only,
+                        description: description.clone(),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&v, show)
+        }
+        VolumeCommand::List => {
+            let l = c
+                .list_volumes(pb::ListVolumesRequest {})
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&l.volumes, |vols| {
+                println!(
+                    "{:<20} {:<7} {:>10} {:<9} EXPORTS",
+                    "VOLUME", "KIND", "SIZE", "STATE"
+                );
+                for v in vols {
+                    println!(
+                        "{:<20} {:<7} {:>10} {:<9} {}",
+                        v.spec.as_ref().map_or("", |s| s.name.as_str()),
+                        v.kind,
+                        human_bytes(v.size),
+                        v.state,
+                        v.exports.join(" ")
+                    );
+                }
+            })
+        }
+        VolumeCommand::Get { name } => {
+            let v = c
+                .get_volume(pb::GetVolumeRequest { name: name.clone() })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&v, show)
+        }
+        VolumeCommand::Delete { name, delete_image } => {
+            let r = c
+                .delete_volume(pb::DeleteVolumeRequest {
+                    name: name.clone(),
+                    delete_image: *delete_image,
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.done(&r.message)
+        }
+        VolumeCommand::Resize { name, size, force } => {
+            let v = c
+                .resize_volume(pb::ResizeVolumeRequest {
+                    name: name.clone(),
+                    size: parse_size(size)?,
+                    force: *force,
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&v, show)
+        }
+    }
+}
+
