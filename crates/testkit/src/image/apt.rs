@@ -19,85 +19,175 @@ const LIB_DIRS: &[&str] = &[
     "usr/lib",
 ];
 
-/// Runs `apt-get update` once per process (as root); false when it was already tried.
-pub(super) fn apt_update_once() -> Result<bool> {
-    static TRIED: AtomicBool = AtomicBool::new(false);
-    if TRIED.swap(true, Ordering::SeqCst) {
-        return Ok(false);
-    }
-    eprintln!("strata-testkit: running `apt-get update` to find the test VM's packages");
-    run_host(
-        Command::new("apt-get").args(["update", "-qq"]),
-        "update APT's package lists",
-    )?;
-    Ok(true)
+/// APT, with its binary caches (`pkgcache.bin`) kept in the VM cache: this machine's
+/// configuration may turn them off (Debian's container images do), and without them every call
+/// parses all package lists again, which takes seconds.
+#[derive(Debug, Clone)]
+pub(super) struct Apt {
+    cache: PathBuf,
 }
 
-pub(super) fn candidate_versions(packages: &[String]) -> Result<BTreeMap<String, String>> {
-    let show = run_host(
-        Command::new("apt-cache")
-            .args(["show", "--no-all-versions"])
-            .args(packages),
-        "look up package versions",
-    )?;
-    let mut versions = BTreeMap::new();
-    let mut current = None;
-    for line in show.lines() {
-        if let Some(name) = line.strip_prefix("Package: ") {
-            current = Some(name.trim().to_string());
-        } else if let Some(version) = line.strip_prefix("Version: ") {
-            if let Some(name) = current.take() {
-                versions
-                    .entry(name)
-                    .or_insert_with(|| version.trim().to_string());
+impl Apt {
+    pub(super) fn new(root: &Path) -> Result<Apt> {
+        let cache = root.join("apt");
+        fs::create_dir_all(&cache)
+            .map_err(|e| Error::io(format!("create {}", cache.display()), e))?;
+        Ok(Apt { cache })
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command
+            .arg("-o")
+            .arg(format!(
+                "Dir::Cache::pkgcache={}",
+                self.cache.join("pkgcache.bin").display()
+            ))
+            .arg("-o")
+            .arg(format!(
+                "Dir::Cache::srcpkgcache={}",
+                self.cache.join("srcpkgcache.bin").display()
+            ));
+        command
+    }
+
+    /// Runs `apt-get update` once per process (as root); false when it was already tried.
+    pub(super) fn update_once(&self) -> Result<bool> {
+        static TRIED: AtomicBool = AtomicBool::new(false);
+        if TRIED.swap(true, Ordering::SeqCst) {
+            return Ok(false);
+        }
+        eprintln!("strata-testkit: running `apt-get update` to find the test VM's packages");
+        run_host(
+            self.command("apt-get").args(["update", "-qq"]),
+            "update APT's package lists",
+        )?;
+        Ok(true)
+    }
+
+    /// The kernel package a meta-package (`linux-image-amd64`) depends on.
+    pub(super) fn kernel_package(&self, meta: &str) -> Result<String> {
+        let depends = run_host(
+            self.command("apt-cache").args(["depends", meta]),
+            "find the kernel package",
+        )?;
+        depends
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("Depends:"))
+            .map(str::trim)
+            .find(|name| name.starts_with("linux-image-"))
+            .map(str::to_string)
+            .ok_or_else(|| {
+                Error::Image(format!(
+                    "APT names no kernel for {meta}; run `apt-get update` (scripts/test.sh \
+                     does)\n{depends}"
+                ))
+            })
+    }
+
+    /// The version APT would install of each package.
+    pub(super) fn candidate_versions(
+        &self,
+        packages: &[String],
+    ) -> Result<BTreeMap<String, String>> {
+        let show = run_host(
+            self.command("apt-cache")
+                .args(["show", "--no-all-versions"])
+                .args(packages),
+            "look up package versions",
+        )?;
+        let mut versions = BTreeMap::new();
+        let mut current = None;
+        for line in show.lines() {
+            if let Some(name) = line.strip_prefix("Package: ") {
+                current = Some(name.trim().to_string());
+            } else if let Some(version) = line.strip_prefix("Version: ") {
+                if let Some(name) = current.take() {
+                    versions
+                        .entry(name)
+                        .or_insert_with(|| version.trim().to_string());
+                }
             }
         }
+        let missing: Vec<_> = packages
+            .iter()
+            .filter(|name| !versions.contains_key(*name))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Image(format!(
+                "APT has no candidate for {missing:?}; run `apt-get update` (scripts/test.sh does)"
+            )));
+        }
+        Ok(versions)
     }
-    let missing: Vec<_> = packages
-        .iter()
-        .filter(|name| !versions.contains_key(*name))
-        .collect();
-    if !missing.is_empty() {
-        return Err(Error::Image(format!(
-            "APT has no candidate for {missing:?}; run `apt-get update` (scripts/test.sh does)"
-        )));
+
+    /// For each package, the library packages it depends on (those that can hold a shared
+    /// library: `lib*`, `zlib*`).
+    pub(super) fn library_depends(
+        &self,
+        packages: &[String],
+    ) -> Result<BTreeMap<String, Vec<String>>> {
+        let depends = run_host(
+            self.command("apt-cache")
+                .args([
+                    "depends",
+                    "--no-recommends",
+                    "--no-suggests",
+                    "--no-conflicts",
+                    "--no-breaks",
+                    "--no-replaces",
+                    "--no-enhances",
+                ])
+                .args(packages),
+            "look up package dependencies",
+        )?;
+        Ok(parse_library_depends(&depends))
     }
-    Ok(versions)
+
+    /// Downloads packages (`name` or `name=version`) into `dir`.
+    fn download(&self, dir: &Path, specs: &[String]) -> Result<()> {
+        run_host(
+            self.command("apt-get")
+                .current_dir(dir)
+                .args(["download", "-qq", "-o", "APT::Sandbox::User=root"])
+                .args(specs),
+            "download the test VM's packages",
+        )?;
+        Ok(())
+    }
 }
 
-/// The library packages `package` depends on (those that can hold a shared library).
-pub(super) fn library_depends(package: &str) -> Result<Vec<String>> {
-    let depends = run_host(
-        Command::new("apt-cache").args([
-            "depends",
-            "--no-recommends",
-            "--no-suggests",
-            "--no-conflicts",
-            "--no-breaks",
-            "--no-replaces",
-            "--no-enhances",
-            package,
-        ]),
-        "look up package dependencies",
-    )?;
-    let mut out = Vec::new();
-    for line in depends.lines() {
-        let line = line.trim().trim_start_matches('|');
-        let Some(name) = line
+/// `apt-cache depends` output: a package name at the start of a line, then its relations
+/// indented (`  Depends: x`, ` |Depends: y` for alternatives, `    z` for providers of a
+/// virtual package, which are not taken).
+fn parse_library_depends(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut current = None;
+    for line in text.lines() {
+        if !line.starts_with(' ') {
+            current = Some(line.trim().to_string());
+            continue;
+        }
+        let Some(package) = current.as_ref() else {
+            continue;
+        };
+        let relation = line.trim().trim_start_matches('|');
+        let Some(name) = relation
             .strip_prefix("Depends:")
-            .or_else(|| line.strip_prefix("PreDepends:"))
+            .or_else(|| relation.strip_prefix("PreDepends:"))
         else {
             continue;
         };
         let name = name.trim();
-        if (name.starts_with("lib") || name.starts_with("zlib")) && !name.starts_with('<') {
-            let name = name.split(':').next().unwrap_or(name).to_string();
-            if !out.contains(&name) {
-                out.push(name);
+        let name = name.split(':').next().unwrap_or(name);
+        if name.starts_with("lib") || name.starts_with("zlib") {
+            let deps = out.entry(package.clone()).or_default();
+            if !deps.iter().any(|dep| dep == name) {
+                deps.push(name.to_string());
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Runs a host command; its stdout on success.
@@ -142,6 +232,7 @@ pub(super) fn run_host(command: &mut Command, what: &str) -> Result<String> {
 
 /// Downloaded and unpacked packages.
 pub(super) struct Stage {
+    apt: Apt,
     debs: PathBuf,
     pkgs: PathBuf,
     /// Package → where it is unpacked.
@@ -151,13 +242,14 @@ pub(super) struct Stage {
 }
 
 impl Stage {
-    pub(super) fn new(work: &Path) -> Result<Stage> {
+    pub(super) fn new(apt: Apt, work: &Path) -> Result<Stage> {
         match fs::remove_dir_all(work) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("remove {}", work.display()), e)),
         }
         let stage = Stage {
+            apt,
             debs: work.join("debs"),
             pkgs: work.join("pkgs"),
             unpacked: BTreeMap::new(),
@@ -172,21 +264,12 @@ impl Stage {
 
     /// Downloads (`name` or `name=version`) and unpacks each package.
     pub(super) fn fetch(&mut self, specs: &[String]) -> Result<()> {
-        let download = |debs: &Path| {
-            run_host(
-                Command::new("apt-get")
-                    .current_dir(debs)
-                    .args(["download", "-qq", "-o", "APT::Sandbox::User=root"])
-                    .args(specs),
-                "download the test VM's packages",
-            )
-        };
-        if let Err(first) = download(&self.debs) {
+        if let Err(first) = self.apt.download(&self.debs, specs) {
             // The lists may name versions the archive no longer has.
-            if !apt_update_once()? {
+            if !self.apt.update_once()? {
                 return Err(first);
             }
-            download(&self.debs)?;
+            self.apt.download(&self.debs, specs)?;
         }
         let entries = fs::read_dir(&self.debs)
             .map_err(|e| Error::io(format!("list {}", self.debs.display()), e))?;
@@ -214,6 +297,10 @@ impl Stage {
             self.files.insert(name.to_string(), deb.clone());
         }
         Ok(())
+    }
+
+    pub(super) fn apt(&self) -> &Apt {
+        &self.apt
     }
 
     pub(super) fn root(&self, package: &str) -> Result<&Path> {
@@ -282,6 +369,17 @@ fn normalize(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn library_depends_are_parsed_per_package() {
+        let text =
+            "nbd-client\n  PreDepends: debconf\n  Depends: libc6\n |Depends: libgnutls30\n  \
+                    Depends: <debconf-2.0>\n    cdebconf\n  Depends: zlib1g:amd64\n\
+                    libc6\n  Depends: libgcc-s1\n";
+        let parsed = parse_library_depends(text);
+        assert_eq!(parsed["nbd-client"], ["libc6", "libgnutls30", "zlib1g"]);
+        assert_eq!(parsed["libc6"], ["libgcc-s1"]);
+    }
 
     #[test]
     fn links_resolve_inside_the_tree() {

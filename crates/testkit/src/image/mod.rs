@@ -23,10 +23,9 @@ mod userland;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 
-use self::apt::{apt_update_once, candidate_versions, run_host, Stage};
+use self::apt::{Apt, Stage};
 use crate::cpio::Tree;
 use crate::{Error, Result};
 
@@ -135,35 +134,45 @@ pub fn prepare() -> Result<GuestImage> {
     let root = cache_root();
     fs::create_dir_all(&root)
         .map_err(|e| Error::io(format!("create the VM cache {}", root.display()), e))?;
-    let plan = Plan::find(&root)?;
+    let built = |plan: &Plan| root.join(plan.key()).join("ok").exists();
+    let plan = match Plan::remembered(&root).filter(built) {
+        Some(plan) => plan,
+        None => {
+            // Several test binaries may start at once: one asks APT and builds, the others
+            // wait here and then find the image.
+            let lock_path = root.join(".lock");
+            let lock = fs::File::create(&lock_path)
+                .map_err(|e| Error::io(format!("create {}", lock_path.display()), e))?;
+            lock.lock()
+                .map_err(|e| Error::io(format!("lock {}", lock_path.display()), e))?;
+            let apt = Apt::new(&root)?;
+            let plan = Plan::find(&root, &apt)?;
+            if !built(&plan) {
+                let out = root.join(plan.key());
+                eprintln!(
+                    "strata-testkit: building the test VM image in {} (once per package versions)",
+                    out.display()
+                );
+                let work = root.join(format!("{}.build", plan.key()));
+                let result = build(&plan, apt, &work, &out);
+                let _ = fs::remove_dir_all(&work);
+                result?;
+            }
+            plan
+        }
+    };
     let out = root.join(plan.key());
-    let mut image = GuestImage {
-        kernel: out.join("vmlinuz"),
+    let kernel = if out.join("vmlinux").exists() {
+        out.join("vmlinux")
+    } else {
+        out.join("vmlinuz")
+    };
+    let image = GuestImage {
+        kernel,
         initramfs: out.join("initramfs.cpio"),
         kernel_release: plan.kernel_release.clone(),
         packages: plan.versions.clone().into_iter().collect(),
     };
-    if !out.join("ok").exists() {
-        let lock_path = root.join(".lock");
-        let lock = fs::File::create(&lock_path)
-            .map_err(|e| Error::io(format!("create {}", lock_path.display()), e))?;
-        lock.lock()
-            .map_err(|e| Error::io(format!("lock {}", lock_path.display()), e))?;
-        // Another process may have built it while this one waited for the lock.
-        if !out.join("ok").exists() {
-            eprintln!(
-                "strata-testkit: building the test VM image in {} (once per package versions)",
-                out.display()
-            );
-            let work = root.join(format!("{}.build", plan.key()));
-            let result = build(&plan, &work, &out);
-            let _ = fs::remove_dir_all(&work);
-            result?;
-        }
-    }
-    if out.join("vmlinux").exists() {
-        image.kernel = out.join("vmlinux");
-    }
     *prepared = Some(image.clone());
     Ok(image)
 }
@@ -177,26 +186,30 @@ struct Plan {
 }
 
 impl Plan {
+    /// The plan remembered for APT's current package lists, if any.
+    fn remembered(root: &Path) -> Option<Plan> {
+        Plan::load(&root.join(format!("plan-{:016x}", apt_fingerprint())))
+    }
+
     /// The plan for APT's current package lists: remembered in the cache (asking APT takes
-    /// seconds), else asked for.
-    fn find(root: &Path) -> Result<Plan> {
-        let remembered = root.join(format!("plan-{:016x}", apt_fingerprint()));
-        if let Some(plan) = Plan::load(&remembered) {
+    /// seconds), else asked for and remembered.
+    fn find(root: &Path, apt: &Apt) -> Result<Plan> {
+        if let Some(plan) = Plan::remembered(root) {
             return Ok(plan);
         }
-        let plan = match Plan::query() {
+        let plan = match Plan::query(apt) {
             Ok(plan) => plan,
             Err(first) => {
                 // A fresh machine may have no package lists yet.
-                if !apt_update_once()? {
+                if !apt.update_once()? {
                     return Err(first);
                 }
-                Plan::query()?
+                Plan::query(apt)?
             }
         };
         // Under the fingerprint of the lists the answer came from (an update changes it).
         let remembered = root.join(format!("plan-{:016x}", apt_fingerprint()));
-        let staging = remembered.with_extension(format!("tmp{}", std::process::id()));
+        let staging = remembered.with_extension("tmp");
         fs::write(&staging, plan.to_text())
             .and_then(|()| fs::rename(&staging, &remembered))
             .map_err(|e| Error::io(format!("write {}", remembered.display()), e))?;
@@ -241,30 +254,15 @@ impl Plan {
         })
     }
 
-    fn query() -> Result<Plan> {
-        let depends = run_host(
-            Command::new("apt-cache").args(["depends", KERNEL_META_PACKAGE]),
-            "find the kernel package",
-        )?;
-        let kernel_package = depends
-            .lines()
-            .filter_map(|line| line.trim().strip_prefix("Depends:"))
-            .map(str::trim)
-            .find(|name| name.starts_with("linux-image-"))
-            .ok_or_else(|| {
-                Error::Image(format!(
-                    "APT names no kernel for {KERNEL_META_PACKAGE}; run `apt-get update` \
-                     (scripts/test.sh does)\n{depends}"
-                ))
-            })?
-            .to_string();
+    fn query(apt: &Apt) -> Result<Plan> {
+        let kernel_package = apt.kernel_package(KERNEL_META_PACKAGE)?;
         let kernel_release = kernel_package
             .strip_prefix("linux-image-")
             .unwrap_or(&kernel_package)
             .to_string();
         let mut packages = vec![kernel_package.clone(), BUSYBOX_PACKAGE.to_string()];
         packages.extend(TOOLS.iter().map(|tool| tool.package.to_string()));
-        let versions = candidate_versions(&packages)?;
+        let versions = apt.candidate_versions(&packages)?;
         Ok(Plan {
             kernel_package,
             kernel_release,
@@ -386,8 +384,8 @@ fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")
 }
 
-fn build(plan: &Plan, work: &Path, out: &Path) -> Result<()> {
-    let mut stage = Stage::new(work)?;
+fn build(plan: &Plan, apt: Apt, work: &Path, out: &Path) -> Result<()> {
+    let mut stage = Stage::new(apt, work)?;
     let specs: Vec<String> = plan
         .versions
         .iter()

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use super::apt::{library_depends, resolve_in, run_host, Stage};
+use super::apt::{resolve_in, run_host, Stage};
 use super::Tool;
 use crate::cpio::{Entry, Tree};
 use crate::{elf, Error, Result};
@@ -91,42 +91,63 @@ pub(super) fn add_tools(
     }
 
     let mut libraries = BTreeMap::new();
-    while let Some((what, package, data)) = queue.pop_front() {
-        let needed = elf::needed(&data).map_err(|e| Error::Image(format!("read {what}: {e}")))?;
-        for soname in needed {
-            if libraries.contains_key(&soname) {
-                continue;
-            }
-            let (owner, file) = match stage.find_library(&soname) {
-                Some(found) => found,
-                None => {
-                    let candidates: Vec<String> = library_depends(&package)?
-                        .into_iter()
-                        .filter(|dep| !stage.unpacked.contains_key(dep))
-                        .collect();
-                    if !candidates.is_empty() {
-                        stage.fetch(&candidates)?;
-                    }
-                    stage.find_library(&soname).ok_or_else(|| {
-                        Error::Image(format!(
-                            "{soname}, needed by {what} (package {package}), is in none of its \
-                             library dependencies {candidates:?}"
-                        ))
-                    })?
+    loop {
+        // Sonames no unpacked package has, with who needs them: fetched in one round below.
+        let mut waiting = Vec::new();
+        let mut missing = BTreeMap::new();
+        while let Some((what, package, data)) = queue.pop_front() {
+            let needed =
+                elf::needed(&data).map_err(|e| Error::Image(format!("read {what}: {e}")))?;
+            let mut complete = true;
+            for soname in needed {
+                if libraries.contains_key(&soname) {
+                    continue;
                 }
-            };
-            let bytes =
-                fs::read(&file).map_err(|e| Error::io(format!("read {}", file.display()), e))?;
-            tree.insert(
-                &format!("{GUEST_LIB_DIR}/{soname}"),
-                Entry::File {
-                    perm: 0o755,
-                    data: bytes.clone(),
-                },
-            );
-            queue.push_back((soname.clone(), owner.clone(), bytes));
-            libraries.insert(soname, owner);
+                let Some((owner, file)) = stage.find_library(&soname) else {
+                    missing.insert(soname, (what.clone(), package.clone()));
+                    complete = false;
+                    continue;
+                };
+                let bytes = fs::read(&file)
+                    .map_err(|e| Error::io(format!("read {}", file.display()), e))?;
+                tree.insert(
+                    &format!("{GUEST_LIB_DIR}/{soname}"),
+                    Entry::File {
+                        perm: 0o755,
+                        data: bytes.clone(),
+                    },
+                );
+                queue.push_back((soname.clone(), owner.clone(), bytes));
+                libraries.insert(soname, owner);
+            }
+            if !complete {
+                waiting.push((what, package, data));
+            }
         }
+        if missing.is_empty() {
+            break;
+        }
+        // Debian packages depend on the packages of the libraries they link to.
+        let needers: BTreeSet<String> = missing.values().map(|(_, p)| p.clone()).collect();
+        let needers: Vec<String> = needers.into_iter().collect();
+        let candidates: BTreeSet<String> = stage
+            .apt()
+            .library_depends(&needers)?
+            .into_values()
+            .flatten()
+            .filter(|dep| !stage.unpacked.contains_key(dep))
+            .collect();
+        if candidates.is_empty() {
+            let (soname, (what, package)) = missing
+                .into_iter()
+                .next()
+                .expect("missing is not empty here");
+            return Err(Error::Image(format!(
+                "{soname}, needed by {what} (package {package}), is in no package it depends on"
+            )));
+        }
+        stage.fetch(&candidates.into_iter().collect::<Vec<_>>())?;
+        queue.extend(waiting);
     }
     if libraries.contains_key(LOADER) {
         tree.insert(
