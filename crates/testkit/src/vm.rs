@@ -352,6 +352,10 @@ impl Vm {
     /// returns its exit status and output (stdout and stderr together). Waits at most
     /// `timeout`; a command that timed out may still be running in the guest, and later
     /// commands wait behind it.
+    ///
+    /// The guest runs one command at a time (calls from several threads queue). The output
+    /// crosses an emulated serial line: keep it to what the test reads, and send what a
+    /// command left running in the background (`cmd > /tmp/log 2>&1 &`) prints to a file.
     pub fn run(&self, command: &str, timeout: Duration) -> Result<(i32, String)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let from = self.shared.lock().serial.len();

@@ -157,6 +157,7 @@ pub fn prepare() -> Result<GuestImage> {
                 let result = build(&plan, apt, &work, &out);
                 let _ = fs::remove_dir_all(&work);
                 result?;
+                prune(&root, &plan.key());
             }
             plan
         }
@@ -175,6 +176,36 @@ pub fn prepare() -> Result<GuestImage> {
     };
     *prepared = Some(image.clone());
     Ok(image)
+}
+
+/// Removes images and plans other than `keep` (older package versions), and what an
+/// interrupted build left. Called with the lock held, after a build.
+fn prune(root: &Path, keep: &str) {
+    let current_plan = format!("plan-{:016x}", apt_fingerprint());
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.filter_map(|entry| entry.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with("plan-") && name != current_plan {
+            let _ = fs::remove_file(&path);
+        } else if name != keep && name != "apt" && path.is_dir() && is_image_dir(&name) {
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// `<release>-<16 hex digits>`, optionally `.build` or `.tmp`: a directory [`prepare`] made.
+fn is_image_dir(name: &str) -> bool {
+    let stem = name
+        .strip_suffix(".build")
+        .or_else(|| name.strip_suffix(".tmp"))
+        .unwrap_or(name);
+    !name.starts_with("plan-")
+        && stem.rsplit_once('-').is_some_and(|(release, hash)| {
+            !release.is_empty() && hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit())
+        })
 }
 
 /// Which packages, at which versions.
@@ -443,6 +474,16 @@ fn build(plan: &Plan, apt: Apt, work: &Path, out: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_directories_are_recognized() {
+        assert!(is_image_dir("6.1.0-57-amd64-e0dfd0e77fdb3f06"));
+        assert!(is_image_dir("6.1.0-57-amd64-e0dfd0e77fdb3f06.build"));
+        assert!(is_image_dir("6.1.0-57-amd64-e0dfd0e77fdb3f06.tmp"));
+        assert!(!is_image_dir("apt"));
+        assert!(!is_image_dir("plan-e0dfd0e77fdb3f06"));
+        assert!(!is_image_dir("6.1.0-57-amd64"));
+    }
 
     #[test]
     fn plans_are_remembered_as_text() {
