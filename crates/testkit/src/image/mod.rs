@@ -434,7 +434,9 @@ fn build(plan: &Plan, apt: Apt, work: &Path, out: &Path) -> Result<()> {
     userland::add_busybox(&mut tree, &stage, BUSYBOX_PACKAGE, &tool_names)?;
 
     // Write the result next to its final place, then move it there in one step.
-    let staging = out.with_extension("tmp");
+    let mut staging = out.as_os_str().to_owned();
+    staging.push(".tmp");
+    let staging = PathBuf::from(staging);
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging)
         .map_err(|e| Error::io(format!("create {}", staging.display()), e))?;
