@@ -214,44 +214,7 @@ impl FileDevice {
             })?;
         }
 
-        let size = match (kind, created, options.size) {
-            (Kind::Regular, true, Some(size)) => {
-                file.set_len(size)
-                    .map_err(|e| Error::io(format!("create {name} with {size} bytes"), e))?;
-                size
-            }
-            (Kind::Regular, _, _) => {
-                // Stat again: the size may have changed before the lock was ours.
-                file.metadata()
-                    .map_err(|e| Error::io(format!("stat {name}"), e))?
-                    .len()
-            }
-            (Kind::Block, _, _) => sys::lseek(&file, 0, libc::SEEK_END)
-                .map_err(|e| Error::io(format!("find the size of block device {name}"), e))?,
-        };
-        if let Some(want) = options.size.filter(|&want| want != size) {
-            let hint = match kind {
-                Kind::Regular => format!(" (e.g. truncate -s {want} {name})"),
-                Kind::Block => String::new(),
-            };
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "open {name}: it is {size} bytes, but size={want} was asked for; Strata never \
-                     resizes or truncates existing data: leave size= out to use it at {size} \
-                     bytes, or resize it yourself first{hint}"
-                ),
-            ));
-        }
-        if size == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "open {name}: it is empty (0 bytes); give it a size first (truncate -s 1G \
-                     {name}), or remove it and open it with size= to have it created"
-                ),
-            ));
-        }
+        let size = settled_size(&file, path, kind, created, options.size)?;
 
         let sector = match kind {
             Kind::Block => u64::from(
@@ -457,6 +420,57 @@ fn open_or_create(path: &Path, options: &FileOptions) -> Result<(File, bool)> {
             .map_err(|e| Error::io(format!("open {name}"), e)),
         Err(e) => Err(Error::io(format!("create {name}"), e)),
     }
+}
+
+/// The size of an opened file or block device: set on a file just created, else read, and
+/// checked against the size asked for (existing data is never resized).
+fn settled_size(
+    file: &File,
+    path: &Path,
+    kind: Kind,
+    created: bool,
+    want: Option<u64>,
+) -> Result<u64> {
+    let name = path.display();
+    let size = match (kind, created, want) {
+        (Kind::Regular, true, Some(size)) => {
+            file.set_len(size)
+                .map_err(|e| Error::io(format!("create {name} with {size} bytes"), e))?;
+            size
+        }
+        (Kind::Regular, _, _) => {
+            // Stat again: the size may have changed before the lock was ours.
+            file.metadata()
+                .map_err(|e| Error::io(format!("stat {name}"), e))?
+                .len()
+        }
+        (Kind::Block, _, _) => sys::lseek(&file, 0, libc::SEEK_END)
+            .map_err(|e| Error::io(format!("find the size of block device {name}"), e))?,
+    };
+    if let Some(want) = want.filter(|&want| want != size) {
+        let hint = match kind {
+            Kind::Regular => format!(" (e.g. truncate -s {want} {name})"),
+            Kind::Block => String::new(),
+        };
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "open {name}: it is {size} bytes, but size={want} was asked for; Strata never \
+                 resizes or truncates existing data: leave size= out to use it at {size} \
+                 bytes, or resize it yourself first{hint}"
+            ),
+        ));
+    }
+    if size == 0 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "open {name}: it is empty (0 bytes); give it a size first (truncate -s 1G \
+                 {name}), or remove it and open it with size= to have it created"
+            ),
+        ));
+    }
+    Ok(size)
 }
 
 /// Turn on `O_DIRECT` and work out its alignment: `(block size, memory alignment)`.

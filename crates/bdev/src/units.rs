@@ -188,6 +188,8 @@ mod tests {
         assert!(parse(r#"{"size": -1}"#).unwrap_err().contains("negative"));
         assert!(parse(r#"{"size": 1.5}"#).unwrap_err().contains("whole"));
         assert!(parse(r#"{"every": -2}"#).unwrap_err().contains("seconds"));
-        assert!(parse(r#"{"limit": 1e300}"#).unwrap_err().contains("31 years"));
+        assert!(parse(r#"{"limit": 1e300}"#)
+            .unwrap_err()
+            .contains("31 years"));
     }
 }

@@ -236,4 +236,3 @@ async fn watch(
         other => bail!("rebuild of replica {child} of {volume} {other}"),
     }
 }
-

@@ -1,6 +1,5 @@
 //! `strata export`: which protocols volumes are served over.
 
-
 use strata_api::v1 as pb;
 
 use super::target::{api_error, Target};

@@ -39,9 +39,13 @@ pub async fn gc(target: &Target, args: &GcArgs) -> anyhow::Result<()> {
         grace: std::time::Duration::from_secs(args.grace_secs),
         retention: std::time::Duration::from_secs(args.retention_secs),
     };
-    let reports = run_once(&stores, args.store.as_deref(), &settings.options(args.dry_run))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let reports = run_once(
+        &stores,
+        args.store.as_deref(),
+        &settings.options(args.dry_run),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     if target.json() {
         let v: Vec<serde_json::Value> = reports
             .iter()

@@ -8,9 +8,9 @@ use strata_api::v1 as pb;
 use strata_api::v1::images_client::ImagesClient;
 
 use super::parse_size;
+use super::target::{api_error, follow, Target};
 use crate::daemon::config::Config;
 use crate::daemon::manager::{resize_offline, ImageKey, Stores};
-use super::target::{api_error, follow, Target};
 use crate::format::{human_bytes, when};
 
 /// `strata snapshot …`

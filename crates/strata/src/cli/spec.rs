@@ -79,4 +79,3 @@ pub async fn spec(target: &Target, cmd: &SpecCommand) -> anyhow::Result<()> {
         .into_inner();
     target.print(&r, |r| print!("{}", r.spec))
 }
-

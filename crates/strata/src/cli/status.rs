@@ -1,6 +1,5 @@
 //! `strata status` and `strata node`: what a daemon serves and how it is doing.
 
-
 use anyhow::bail;
 use strata_api::v1 as pb;
 
@@ -124,7 +123,10 @@ pub(super) fn print_volume(v: &pb::Volume) {
                 "running" | "paused" => "rebuild",
                 _ => "last rebuild",
             };
-            line.push_str(&format!("\n       {label}: {}", super::child::rebuild_line(r)));
+            line.push_str(&format!(
+                "\n       {label}: {}",
+                super::child::rebuild_line(r)
+            ));
         }
         println!("{line}");
     }
@@ -219,4 +221,3 @@ pub async fn node(target: &Target, cmd: &NodeCommand) -> anyhow::Result<()> {
         }
     }
 }
-

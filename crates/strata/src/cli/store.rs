@@ -1,6 +1,5 @@
 //! `strata store`: page stores.
 
-
 use anyhow::{bail, Context};
 use strata_api::v1 as pb;
 
@@ -140,4 +139,3 @@ pub async fn store(target: &Target, cmd: &StoreCommand) -> anyhow::Result<()> {
         }
     }
 }
-

@@ -34,7 +34,9 @@ impl Target {
         self.endpoint.clone().unwrap_or_else(|| {
             format!(
                 "unix://{}",
-                crate::daemon::config::default_data_dir().join("api.sock").display()
+                crate::daemon::config::default_data_dir()
+                    .join("api.sock")
+                    .display()
             )
         })
     }
@@ -99,4 +101,3 @@ pub async fn follow(
     }
     bail!("the daemon ended the call without saying whether it finished")
 }
-

@@ -1,11 +1,10 @@
 //! `strata volume`: create, list, show, delete, resize.
 
-
 use anyhow::bail;
 use strata_api::v1 as pb;
 
-use super::target::{api_error, Target};
 use super::parse_size;
+use super::target::{api_error, Target};
 use crate::format::human_bytes;
 
 /// `strata volume …`
@@ -154,4 +153,3 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
         }
     }
 }
-

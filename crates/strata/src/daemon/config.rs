@@ -38,8 +38,7 @@ use strata_nexus::NexusSettings;
 
 use super::manager::gc::GcSettings;
 use super::manager::{
-    Backing, ImageDecl, ImageKey, NexusDecl, Protocol, StoreFactory, VolumeDecl,
-    DEFAULT_PAGE_SIZE,
+    Backing, ImageDecl, ImageKey, NexusDecl, Protocol, StoreFactory, VolumeDecl, DEFAULT_PAGE_SIZE,
 };
 
 /// A byte size written as a number or a string with a unit ("64M").
@@ -517,7 +516,9 @@ impl VolumeConfig {
             None => Protocol::defaults(),
             Some(list) => list
                 .iter()
-                .map(|p| Protocol::parse(p).map_err(|e| anyhow::anyhow!("volume {name:?}: exports: {e}")))
+                .map(|p| {
+                    Protocol::parse(p).map_err(|e| anyhow::anyhow!("volume {name:?}: exports: {e}"))
+                })
                 .collect::<anyhow::Result<_>>()?,
         };
         let d = VolumeDecl {
@@ -539,9 +540,15 @@ impl VolumeConfig {
 fn image_backing(volume: &str, uri: &str) -> anyhow::Result<(Backing, u64)> {
     let mut u = strata_bdev::DeviceUri::parse(uri)
         .map_err(|e| anyhow::anyhow!("volume {volume:?}: {}", e.chain()))?;
-    let key = ImageKey::parse(&format!("{}/{}", u.authority, u.path.trim_start_matches('/')))
-        .map_err(|e| anyhow::anyhow!("volume {volume:?}: uri {uri:?}: {e}"))?;
-    let size = u.take_size("size").map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
+    let key = ImageKey::parse(&format!(
+        "{}/{}",
+        u.authority,
+        u.path.trim_start_matches('/')
+    ))
+    .map_err(|e| anyhow::anyhow!("volume {volume:?}: uri {uri:?}: {e}"))?;
+    let size = u
+        .take_size("size")
+        .map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
     let page = u
         .take_size("page_size")
         .map_err(|e| anyhow::anyhow!("{}", e.chain()))?
@@ -550,7 +557,10 @@ fn image_backing(volume: &str, uri: &str) -> anyhow::Result<(Backing, u64)> {
         .map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
     let page_size = u32::try_from(page)
         .map_err(|_| anyhow::anyhow!("volume {volume:?}: page_size {page} is too large"))?;
-    Ok((Backing::Image(ImageDecl { key, page_size }), size.unwrap_or(0)))
+    Ok((
+        Backing::Image(ImageDecl { key, page_size }),
+        size.unwrap_or(0),
+    ))
 }
 
 impl Config {

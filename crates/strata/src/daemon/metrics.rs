@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use tokio_util::sync::CancellationToken;
 
-use super::manager::Manager;
+use super::manager::{Managed, Manager};
 
 /// Escape a label value.
 fn esc(v: &str) -> String {
@@ -130,29 +130,10 @@ impl Exposition {
     }
 }
 
-/// The exposition of everything the daemon measures.
-pub async fn render(manager: &Manager) -> String {
-    let mut e = Exposition::default();
-    e.gauge(
-        "strata_build_info",
-        "The running version.",
-        &[("version", env!("CARGO_PKG_VERSION"))],
-        1,
-    );
-    e.gauge(
-        "strata_state_store_available",
-        "1 while the state store answers; at 0, volumes serve but changes are refused.",
-        &[("store", &manager.state.describe())],
-        u64::from(manager.state.available().await),
-    );
-    e.gauge(
-        "strata_reconcile_problems",
-        "Declared volumes that reconciliation could not make as declared.",
-        &[],
-        manager.problems().len() as u64,
-    );
-    let mut stores_seen = std::collections::BTreeSet::new();
-    for m in manager.volumes() {
+impl Exposition {
+    /// A volume's size, request counters and latencies.
+    fn volume(&mut self, m: &Managed) {
+        let e = self;
         let name = m.name.clone();
         let v = name.as_str();
         let s = m.stats();
@@ -186,147 +167,192 @@ pub async fn render(manager: &Manager) -> String {
                 h,
             );
         }
-        if let Some(n) = m.nexus() {
-            for (i, c) in n.status().children.iter().enumerate() {
-                let idx = i.to_string();
-                let state = match &c.state {
-                    strata_nexus::ChildState::Online => "online",
-                    strata_nexus::ChildState::Rebuilding => "rebuilding",
-                    strata_nexus::ChildState::Faulted(_) => "faulted",
-                    strata_nexus::ChildState::Offline => "offline",
-                };
-                for st in ["online", "rebuilding", "faulted", "offline"] {
-                    e.gauge(
-                        "strata_nexus_child_state",
-                        "1 for the state a replica is in, 0 for the others.",
-                        &[
-                            ("volume", v),
-                            ("child", &idx),
-                            ("uri", &c.name),
-                            ("state", st),
-                        ],
-                        u64::from(st == state),
+    }
+
+    /// A nexus's replicas and rebuilds.
+    fn nexus(&mut self, v: &str, n: &strata_nexus::Nexus) {
+        let e = self;
+        for (i, c) in n.status().children.iter().enumerate() {
+            let idx = i.to_string();
+            let state = match &c.state {
+                strata_nexus::ChildState::Online => "online",
+                strata_nexus::ChildState::Rebuilding => "rebuilding",
+                strata_nexus::ChildState::Faulted(_) => "faulted",
+                strata_nexus::ChildState::Offline => "offline",
+            };
+            for st in ["online", "rebuilding", "faulted", "offline"] {
+                e.gauge(
+                    "strata_nexus_child_state",
+                    "1 for the state a replica is in, 0 for the others.",
+                    &[
+                        ("volume", v),
+                        ("child", &idx),
+                        ("uri", &c.name),
+                        ("state", st),
+                    ],
+                    u64::from(st == state),
+                );
+            }
+            if let Some(r) = &c.rebuild {
+                let l = [("volume", v), ("child", idx.as_str())];
+                e.gauge(
+                    "strata_rebuild_total_bytes",
+                    "Bytes the current or last rebuild of a replica copies.",
+                    &l,
+                    r.total_bytes,
+                );
+                e.gauge(
+                    "strata_rebuild_done_bytes",
+                    "Bytes the current or last rebuild of a replica has copied or zeroed.",
+                    &l,
+                    r.done_bytes,
+                );
+                e.gauge(
+                    "strata_rebuild_running",
+                    "1 while a rebuild of the replica runs (or is paused).",
+                    &l,
+                    u64::from(matches!(
+                        r.state,
+                        strata_nexus::RebuildState::Running | strata_nexus::RebuildState::Paused
+                    )),
+                );
+            }
+        }
+    }
+
+    /// A page-store image's buffer, checkpoints, cache, and (once per store) its store's
+    /// requests.
+    fn image(
+        &mut self,
+        m: &Managed,
+        i: &strata_pagestore::Image,
+        stores_seen: &mut std::collections::BTreeSet<String>,
+    ) {
+        let e = self;
+        let v = m.name.as_str();
+        let st = i.stats();
+        let l = [("volume", v)];
+        e.gauge(
+            "strata_image_wal_bytes",
+            "Bytes in an image's write-ahead buffer, not yet checkpointed to its store.",
+            &l,
+            i.buffered_bytes().1,
+        );
+        e.counter(
+            "strata_image_checkpoints_total",
+            "Checkpoints of an image's write buffer into its store.",
+            &l,
+            st.checkpoints.load(Relaxed),
+        );
+        e.counter(
+            "strata_image_compactions_total",
+            "Compactions of an image's segments.",
+            &l,
+            st.compactions.load(Relaxed),
+        );
+        let (mem, disk, miss) = (
+            st.cache_hits.load(Relaxed),
+            st.disk_cache_hits.load(Relaxed),
+            st.cache_misses.load(Relaxed),
+        );
+        for (tier, n) in [("memory", mem), ("disk", disk), ("store", miss)] {
+            e.counter(
+                "strata_image_page_reads_total",
+                "Pages an image read, by where they came from (store = a cache miss).",
+                &[("volume", v), ("tier", tier)],
+                n,
+            );
+        }
+        let total = mem + disk + miss;
+        e.family(
+            "strata_image_cache_hit_ratio",
+            "gauge",
+            "Share of page reads served from memory or the disk cache since start.",
+        );
+        let ratio = if total == 0 {
+            1.0
+        } else {
+            (mem + disk) as f64 / total as f64
+        };
+        e.sample("strata_image_cache_hit_ratio", &l, ratio);
+        e.gauge(
+            "strata_image_fenced",
+            "1 if the image stopped writing because another writer took it over.",
+            &l,
+            u64::from(i.fenced().is_some()),
+        );
+        if let Some(key) = m.decl().image() {
+            let store = key.store.clone();
+            if stores_seen.insert(store.clone()) {
+                let ss = i.store_stats();
+                let [gets, puts, lists, deletes, errors, retries] = ss.counts();
+                for (op, n) in [
+                    ("get", gets),
+                    ("put", puts),
+                    ("list", lists),
+                    ("delete", deletes),
+                ] {
+                    e.counter(
+                        "strata_store_requests_total",
+                        "Requests to an object store, by operation.",
+                        &[("store", &store), ("op", op)],
+                        n,
                     );
                 }
-                if let Some(r) = &c.rebuild {
-                    let l = [("volume", v), ("child", idx.as_str())];
-                    e.gauge(
-                        "strata_rebuild_total_bytes",
-                        "Bytes the current or last rebuild of a replica copies.",
-                        &l,
-                        r.total_bytes,
-                    );
-                    e.gauge(
-                        "strata_rebuild_done_bytes",
-                        "Bytes the current or last rebuild of a replica has copied or zeroed.",
-                        &l,
-                        r.done_bytes,
-                    );
-                    e.gauge(
-                        "strata_rebuild_running",
-                        "1 while a rebuild of the replica runs (or is paused).",
-                        &l,
-                        u64::from(matches!(
-                            r.state,
-                            strata_nexus::RebuildState::Running
-                                | strata_nexus::RebuildState::Paused
-                        )),
+                e.counter(
+                    "strata_store_errors_total",
+                    "Object store requests that failed after their retries.",
+                    &[("store", &store)],
+                    errors,
+                );
+                e.counter(
+                    "strata_store_retries_total",
+                    "Object store requests retried.",
+                    &[("store", &store)],
+                    retries,
+                );
+                for (direction, n) in [("get", &ss.bytes_got), ("put", &ss.bytes_put)] {
+                    e.counter(
+                        "strata_store_bytes_total",
+                        "Bytes moved to (put) and from (get) an object store.",
+                        &[("store", &store), ("direction", direction)],
+                        n.load(Relaxed),
                     );
                 }
             }
         }
+    }
+}
+
+/// The exposition of everything the daemon measures.
+pub async fn render(manager: &Manager) -> String {
+    let mut e = Exposition::default();
+    e.gauge(
+        "strata_build_info",
+        "The running version.",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1,
+    );
+    e.gauge(
+        "strata_state_store_available",
+        "1 while the state store answers; at 0, volumes serve but changes are refused.",
+        &[("store", &manager.state.describe())],
+        u64::from(manager.state.available().await),
+    );
+    e.gauge(
+        "strata_reconcile_problems",
+        "Declared volumes that reconciliation could not make as declared.",
+        &[],
+        manager.problems().len() as u64,
+    );
+    let mut stores_seen = std::collections::BTreeSet::new();
+    for m in manager.volumes() {
+        e.volume(&m);
+        if let Some(n) = m.nexus() {
+            e.nexus(&m.name, n);
+        }
         if let Some(i) = m.image() {
-            let st = i.stats();
-            let l = [("volume", v)];
-            e.gauge(
-                "strata_image_wal_bytes",
-                "Bytes in an image's write-ahead buffer, not yet checkpointed to its store.",
-                &l,
-                i.buffered_bytes().1,
-            );
-            e.counter(
-                "strata_image_checkpoints_total",
-                "Checkpoints of an image's write buffer into its store.",
-                &l,
-                st.checkpoints.load(Relaxed),
-            );
-            e.counter(
-                "strata_image_compactions_total",
-                "Compactions of an image's segments.",
-                &l,
-                st.compactions.load(Relaxed),
-            );
-            let (mem, disk, miss) = (
-                st.cache_hits.load(Relaxed),
-                st.disk_cache_hits.load(Relaxed),
-                st.cache_misses.load(Relaxed),
-            );
-            for (tier, n) in [("memory", mem), ("disk", disk), ("store", miss)] {
-                e.counter(
-                    "strata_image_page_reads_total",
-                    "Pages an image read, by where they came from (store = a cache miss).",
-                    &[("volume", v), ("tier", tier)],
-                    n,
-                );
-            }
-            let total = mem + disk + miss;
-            e.family(
-                "strata_image_cache_hit_ratio",
-                "gauge",
-                "Share of page reads served from memory or the disk cache since start.",
-            );
-            let ratio = if total == 0 {
-                1.0
-            } else {
-                (mem + disk) as f64 / total as f64
-            };
-            e.sample("strata_image_cache_hit_ratio", &l, ratio);
-            e.gauge(
-                "strata_image_fenced",
-                "1 if the image stopped writing because another writer took it over.",
-                &l,
-                u64::from(i.fenced().is_some()),
-            );
-            if let Some(key) = m.decl().image() {
-                let store = key.store.clone();
-                if stores_seen.insert(store.clone()) {
-                    let ss = i.store_stats();
-                    let [gets, puts, lists, deletes, errors, retries] = ss.counts();
-                    for (op, n) in [
-                        ("get", gets),
-                        ("put", puts),
-                        ("list", lists),
-                        ("delete", deletes),
-                    ] {
-                        e.counter(
-                            "strata_store_requests_total",
-                            "Requests to an object store, by operation.",
-                            &[("store", &store), ("op", op)],
-                            n,
-                        );
-                    }
-                    e.counter(
-                        "strata_store_errors_total",
-                        "Object store requests that failed after their retries.",
-                        &[("store", &store)],
-                        errors,
-                    );
-                    e.counter(
-                        "strata_store_retries_total",
-                        "Object store requests retried.",
-                        &[("store", &store)],
-                        retries,
-                    );
-                    for (direction, n) in [("get", &ss.bytes_got), ("put", &ss.bytes_put)] {
-                        e.counter(
-                            "strata_store_bytes_total",
-                            "Bytes moved to (put) and from (get) an object store.",
-                            &[("store", &store), ("direction", direction)],
-                            n.load(Relaxed),
-                        );
-                    }
-                }
-            }
+            e.image(&m, i, &mut stores_seen);
         }
     }
     e.finish()

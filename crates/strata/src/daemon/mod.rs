@@ -141,7 +141,11 @@ impl Daemon {
         Ok(daemon)
     }
 
-    fn spawn(&mut self, what: &'static str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    fn spawn(
+        &mut self,
+        what: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         self.tasks.push((what, tokio::spawn(task)));
     }
 
@@ -199,7 +203,9 @@ impl Daemon {
         let l = bind_unix(&path)?;
         // Whoever can connect can change every volume: the daemon's user only.
         set_mode(&path, 0o600)?;
-        self.listening.api.push(format!("unix://{}", path.display()));
+        self.listening
+            .api
+            .push(format!("unix://{}", path.display()));
         self.sockets.push(path);
         let stop = self.stop.clone();
         let r = routes.clone();
@@ -217,7 +223,9 @@ impl Daemon {
             let l = TcpListener::bind(addr).await.with_context(|| {
                 format!("gRPC API: listen on {addr} (is the port taken? set [api] listen or pass --api-listen)")
             })?;
-            self.listening.api.push(format!("http://{}", l.local_addr()?));
+            self.listening
+                .api
+                .push(format!("http://{}", l.local_addr()?));
             let stop = self.stop.clone();
             let r = routes.clone();
             self.spawn("api", async move {

@@ -17,7 +17,11 @@ type RebuildStream = Pin<Box<dyn Stream<Item = Result<pb::Rebuild, Status>> + Se
 
 impl Api {
     /// The reply to a call that changed replica `c` of `volume`.
-    fn child_reply(&self, volume: &str, done: OpResult<(ChildRef, String)>) -> Reply<pb::ChildResponse> {
+    fn child_reply(
+        &self,
+        volume: &str,
+        done: OpResult<(ChildRef, String)>,
+    ) -> Reply<pb::ChildResponse> {
         let (c, message) = done.map_err(status)?;
         let (_, n) = self.manager.nexus_of(volume).map_err(status)?;
         Ok(Response::new(pb::ChildResponse {

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use strata_api::v1 as pb;
 use strata_bdev::BlockDevice;
-use strata_nexus::{ChildState, Nexus, NexusSettings, RebuildOutcome, RebuildProgress, RebuildState};
+use strata_nexus::{
+    ChildState, Nexus, NexusSettings, RebuildOutcome, RebuildProgress, RebuildState,
+};
 use tonic::Status;
 
 use super::status;
@@ -62,27 +64,26 @@ fn settings_msg(s: &NexusSettings) -> pb::NexusSettings {
 
 /// A volume spec from the wire, validated.
 pub fn decl(s: pb::VolumeSpec) -> Result<VolumeDecl, Status> {
-    let backing = match s.backing {
-        Some(pb::volume_spec::Backing::Device(u)) => Backing::Device(u),
-        Some(pb::volume_spec::Backing::Nexus(n)) => Backing::Nexus(NexusDecl {
-            replicas: n.replicas,
-            settings: settings_from(n.settings)?,
-        }),
-        Some(pb::volume_spec::Backing::Image(k)) => Backing::Image(ImageDecl {
-            key: ImageKey::parse(&k)
-                .map_err(|e| status(OpError::invalid(format!("spec.image: {e}"))))?,
-            page_size: if s.page_size == 0 {
-                DEFAULT_PAGE_SIZE
-            } else {
-                s.page_size
-            },
-        }),
-        None => {
-            return Err(Status::invalid_argument(
+    let backing =
+        match s.backing {
+            Some(pb::volume_spec::Backing::Device(u)) => Backing::Device(u),
+            Some(pb::volume_spec::Backing::Nexus(n)) => Backing::Nexus(NexusDecl {
+                replicas: n.replicas,
+                settings: settings_from(n.settings)?,
+            }),
+            Some(pb::volume_spec::Backing::Image(k)) => Backing::Image(ImageDecl {
+                key: ImageKey::parse(&k)
+                    .map_err(|e| status(OpError::invalid(format!("spec.image: {e}"))))?,
+                page_size: if s.page_size == 0 {
+                    DEFAULT_PAGE_SIZE
+                } else {
+                    s.page_size
+                },
+            }),
+            None => return Err(Status::invalid_argument(
                 "spec.backing: give a device URI, a nexus of replicas, or an image (STORE/IMAGE)",
-            ))
-        }
-    };
+            )),
+        };
     let exports = match s.export {
         Some(false) => Default::default(),
         _ if s.protocols.is_empty() => Protocol::defaults(),

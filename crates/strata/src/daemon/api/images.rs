@@ -72,7 +72,12 @@ impl pb::images_server::Images for Api {
             .resize_image(&r.image, r.size, r.force)
             .await
             .map_err(status)?;
-        let image = self.manager.images.image(&key, None).await.map_err(status)?;
+        let image = self
+            .manager
+            .images
+            .image(&key, None)
+            .await
+            .map_err(status)?;
         let size = strata_bdev::BlockDevice::geometry(&*image).size;
         Ok(Response::new(pb::ResizeImageResponse { size, message }))
     }
@@ -108,7 +113,11 @@ impl pb::images_server::Images for Api {
     ) -> Reply<pb::ListSnapshotsResponse> {
         let r = req.into_inner();
         required("image", &r.image)?;
-        let snapshots = self.manager.list_snapshots(&r.image).await.map_err(status)?;
+        let snapshots = self
+            .manager
+            .list_snapshots(&r.image)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::ListSnapshotsResponse {
             snapshots: snapshots.into_iter().map(snapshot_msg).collect(),
         }))
@@ -156,7 +165,11 @@ impl pb::images_server::Images for Api {
     ) -> Reply<Self::FlattenImageStream> {
         let r = req.into_inner();
         required("image", &r.image)?;
-        let (image, message) = self.manager.flatten_target(&r.image).await.map_err(status)?;
+        let (image, message) = self
+            .manager
+            .flatten_target(&r.image)
+            .await
+            .map_err(status)?;
         Ok(Response::new(progress_stream(move |progress| async move {
             image
                 .flatten(&move |done, total| {

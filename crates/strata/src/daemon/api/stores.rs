@@ -12,7 +12,11 @@ use crate::daemon::manager::StoreDesc;
 
 impl Api {
     async fn store_msg(&self, d: &StoreDesc, with_images: bool) -> Result<pb::Store, Status> {
-        let st = self.manager.stores.get(&d.name).map_err(|e| status(e.into()))?;
+        let st = self
+            .manager
+            .stores
+            .get(&d.name)
+            .map_err(|e| status(e.into()))?;
         let st = st.objects.stats();
         let [gets, puts, lists, deletes, errors, retries] = st.counts();
         let images = if with_images {

@@ -26,7 +26,6 @@ impl NbdExporter {
     pub fn set_listening(&self, uris: Vec<String>) {
         *self.listening.write().expect("lock poisoned") = uris;
     }
-
 }
 
 impl Exporter for NbdExporter {

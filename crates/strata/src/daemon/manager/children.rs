@@ -60,7 +60,11 @@ impl Manager {
     }
 
     /// `(nexus, replica)` for a call naming a volume and one of its replicas.
-    fn nexus_child(&self, volume: &str, child: &str) -> OpResult<(Arc<Managed>, Arc<Nexus>, ChildRef)> {
+    fn nexus_child(
+        &self,
+        volume: &str,
+        child: &str,
+    ) -> OpResult<(Arc<Managed>, Arc<Nexus>, ChildRef)> {
         let (m, n) = self.nexus_of(volume)?;
         let c = Self::child(&n, child)?;
         Ok((m, n, c))
@@ -222,7 +226,11 @@ impl Manager {
     }
 
     /// The replica's last rebuild, and the nexus to follow it in.
-    pub fn rebuild(&self, volume: &str, child: &str) -> OpResult<(Arc<Nexus>, ChildRef, RebuildProgress)> {
+    pub fn rebuild(
+        &self,
+        volume: &str,
+        child: &str,
+    ) -> OpResult<(Arc<Nexus>, ChildRef, RebuildProgress)> {
         let (_, n, c) = self.nexus_child(volume, child)?;
         let p = n
             .status()

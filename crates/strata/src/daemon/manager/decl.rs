@@ -294,7 +294,8 @@ impl VolumeDecl {
 /// A device URI a declaration may name: it parses, and it is not an image (images are named by
 /// `STORE/IMAGE`, so that a volume's image is never hidden in a string).
 fn check_uri(field: &str, uri: &str) -> OpResult<()> {
-    let u = DeviceUri::parse(uri).map_err(|e| OpError::invalid(format!("{field}: {}", e.chain())))?;
+    let u =
+        DeviceUri::parse(uri).map_err(|e| OpError::invalid(format!("{field}: {}", e.chain())))?;
     if u.scheme == "image" {
         return Err(OpError::invalid(format!(
             "{field}: {uri:?}: name a page-store image with `image: STORE/IMAGE`"
@@ -327,7 +328,8 @@ mod tests {
         assert_eq!(img.image().unwrap().to_string(), "local/i");
         // What is written now reads back the same.
         for d in [d, img] {
-            let back: VolumeDecl = serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
+            let back: VolumeDecl =
+                serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
             assert_eq!(back, d);
         }
     }
@@ -337,7 +339,11 @@ mod tests {
         let mut d = VolumeDecl::device("v", "mem://v?size=1M");
         d.validate("").unwrap();
         d.backing = Backing::Device("image://local/x".into());
-        assert!(d.validate("volumes[0].").unwrap_err().message.starts_with("volumes[0].device"));
+        assert!(d
+            .validate("volumes[0].")
+            .unwrap_err()
+            .message
+            .starts_with("volumes[0].device"));
         d.backing = Backing::Nexus(NexusDecl {
             replicas: vec!["mem://a".into(), "mem://a".into()],
             settings: NexusSettings::default(),

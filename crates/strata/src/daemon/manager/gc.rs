@@ -60,18 +60,20 @@ pub async fn run_once(
     };
     let mut out = Vec::new();
     for name in names {
-        let report = stores
-            .get(&name)?
-            .gc(opts)
-            .await
-            .map_err(|e| super::OpError::from(e).context(&format!("collect garbage in store {name}")))?;
+        let report = stores.get(&name)?.gc(opts).await.map_err(|e| {
+            super::OpError::from(e).context(&format!("collect garbage in store {name}"))
+        })?;
         out.push((name, report));
     }
     Ok(out)
 }
 
 /// Collect every store every `settings.interval`, until `stop` is cancelled.
-pub async fn scheduled(stores: std::sync::Arc<Stores>, settings: GcSettings, stop: CancellationToken) {
+pub async fn scheduled(
+    stores: std::sync::Arc<Stores>,
+    settings: GcSettings,
+    stop: CancellationToken,
+) {
     let opts = settings.options(false);
     let mut tick = tokio::time::interval(settings.interval.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -61,7 +61,12 @@ pub fn check_resize(what: &str, image: &Image, size: u64, force: bool) -> OpResu
 }
 
 /// Resize an image that no daemon has open (`strata image resize --offline`).
-pub async fn resize_offline(stores: &Stores, key: &ImageKey, size: u64, force: bool) -> OpResult<u64> {
+pub async fn resize_offline(
+    stores: &Stores,
+    key: &ImageKey,
+    size: u64,
+    force: bool,
+) -> OpResult<u64> {
     let image = stores
         .get(&key.store)?
         .open(&key.image, None)
@@ -102,7 +107,12 @@ impl SnapshotDeletion {
                 store: key.store.clone(),
                 image: c,
             };
-            manager.images.image(&clone, None).await?.flatten(progress).await?;
+            manager
+                .images
+                .image(&clone, None)
+                .await?
+                .flatten(progress)
+                .await?;
         }
         manager
             .stores
@@ -153,7 +163,10 @@ impl Manager {
                     size: m.image_size,
                     page_size: 1 << m.page_size_bits,
                     version: m.version,
-                    base: m.base.as_ref().map(|b| format!("{}@{}", b.image, b.snapshot)),
+                    base: m
+                        .base
+                        .as_ref()
+                        .map(|b| format!("{}@{}", b.image, b.snapshot)),
                     snapshots: e.snapshots.iter().filter(|s| s.deleted.is_none()).count() as u32,
                     stored_bytes: cat.stored_bytes(name),
                 });
@@ -163,7 +176,12 @@ impl Manager {
     }
 
     /// Resize an image; an image volume is resized as a volume, so its declaration follows.
-    pub async fn resize_image(&self, name: &str, size: u64, force: bool) -> OpResult<(ImageKey, String)> {
+    pub async fn resize_image(
+        &self,
+        name: &str,
+        size: u64,
+        force: bool,
+    ) -> OpResult<(ImageKey, String)> {
         let key = self.image_key(name)?;
         let _changing = self.changes.lock().await;
         let volume = self
@@ -206,14 +224,22 @@ impl Manager {
 
     pub(super) async fn delete_image_unlocked(&self, key: &ImageKey) -> OpResult<()> {
         self.images.close(key).await?;
-        self.stores.get(&key.store)?.delete_image(&key.image).await?;
+        self.stores
+            .get(&key.store)?
+            .delete_image(&key.image)
+            .await?;
         Ok(())
     }
 
     /// Take a snapshot: every write acknowledged before it is in it.
     pub async fn create_snapshot(&self, name: &str, snapshot: &str) -> OpResult<SnapshotInfo> {
         let key = self.image_key(name)?;
-        let rec = self.images.image(&key, None).await?.snapshot(snapshot).await?;
+        let rec = self
+            .images
+            .image(&key, None)
+            .await?
+            .snapshot(snapshot)
+            .await?;
         info!(image = %key, snapshot = %snapshot, "snapshot taken");
         Ok(SnapshotInfo {
             image: key,
@@ -229,7 +255,11 @@ impl Manager {
     pub async fn list_snapshots(&self, name: &str) -> OpResult<Vec<SnapshotInfo>> {
         let key = self.image_key(name)?;
         let cat = self.stores.get(&key.store)?.catalog().await?;
-        if cat.images.get(&key.image).is_none_or(|e| e.latest.is_none()) {
+        if cat
+            .images
+            .get(&key.image)
+            .is_none_or(|e| e.latest.is_none())
+        {
             return Err(OpError::not_found(format!(
                 "no image {} in store {}",
                 key.image, key.store

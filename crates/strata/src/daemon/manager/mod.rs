@@ -44,8 +44,8 @@ pub use error::{OpError, OpKind, OpResult};
 pub use images::{
     check_resize, resize_offline, split_snapshot, ImageInfo, SnapshotDeletion, SnapshotInfo,
 };
-pub use open_images::{Images, ResolvedImage};
 pub use open::{expand_uri, Parts};
+pub use open_images::{Images, ResolvedImage};
 pub use stores::{StoreDesc, StoreFactory, Stores};
 
 use std::collections::BTreeMap;

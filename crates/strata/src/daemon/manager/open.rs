@@ -131,7 +131,12 @@ impl Manager {
     /// Restore a nexus from its record (`{data_dir}/state/nexus-NAME.toml`): replicas that
     /// cannot be opened are faulted until they are onlined; one never known to be current is
     /// never read.
-    async fn open_nexus(&self, name: &str, n: &NexusDecl, size: Option<u64>) -> OpResult<Arc<Nexus>> {
+    async fn open_nexus(
+        &self,
+        name: &str,
+        n: &NexusDecl,
+        size: Option<u64>,
+    ) -> OpResult<Arc<Nexus>> {
         let uris: Vec<String> = n
             .replicas
             .iter()

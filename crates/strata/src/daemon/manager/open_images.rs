@@ -133,7 +133,12 @@ impl Images {
             }
             return Ok(i.clone());
         }
-        let i = Arc::new(self.stores.get(&key.store)?.open(&key.image, create).await?);
+        let i = Arc::new(
+            self.stores
+                .get(&key.store)?
+                .open(&key.image, create)
+                .await?,
+        );
         open.insert(key.to_string(), i.clone());
         Ok(i)
     }
@@ -238,7 +243,9 @@ impl Images {
     pub async fn resolve(&self, name: &str) -> OpResult<Option<ResolvedImage>> {
         if let Some(jwt) = &self.jwt {
             if Jwt::looks_like(name) {
-                let claims = jwt.verify(name).map_err(|e| OpError::new(super::OpKind::Precondition, format!("{e:#}")))?;
+                let claims = jwt
+                    .verify(name)
+                    .map_err(|e| OpError::new(super::OpKind::Precondition, format!("{e:#}")))?;
                 let key = ImageKey {
                     store: jwt.store().to_string(),
                     image: claims.image_id.clone(),

@@ -125,7 +125,7 @@ impl Manager {
                     let size = Some(n.geometry().size);
                     let dev = open_device(&self.registry, &with_size(uri, size))
                         .await
-                    .map_err(|e| format!("add replica {uri}: {}", e.chain()))?;
+                        .map_err(|e| format!("add replica {uri}: {}", e.chain()))?;
                     n.add_child(uri.clone(), dev)
                         .map_err(|e| format!("add replica {uri}: {e}"))?;
                     info!(volume = %name, replica = %uri, "replica added; full rebuild started");

@@ -10,8 +10,8 @@ use strata_nexus::NexusSettings;
 use tracing::info;
 
 use super::{
-    check_volume_name, Backing, ImageDecl, ImageKey, Manager, NexusDecl, OpError, OpKind,
-    OpResult, Protocol, VolumeDecl, DEFAULT_PAGE_SIZE,
+    check_volume_name, Backing, ImageDecl, ImageKey, Manager, NexusDecl, OpError, OpKind, OpResult,
+    Protocol, VolumeDecl, DEFAULT_PAGE_SIZE,
 };
 use crate::format::human_bytes;
 
@@ -514,7 +514,11 @@ async fn existing_snapshots(manager: &Manager, def: &VolumeDecl) -> BTreeSet<Str
         return BTreeSet::new();
     };
     match ps.catalog().await {
-        Ok(cat) => cat.snapshots(&key.image).into_iter().map(|s| s.name).collect(),
+        Ok(cat) => cat
+            .snapshots(&key.image)
+            .into_iter()
+            .map(|s| s.name)
+            .collect(),
         Err(_) => BTreeSet::new(),
     }
 }

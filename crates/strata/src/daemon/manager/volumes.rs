@@ -12,7 +12,9 @@ use crate::format::human_bytes;
 impl Manager {
     pub(super) async fn save(&self, d: &VolumeDecl) -> OpResult<()> {
         let json = serde_json::to_vec_pretty(d).expect("a VolumeDecl serializes");
-        self.state.put(&format!("{VOLUMES}{}", d.name), &json).await?;
+        self.state
+            .put(&format!("{VOLUMES}{}", d.name), &json)
+            .await?;
         Ok(())
     }
 
@@ -142,7 +144,12 @@ impl Manager {
         Ok(m)
     }
 
-    pub(super) async fn resize_unlocked(&self, m: &Managed, size: u64, force: bool) -> OpResult<()> {
+    pub(super) async fn resize_unlocked(
+        &self,
+        m: &Managed,
+        size: u64,
+        force: bool,
+    ) -> OpResult<()> {
         let name = &m.name;
         if size == 0 || !size.is_multiple_of(SECTOR) {
             return Err(OpError::invalid(format!(
