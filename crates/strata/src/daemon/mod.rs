@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use config::Config;
 use exports::{Exports, NbdExporter};
 use listeners::{bind_unix, load_tls, systemd_listeners, wait_for_signal, Activated};
-use manager::{Images, Manager, ManagerParts, Stores};
+use manager::{Images, Manager, Stores};
 
 /// How long stopped tasks (API connections, reconciliation) may take to end at shutdown.
 const TASK_DRAIN: Duration = Duration::from_secs(5);
@@ -98,15 +98,15 @@ impl Daemon {
         server.set_resolver(images.clone());
         let nbd = Arc::new(NbdExporter::new(server));
         let state = state::open(config.state.store.as_deref(), &data_dir)?;
-        let manager = Manager::new(ManagerParts {
-            node: node_name(&config),
-            data_dir: data_dir.clone(),
+        let manager = Manager::new(
+            node_name(&config),
+            data_dir.clone(),
             registry,
-            stores: stores.clone(),
+            stores.clone(),
             images,
-            exports: Exports::new(vec![nbd.clone()]),
+            Exports::new(vec![nbd.clone()]),
             state,
-        });
+        );
         for d in config.volume_decls()? {
             manager
                 .add_configured(&d)

@@ -115,22 +115,10 @@ impl Managed {
     }
 }
 
-/// What a manager is made of.
-#[derive(Debug)]
-pub struct ManagerParts {
-    /// This node's name: it serves the volumes whose declarations name it.
-    pub node: String,
-    pub data_dir: PathBuf,
-    pub registry: Arc<Registry>,
-    pub stores: Arc<Stores>,
-    pub images: Arc<Images>,
-    pub exports: Exports,
-    pub state: Arc<dyn StateStore>,
-}
-
 /// The live set of volumes; see the module documentation.
 #[derive(Debug)]
 pub struct Manager {
+    /// This node's name: it serves the volumes whose declarations name it.
     pub node: String,
     pub data_dir: PathBuf,
     pub registry: Arc<Registry>,
@@ -154,15 +142,24 @@ const VOLUMES: &str = "volumes/";
 const STORES: &str = "stores/";
 
 impl Manager {
-    pub fn new(p: ManagerParts) -> Arc<Manager> {
+    /// A manager for node `node`, with nothing open yet.
+    pub fn new(
+        node: String,
+        data_dir: PathBuf,
+        registry: Arc<Registry>,
+        stores: Arc<Stores>,
+        images: Arc<Images>,
+        exports: Exports,
+        state: Arc<dyn StateStore>,
+    ) -> Arc<Manager> {
         Arc::new(Manager {
-            node: p.node,
-            data_dir: p.data_dir,
-            registry: p.registry,
-            stores: p.stores,
-            images: p.images,
-            exports: p.exports,
-            state: p.state,
+            node,
+            data_dir,
+            registry,
+            stores,
+            images,
+            exports,
+            state,
             started: Instant::now(),
             volumes: RwLock::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
