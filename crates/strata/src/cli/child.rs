@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use anyhow::{bail, Context};
 use strata_api::v1 as pb;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+use strata_api::ApiChannel;
 
 use super::target::{api_error, Target};
 use crate::format::{clock, human_bytes};
@@ -180,7 +180,7 @@ pub(super) fn rebuild_line(r: &pb::Rebuild) -> String {
 /// otherwise (JSON: one object per update).
 async fn watch(
     target: &Target,
-    c: &mut pb::children_client::ChildrenClient<Channel>,
+    c: &mut pb::children_client::ChildrenClient<ApiChannel>,
     volume: &str,
     child: &str,
 ) -> anyhow::Result<()> {

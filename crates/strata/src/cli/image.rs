@@ -81,7 +81,7 @@ impl LocalStores {
     }
 }
 
-async fn client(target: &Target) -> anyhow::Result<ImagesClient<tonic::transport::Channel>> {
+async fn client(target: &Target) -> anyhow::Result<ImagesClient<strata_api::ApiChannel>> {
     Ok(ImagesClient::new(target.channel().await?))
 }
 

@@ -4,17 +4,32 @@
 use anyhow::bail;
 use strata_api::v1 as pb;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use strata_api::ApiChannel;
 
 use crate::format::Bar;
 
 /// Where to find the daemon, and how to print.
 #[derive(Debug, clap::Args)]
 pub struct Target {
-    /// The daemon's API: unix:///path/api.sock or http://HOST:PORT (default: api.sock in the
-    /// default data directory).
+    /// The daemon's API: unix:///path/api.sock, http://HOST:PORT or https://HOST:PORT
+    /// (default: api.sock in the default data directory).
     #[arg(long, global = true, env = "STRATA_ENDPOINT")]
     pub endpoint: Option<String>,
+    /// A file holding the bearer token a TCP endpoint asks for (or STRATA_API_TOKEN).
+    #[arg(long, global = true, env = "STRATA_API_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// For https://: the CA certificate (PEM) that signed the daemon's certificate.
+    #[arg(long, global = true, env = "STRATA_API_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// For https:// with client certificates: this client's certificate (PEM).
+    #[arg(long, global = true, requires = "tls_key", env = "STRATA_API_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, global = true, requires = "tls_cert", env = "STRATA_API_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -41,8 +56,23 @@ impl Target {
         })
     }
 
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(strata_api::connect(&self.endpoint()).await?)
+    pub async fn channel(&self) -> anyhow::Result<ApiChannel> {
+        let token = match (&self.token_file, std::env::var("STRATA_API_TOKEN")) {
+            (Some(f), _) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("read the token file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, Ok(t)) => Some(t),
+            (None, Err(_)) => None,
+        };
+        let auth = strata_api::ClientAuth {
+            token,
+            ca: self.tls_ca.clone(),
+            identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+        };
+        Ok(strata_api::connect_with(&self.endpoint(), &auth).await?)
     }
 
     pub fn json(&self) -> bool {

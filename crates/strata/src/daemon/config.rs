@@ -100,6 +100,9 @@ pub struct Config {
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Directories where volumes made through the API's TCP listeners may put local devices.
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<super::manager::Pool>,
 }
 
 /// `[metrics]`: where `GET /metrics` (Prometheus text format) is served.
@@ -149,13 +152,14 @@ impl Default for StateConfig {
     }
 }
 
-/// `[api]`: where the gRPC API listens. Anyone who can connect can change every volume, so
-/// it listens on loopback and on a unix socket only readable by the daemon's user by default.
+/// `[api]`: where the gRPC API listens. Its unix socket (mode 0600) lets the daemon's user in;
+/// a TCP listener is off unless configured, and then every call needs a TLS client certificate
+/// (`[api.tls] client_ca`) or a bearer token (`tokens_file`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// TCP addresses (default `127.0.0.1:10810`; `[]` for none).
-    #[serde(default = "default_api_listen")]
+    /// TCP addresses (default none).
+    #[serde(default)]
     pub listen: Vec<String>,
     /// The unix socket (default `api.sock` in the data directory).
     #[serde(default)]
@@ -163,19 +167,53 @@ pub struct ApiConfig {
     /// This node's name (default: the host name).
     #[serde(default)]
     pub node_name: Option<String>,
+    /// TLS for the TCP listeners.
+    #[serde(default)]
+    pub tls: Option<super::api::listen::ApiTls>,
+    /// Bearer tokens TCP clients may present: `NAME TOKEN` per line, mode 0600.
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    /// API connections served at once (unix and TCP together); more wait.
+    #[serde(default = "default_api_connections")]
+    pub max_connections: usize,
 }
 
-fn default_api_listen() -> Vec<String> {
-    vec!["127.0.0.1:10810".to_string()]
+fn default_api_connections() -> usize {
+    64
 }
 
 impl Default for ApiConfig {
     fn default() -> ApiConfig {
         ApiConfig {
-            listen: default_api_listen(),
+            listen: Vec::new(),
             unix: None,
             node_name: None,
+            tls: None,
+            tokens_file: None,
+            max_connections: default_api_connections(),
         }
+    }
+}
+
+impl ApiConfig {
+    /// Refuse TCP listeners that would let anyone in.
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.max_connections == 0 {
+            bail!("[api] max_connections must be at least 1");
+        }
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        let certs = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if !certs && self.tokens_file.is_none() {
+            bail!(
+                "[api] listen {:?}: a TCP listener needs a way to tell callers apart: set \
+                 [api] tokens_file (bearer tokens) or [api.tls] with client_ca (client \
+                 certificates); the unix socket needs neither",
+                self.listen
+            );
+        }
+        Ok(())
     }
 }
 
@@ -658,6 +696,7 @@ impl Config {
             pagestore: PageStoreConfig::default(),
             jwt: None,
             gc: GcSettings::default(),
+            pools: Vec::new(),
         }
     }
 
@@ -680,6 +719,7 @@ impl Config {
             }
             st.store_config(Path::new("/"))?;
         }
+        self.api.validate()?;
         if !(self.state.reconcile_secs >= 0.05 && self.state.reconcile_secs <= 3600.0) {
             bail!("[state] reconcile_secs must be between 0.05 and 3600");
         }

@@ -80,8 +80,8 @@ impl Daemon {
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         config.validate()?;
         let data_dir = config.data_dir();
-        std::fs::create_dir_all(&data_dir)
-            .with_context(|| format!("create data directory {}", data_dir.display()))?;
+        make_private(&data_dir)?;
+        manager::create_pools(&config.pools)?;
         let stores = Arc::new(
             Stores::new(config.store_factory(), &config.store_entries()?)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -101,8 +101,8 @@ impl Daemon {
         let manager = Manager::new(
             node_name(&config),
             data_dir.clone(),
+            config.pools.clone(),
             registry,
-            stores.clone(),
             images,
             Exports::new(vec![nbd.clone()]),
             state,
@@ -192,9 +192,15 @@ impl Daemon {
         Ok(())
     }
 
-    /// The gRPC API: the owner-only unix socket, and the TCP listeners configured.
+    /// The gRPC API: the owner-only unix socket, and the TCP listeners configured (each call
+    /// authorized by `api/auth.rs`; connections limited by `[api] max_connections`).
     async fn listen_api(&mut self, config: &Config) -> anyhow::Result<()> {
-        let routes = api::Api::new(self.manager.clone()).routes()?;
+        let tokens = match &config.api.tokens_file {
+            Some(path) => api::auth::Tokens::load(path)?,
+            None => api::auth::Tokens::default(),
+        };
+        let routes = api::Api::new(self.manager.clone()).routes(Arc::new(tokens))?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(config.api.max_connections));
         let path = config
             .api
             .unix
@@ -203,43 +209,46 @@ impl Daemon {
         let l = bind_unix(&path)?;
         // Whoever can connect can change every volume: the daemon's user only.
         set_mode(&path, 0o600)?;
-        self.listening
-            .api
-            .push(format!("unix://{}", path.display()));
+        self.listening.api.push(format!("unix://{}", path.display()));
         self.sockets.push(path);
-        let stop = self.stop.clone();
-        let r = routes.clone();
-        self.spawn("api", async move {
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
-            if let Err(e) = tonic::transport::Server::builder()
-                .add_routes(r)
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
-            {
-                warn!(error = %e, "gRPC API on the unix socket stopped");
-            }
-        });
+        let incoming = api::listen::unix(l, slots.clone(), self.stop.clone());
+        self.serve_api(routes.clone(), incoming);
+        let tls = match &config.api.tls {
+            Some(t) => Some(t.acceptor(config.api.tokens_file.is_some())?),
+            None => None,
+        };
         for addr in &config.api.listen {
             let l = TcpListener::bind(addr).await.with_context(|| {
                 format!("gRPC API: listen on {addr} (is the port taken? set [api] listen or pass --api-listen)")
             })?;
-            self.listening
-                .api
-                .push(format!("http://{}", l.local_addr()?));
-            let stop = self.stop.clone();
-            let r = routes.clone();
-            self.spawn("api", async move {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
-                if let Err(e) = tonic::transport::Server::builder()
-                    .add_routes(r)
-                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                    .await
-                {
-                    warn!(error = %e, "gRPC API on TCP stopped");
-                }
-            });
+            let local = l.local_addr()?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            if tls.is_none() && !local.ip().is_loopback() {
+                warn!(listen = %local, "the API listens beyond this host without TLS: its bearer tokens cross the network in the clear; configure [api.tls]");
+            }
+            self.listening.api.push(format!("{scheme}://{local}"));
+            let incoming = api::listen::tcp(l, tls.clone(), slots.clone(), self.stop.clone());
+            self.serve_api(routes.clone(), incoming);
         }
         Ok(())
+    }
+
+    /// Serve the API's `routes` on the connections `incoming` yields, until the daemon stops.
+    fn serve_api(
+        &mut self,
+        routes: tonic::service::Routes,
+        incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<api::listen::ApiConn>>,
+    ) {
+        let stop = self.stop.clone();
+        self.spawn("api", async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
+                warn!(error = %e, "gRPC API stopped");
+            }
+        });
     }
 
     async fn listen_metrics(&mut self, config: &Config) -> anyhow::Result<()> {
@@ -375,4 +384,16 @@ fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("set the mode of {} to {mode:o}", path.display()))
+}
+
+/// Keep what the daemon writes to its user: volume data, write buffers, records, credentials
+/// and sockets are created 0600 (directories 0700), and the data directory is made 0700.
+fn make_private(data_dir: &Path) -> anyhow::Result<()> {
+    // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("create data directory {}", data_dir.display()))?;
+    set_mode(data_dir, 0o700)
 }

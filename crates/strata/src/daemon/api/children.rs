@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{children, rebuild_msg};
+use super::auth::caller;
 use super::{required, status, Api, Reply};
 use crate::daemon::manager::{ChildRef, OpResult};
 
@@ -41,9 +42,10 @@ fn names(r: &pb::ChildRequest) -> Result<(&str, &str), Status> {
 #[tonic::async_trait]
 impl pb::children_server::Children for Api {
     async fn add_child(&self, req: Request<pb::ChildRequest>) -> Reply<pb::ChildResponse> {
+        let caller = caller(&req);
         let r = req.into_inner();
         let (v, c) = names(&r)?;
-        let done = self.manager.add_child(v, c).await;
+        let done = self.manager.add_child(v, c, &caller).await;
         self.child_reply(v, done)
     }
 

@@ -12,10 +12,12 @@
 //! | `exports.rs` | Exports |
 //! | `specs.rs` | Specs |
 
+pub mod auth;
 mod children;
 mod convert;
 mod exports;
 mod images;
+pub mod listen;
 mod node;
 mod specs;
 mod stores;
@@ -44,8 +46,9 @@ impl Api {
         Api { manager }
     }
 
-    /// Every service, with reflection, as one router.
-    pub fn routes(&self) -> anyhow::Result<tonic::service::Routes> {
+    /// Every service, with reflection, as one router; every call is first authorized
+    /// ([`auth::authorize`]: the unix socket's owner, a client certificate, or a token).
+    pub fn routes(&self, tokens: Arc<auth::Tokens>) -> anyhow::Result<tonic::service::Routes> {
         use pb::children_server::ChildrenServer;
         use pb::exports_server::ExportsServer;
         use pb::images_server::ImagesServer;
@@ -56,15 +59,19 @@ impl Api {
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(strata_api::FILE_DESCRIPTOR_SET)
             .build_v1()?;
+        let auth = || auth::interceptor(tokens.clone());
         let mut b = tonic::service::Routes::builder();
-        b.add_service(NodeServer::new(self.clone()))
-            .add_service(StoresServer::new(self.clone()))
-            .add_service(VolumesServer::new(self.clone()))
-            .add_service(ChildrenServer::new(self.clone()))
-            .add_service(ImagesServer::new(self.clone()))
-            .add_service(ExportsServer::new(self.clone()))
-            .add_service(SpecsServer::new(self.clone()))
-            .add_service(reflection);
+        b.add_service(NodeServer::with_interceptor(self.clone(), auth()))
+            .add_service(StoresServer::with_interceptor(self.clone(), auth()))
+            .add_service(VolumesServer::with_interceptor(self.clone(), auth()))
+            .add_service(ChildrenServer::with_interceptor(self.clone(), auth()))
+            .add_service(ImagesServer::with_interceptor(self.clone(), auth()))
+            .add_service(ExportsServer::with_interceptor(self.clone(), auth()))
+            .add_service(SpecsServer::with_interceptor(self.clone(), auth()))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                reflection,
+                auth(),
+            ));
         Ok(b.routes())
     }
 }

@@ -3,14 +3,16 @@
 use strata_api::v1 as pb;
 use tonic::{Request, Response};
 
+use super::auth::caller;
 use super::{status, Api, Reply};
 use crate::daemon::manager::spec;
 
 #[tonic::async_trait]
 impl pb::specs_server::Specs for Api {
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Reply<pb::ApplyResponse> {
+        let caller = caller(&req);
         let r = req.into_inner();
-        let actions = spec::apply(&self.manager, &r.spec, r.dry_run, r.prune)
+        let actions = spec::apply(&self.manager, &r.spec, r.dry_run, r.prune, &caller)
             .await
             .map_err(status)?;
         let unchanged = actions.iter().all(|a| a.verb == "keep");

@@ -7,6 +7,7 @@ use strata_pagestore::StoreConfig;
 use tonic::{Request, Response, Status};
 
 use super::convert::image_msg;
+use super::auth::caller;
 use super::{required, status, Api, Reply};
 use crate::daemon::manager::StoreDesc;
 
@@ -100,12 +101,13 @@ impl pb::stores_server::Stores for Api {
     }
 
     async fn create_store(&self, req: Request<pb::CreateStoreRequest>) -> Reply<pb::Store> {
+        let caller = caller(&req);
         let r = req.into_inner();
         required("name", &r.name)?;
         let sc = store_config(r.kind)?;
         let d = self
             .manager
-            .create_store(&r.name, sc)
+            .create_store(&r.name, sc, &caller)
             .await
             .map_err(status)?;
         Ok(Response::new(self.store_msg(&d, false).await?))

@@ -4,16 +4,22 @@ use strata_api::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::convert::{decl, volume_msg};
+use super::auth::caller;
 use super::{required, status, Api, Reply};
 
 #[tonic::async_trait]
 impl pb::volumes_server::Volumes for Api {
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Reply<pb::Volume> {
+        let caller = caller(&req);
         let spec = req
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
-        let m = self.manager.create(decl(spec)?).await.map_err(status)?;
+        let m = self
+            .manager
+            .create(decl(spec)?, &caller)
+            .await
+            .map_err(status)?;
         Ok(Response::new(volume_msg(&self.manager, &m)))
     }
 

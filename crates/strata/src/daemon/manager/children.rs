@@ -9,7 +9,7 @@ use strata_nexus::{ChildState, Nexus, RebuildKind, RebuildProgress};
 use tracing::info;
 
 use super::open::{open_device, with_size};
-use super::{Backing, Managed, Manager, OpError, OpKind, OpResult};
+use super::{Backing, Caller, Managed, Manager, OpError, OpKind, OpResult};
 use crate::format::human_bytes;
 
 /// A replica of a nexus volume: its place in the list and its URI.
@@ -88,9 +88,15 @@ impl Manager {
 
     /// Add a replica (made as large as the volume when a `file://` or `mem://` URI does not
     /// say); a full rebuild copies the data onto it.
-    pub async fn add_child(&self, volume: &str, uri: &str) -> OpResult<(ChildRef, String)> {
+    pub async fn add_child(
+        &self,
+        volume: &str,
+        uri: &str,
+        caller: &Caller,
+    ) -> OpResult<(ChildRef, String)> {
         strata_bdev::DeviceUri::parse(uri)
             .map_err(|e| OpError::invalid(format!("child: {}", e.chain())))?;
+        self.allow_uri(caller, "child", uri)?;
         let (m, n) = self.nexus_of(volume)?;
         let _changing = self.changes.lock().await;
         self.check_declarable(&m, "the replicas").await?;

@@ -23,6 +23,7 @@
 //! | `gc.rs` | garbage collection of page stores |
 //! | `error.rs` | [`OpError`]: a kind each front end maps, and a message |
 
+mod access;
 mod children;
 mod decl;
 mod error;
@@ -35,6 +36,7 @@ pub mod spec;
 mod stores;
 mod volumes;
 
+pub use access::{create_pools, Caller, Pool};
 pub use children::{kind_name, ChildRef};
 pub use decl::{
     check_volume_name, Backing, ImageDecl, ImageKey, NexusDecl, Protocol, VolumeDecl,
@@ -121,6 +123,8 @@ pub struct Manager {
     /// This node's name: it serves the volumes whose declarations name it.
     pub node: String,
     pub data_dir: PathBuf,
+    /// Where remote callers may put local devices.
+    pools: Vec<Pool>,
     pub registry: Arc<Registry>,
     pub stores: Arc<Stores>,
     pub images: Arc<Images>,
@@ -146,8 +150,8 @@ impl Manager {
     pub fn new(
         node: String,
         data_dir: PathBuf,
+        pools: Vec<Pool>,
         registry: Arc<Registry>,
-        stores: Arc<Stores>,
         images: Arc<Images>,
         exports: Exports,
         state: Arc<dyn StateStore>,
@@ -155,8 +159,9 @@ impl Manager {
         Arc::new(Manager {
             node,
             data_dir,
+            pools,
             registry,
-            stores,
+            stores: images.stores(),
             images,
             exports,
             state,

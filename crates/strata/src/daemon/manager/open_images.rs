@@ -50,6 +50,11 @@ impl Images {
         })
     }
 
+    /// The page stores images are opened from.
+    pub fn stores(&self) -> Arc<Stores> {
+        self.stores.clone()
+    }
+
     /// Open the image `decl` names (once) as volume `volume`, creating it `size` bytes large if
     /// it is missing.
     pub async fn open_volume(

@@ -10,7 +10,7 @@ use strata_nexus::NexusSettings;
 use tracing::info;
 
 use super::{
-    check_volume_name, Backing, ImageDecl, ImageKey, Manager, NexusDecl, OpError, OpKind, OpResult,
+    check_volume_name, Caller, Backing, ImageDecl, ImageKey, Manager, NexusDecl, OpError, OpKind, OpResult,
     Protocol, VolumeDecl, DEFAULT_PAGE_SIZE,
 };
 use crate::format::human_bytes;
@@ -554,8 +554,12 @@ pub async fn apply(
     text: &str,
     dry_run: bool,
     prune: bool,
+    caller: &Caller,
 ) -> OpResult<Vec<Action>> {
     let desired = parse(text, &manager.node).map_err(OpError::invalid)?;
+    for d in &desired {
+        manager.allow_decl(caller, &d.def, &format!("{}.", d.path))?;
+    }
     if !manager.state.available().await {
         return Err(OpError::new(
             OpKind::Unavailable,
@@ -574,9 +578,11 @@ pub async fn apply(
     let mut declared = Vec::new();
     for (step, idx) in steps {
         let result = match step {
-            Step::Create(def) if def.node == manager.node => manager.create(def).await.map(|_| ()),
+            Step::Create(def) if def.node == manager.node => {
+                manager.create(def, caller).await.map(|_| ())
+            }
             Step::Create(def) | Step::Declare(def) => {
-                let r = manager.declare(&def).await;
+                let r = manager.declare(&def, caller).await;
                 declared.push((def.name.clone(), idx.clone()));
                 r
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use strata_pagestore::{ImageOpener, PageStore, StoreConfig};
 use tracing::{info, warn};
 
-use super::{Manager, OpError, OpKind, OpResult, STORES};
+use super::{Caller, Manager, OpError, OpKind, OpResult, STORES};
 
 /// A page store, for listing.
 #[derive(Debug, Clone)]
@@ -149,7 +149,12 @@ impl Stores {
 
 impl Manager {
     /// Make a page store reachable (`image://NAME/…`) and remember it.
-    pub async fn create_store(&self, name: &str, sc: StoreConfig) -> OpResult<StoreDesc> {
+    pub async fn create_store(
+        &self,
+        name: &str,
+        sc: StoreConfig,
+        caller: &Caller,
+    ) -> OpResult<StoreDesc> {
         strata_pagestore::check_name(name)
             .map_err(|e| OpError::invalid(format!("name: {}", e.chain())))?;
         match &sc {
@@ -170,6 +175,7 @@ impl Manager {
                         path.display()
                     )));
                 }
+                self.allow_path(caller, "dir.path", path)?;
             }
         }
         let _changing = self.changes.lock().await;

@@ -6,7 +6,7 @@ use strata_bdev::BlockDevice;
 use tracing::info;
 
 use super::images::check_resize;
-use super::{Managed, Manager, OpError, OpKind, OpResult, Protocol, VolumeDecl, SECTOR, VOLUMES};
+use super::{Caller, Managed, Manager, OpError, OpKind, OpResult, Protocol, VolumeDecl, SECTOR, VOLUMES};
 use crate::format::human_bytes;
 
 impl Manager {
@@ -20,8 +20,9 @@ impl Manager {
 
     /// Store a declaration without opening anything: reconciliation (here, or on the node it
     /// names) makes it real.
-    pub async fn declare(&self, d: &VolumeDecl) -> OpResult<()> {
+    pub async fn declare(&self, d: &VolumeDecl, caller: &Caller) -> OpResult<()> {
         d.validate("")?;
+        self.allow_decl(caller, d, "")?;
         self.check_exports(d)?;
         self.save(d).await
     }
@@ -71,8 +72,9 @@ impl Manager {
     }
 
     /// Create and open a volume, export it as declared, and remember it.
-    pub async fn create(&self, mut d: VolumeDecl) -> OpResult<Arc<Managed>> {
+    pub async fn create(&self, mut d: VolumeDecl, caller: &Caller) -> OpResult<Arc<Managed>> {
         d.validate("")?;
+        self.allow_decl(caller, &d, "")?;
         self.check_exports(&d)?;
         d.node = self.node.clone();
         let _changing = self.changes.lock().await;
