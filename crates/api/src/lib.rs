@@ -120,7 +120,9 @@ pub async fn connect_with(endpoint: &str, auth: &ClientAuth) -> Result<ApiChanne
                 let (tls, hostport, host) = (tls.clone(), hostport.clone(), host.clone());
                 async move {
                     let tcp = tokio::net::TcpStream::connect(&hostport).await?;
-                    let s = tokio_rustls::TlsConnector::from(tls).connect(host, tcp).await?;
+                    let s = tokio_rustls::TlsConnector::from(tls)
+                        .connect(host, tcp)
+                        .await?;
                     Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
                 }
             }))
@@ -155,9 +157,11 @@ mod tls {
     /// The client's TLS settings: the daemon's CA, and a client certificate if given.
     pub fn client_config(auth: &ClientAuth) -> Result<Arc<rustls::ClientConfig>, String> {
         let Some(ca) = &auth.ca else {
-            return Err("https:// needs the CA certificate that signed the daemon's \
+            return Err(
+                "https:// needs the CA certificate that signed the daemon's \
                         certificate (--tls-ca)"
-                .into());
+                    .into(),
+            );
         };
         let mut roots = rustls::RootCertStore::empty();
         for c in certs(ca)? {

@@ -208,6 +208,37 @@ impl BlockDevice for MemDevice {
     }
 }
 
+/// Memory this host could still give a process, from `/proc/meminfo` (`None` elsewhere).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// A memory device's size: above 0, whole 512-byte sectors, and no more than the host could
+/// hold if it were filled.
+fn check_size(uri: &DeviceUri, size: u64) -> Result<()> {
+    let refuse = |why: String| {
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("device URI {uri}: {why}"),
+        ))
+    };
+    if size == 0 || !size.is_multiple_of(512) {
+        return refuse(format!(
+            "size {size} is not a positive multiple of 512 bytes"
+        ));
+    }
+    if let Some(avail) = available_memory().filter(|&a| size > a) {
+        return refuse(format!(
+            "size {size} is more than the {avail} bytes of memory this host has available; \
+             a memory device that large could not be filled (use a file:// device)"
+        ));
+    }
+    Ok(())
+}
+
 /// Opens `mem://NAME?size=SIZE[&readonly=true]`. While a device is open, opening its name again
 /// yields the same device (and a different size is an error).
 #[derive(Debug, Default)]
@@ -244,12 +275,7 @@ impl Opener for MemOpener {
         }
         let size =
             size.ok_or_else(|| uri.invalid("size= is required, e.g. mem://scratch?size=64M"))?;
-        if size == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("device URI {uri}: size must be above 0"),
-            ));
-        }
+        check_size(&uri, size)?;
         let mut dev = MemDevice::new(name.clone(), size);
         dev.read_only = read_only;
         let dev = Arc::new(dev);
@@ -281,6 +307,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("size= is required"));
+    }
+
+    #[tokio::test]
+    async fn sizes_that_cannot_be_a_memory_device_are_refused() {
+        let r = crate::Registry::with_builtin();
+        for (uri, why) in [
+            ("mem://odd?size=1000", "multiple of 512"),
+            ("mem://huge?size=16P", "available"),
+            ("mem://max?size=18446744073709551615", "multiple of 512"),
+            ("mem://zero?size=0", "multiple of 512"),
+        ] {
+            let e = r.open(uri).await.unwrap_err().to_string();
+            assert!(e.contains(why), "{uri}: {e}");
+        }
+        r.open("mem://fine?size=1M").await.unwrap();
     }
 
     #[tokio::test]

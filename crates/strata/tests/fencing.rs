@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{run_raw, strata_bin, Strata};
 use serde_json::Value;
@@ -49,12 +49,8 @@ fn image(s: &Strata) -> Value {
     v[0]["image"].clone()
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    common::wait_until(what, Duration::from_secs(120), cond);
 }
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {

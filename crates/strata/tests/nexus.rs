@@ -7,9 +7,9 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{require, run, strata_bin, Strata};
+use common::{free_port, require, run, strata_bin, Strata};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -54,22 +54,9 @@ impl Drop for Nbdkit {
     }
 }
 
-/// A TCP port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Poll `cond` until it holds (two minutes at most).
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    common::wait_until(what, Duration::from_secs(120), cond);
 }
 
 /// `strata --endpoint … ARGS`, which must succeed; returns stdout.

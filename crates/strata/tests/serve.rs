@@ -8,19 +8,14 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{run, run_raw, strata_bin, Strata, CONFIG};
+use common::{free_port, run, run_raw, strata_bin, Strata, CONFIG};
 
 #[test]
 fn embedded_default_has_a_thin_1g_demo_volume_and_prints_how_to_connect() {
     let home = tempfile::tempdir().unwrap();
     let mut child = Command::new(strata_bin())
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .args([
-            "--api-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .env("STRATA_DATA_DIR", home.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -134,8 +129,6 @@ fn systemd_socket_activation_through_libnbd() {
             "serve",
             "--config",
             path.to_str().unwrap(),
-            "--api-listen",
-            "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
             "]",
@@ -155,8 +148,6 @@ fn systemd_socket_activation_through_libnbd() {
             "serve",
             "--config",
             path.to_str().unwrap(),
-            "--api-listen",
-            "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
         ])
@@ -180,14 +171,6 @@ fn systemd_socket_activation_through_libnbd() {
     assert!(info.contains("export-size: 536870912"), "{info}");
     let _ = child.kill();
     let _ = child.wait();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn make_certs(dir: &Path) {

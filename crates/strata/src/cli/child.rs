@@ -4,8 +4,8 @@ use std::io::{IsTerminal, Write};
 
 use anyhow::{bail, Context};
 use strata_api::v1 as pb;
-use tokio_stream::StreamExt;
 use strata_api::ApiChannel;
+use tokio_stream::StreamExt;
 
 use super::target::{api_error, Target};
 use crate::format::{clock, human_bytes};

@@ -2,9 +2,9 @@
 //! scripts), and how it reads the API's errors and progress streams.
 
 use anyhow::bail;
+use std::path::PathBuf;
 use strata_api::v1 as pb;
 use tokio_stream::StreamExt;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use strata_api::ApiChannel;

@@ -209,7 +209,9 @@ impl Daemon {
         let l = bind_unix(&path)?;
         // Whoever can connect can change every volume: the daemon's user only.
         set_mode(&path, 0o600)?;
-        self.listening.api.push(format!("unix://{}", path.display()));
+        self.listening
+            .api
+            .push(format!("unix://{}", path.display()));
         self.sockets.push(path);
         let incoming = api::listen::unix(l, slots.clone(), self.stop.clone());
         self.serve_api(routes.clone(), incoming);

@@ -50,12 +50,7 @@ impl Strata {
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
-            .args([
-                "--api-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .env("STRATA_LOG", "info,strata_nbd=debug")
             .stdin(Stdio::null())
@@ -556,6 +551,28 @@ pub fn qemu_io_patterns_zeroes_discard_flush_and_aio(uri: &str) {
     );
 }
 
+/// Whether two raw images (files or NBD URIs) hold the same bytes, by `qemu-img compare`
+/// (a shorter one compares as if padded with zeroes). Anything but "identical" or "differ"
+/// fails the test.
+pub fn images_identical(a: &str, b: &str) -> bool {
+    let out = run_raw("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b]);
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare {a} {b} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Fail unless two raw images hold the same bytes (see [`images_identical`]).
+#[track_caller]
+pub fn assert_identical(a: &str, b: &str) {
+    assert!(images_identical(a, b), "{a} and {b} differ");
+}
+
 /// qemu-img convert of 64 MiB of random data into the export and of the whole export out to
 /// a file (in `scratch`), then `qemu-img compare` both ways.
 pub fn qemu_img_convert_in_and_out(scratch: &Path, uri: &str) {
@@ -573,16 +590,8 @@ pub fn qemu_img_convert_in_and_out(scratch: &Path, uri: &str) {
         &["convert", "-f", "raw", "-O", "raw", uri, back_s],
     );
     // The export is 1 GiB; the first 64 MiB are the source.
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", src_s, uri],
-    );
-    assert!(out.contains("identical"), "{out}");
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", back_s, uri],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    assert_identical(src_s, uri);
+    assert_identical(back_s, uri);
 }
 
 /// `nbdinfo --map` after writing 4 MiB and trimming its second megabyte: data, a hole that

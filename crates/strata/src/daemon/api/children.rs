@@ -9,8 +9,8 @@ use strata_nexus::RebuildState;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use super::convert::{children, rebuild_msg};
 use super::auth::caller;
+use super::convert::{children, rebuild_msg};
 use super::{required, status, Api, Reply};
 use crate::daemon::manager::{ChildRef, OpResult};
 

@@ -175,7 +175,9 @@ pub fn unix(
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         loop {
-            let Some(slot) = take_slot(&slots, &stop).await else { return };
+            let Some(slot) = take_slot(&slots, &stop).await else {
+                return;
+            };
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
                 a = listener.accept() => a,
@@ -214,7 +216,9 @@ pub fn tcp(
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         loop {
-            let Some(slot) = take_slot(&slots, &stop).await else { return };
+            let Some(slot) = take_slot(&slots, &stop).await else {
+                return;
+            };
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
                 a = listener.accept() => a,
@@ -264,7 +268,10 @@ pub fn tcp(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-async fn take_slot(slots: &Arc<Semaphore>, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+async fn take_slot(
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
     tokio::select! {
         _ = stop.cancelled() => None,
         p = slots.clone().acquire_owned() => p.ok(),

@@ -6,8 +6,8 @@ use strata_api::v1 as pb;
 use strata_pagestore::StoreConfig;
 use tonic::{Request, Response, Status};
 
-use super::convert::image_msg;
 use super::auth::caller;
+use super::convert::image_msg;
 use super::{required, status, Api, Reply};
 use crate::daemon::manager::StoreDesc;
 

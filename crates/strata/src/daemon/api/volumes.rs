@@ -3,8 +3,8 @@
 use strata_api::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::convert::{decl, volume_msg};
 use super::auth::caller;
+use super::convert::{decl, volume_msg};
 use super::{required, status, Api, Reply};
 
 #[tonic::async_trait]

@@ -120,9 +120,11 @@ impl Manager {
     pub(super) fn allow_decl(&self, caller: &Caller, d: &VolumeDecl, path: &str) -> OpResult<()> {
         match &d.backing {
             Backing::Device(uri) => self.allow_uri(caller, &format!("{path}device"), uri),
-            Backing::Nexus(n) => n.replicas.iter().enumerate().try_for_each(|(i, r)| {
-                self.allow_uri(caller, &format!("{path}replicas[{i}]"), r)
-            }),
+            Backing::Nexus(n) => {
+                n.replicas.iter().enumerate().try_for_each(|(i, r)| {
+                    self.allow_uri(caller, &format!("{path}replicas[{i}]"), r)
+                })
+            }
             Backing::Image(_) => Ok(()),
         }
     }
@@ -133,10 +135,79 @@ pub fn create_pools(pools: &[Pool]) -> anyhow::Result<()> {
     use anyhow::Context;
     for p in pools {
         if !p.path.is_absolute() {
-            anyhow::bail!("[[pool]] {}: path {} is not absolute", p.name, p.path.display());
+            anyhow::bail!(
+                "[[pool]] {}: path {} is not absolute",
+                p.name,
+                p.path.display()
+            );
         }
         std::fs::create_dir_all(&p.path)
             .with_context(|| format!("[[pool]] {}: create {}", p.name, p.path.display()))?;
     }
     Ok(())
+}
+
+impl Manager {
+    /// Refuse a device URI that reaches back into this daemon's own NBD listeners: a volume
+    /// whose device or replica is an export of the same daemon would wait on itself (a replica
+    /// cycle deadlocks its rebuild). Use the other volume's device directly instead.
+    pub(super) async fn refuse_self(&self, field: &str, uri: &str) -> OpResult<()> {
+        let Ok(mut u) = DeviceUri::parse(uri) else {
+            return Ok(());
+        };
+        let ours = self.exports.listening(super::Protocol::Nbd);
+        let refuse = |addr: &str| {
+            Err(OpError::invalid(format!(
+                "{field}: {uri} is an export of this daemon itself ({addr}); a volume cannot \
+                 be built on this daemon's own exports (it would wait on itself): name the other \
+                 volume's device instead"
+            )))
+        };
+        match u.scheme.as_str() {
+            "nbd+unix" => {
+                let socket = u.take("socket");
+                for l in &ours {
+                    if let (Some(s), Some(mine)) = (&socket, l.split_once("?socket=").map(|x| x.1))
+                    {
+                        let same = std::fs::canonicalize(s).ok()
+                            == std::fs::canonicalize(mine).ok()
+                            || s == mine;
+                        if same {
+                            return refuse(l);
+                        }
+                    }
+                }
+            }
+            "nbd" | "nbds" => {
+                let hostport = if u.authority.contains(':') {
+                    u.authority.clone()
+                } else {
+                    format!("{}:10809", u.authority)
+                };
+                let Ok(addrs) = tokio::net::lookup_host(&hostport).await else {
+                    return Ok(());
+                };
+                let addrs: Vec<std::net::SocketAddr> = addrs.collect();
+                for l in &ours {
+                    let Some(Ok(mine)) = l
+                        .strip_prefix("nbd://")
+                        .map(str::parse::<std::net::SocketAddr>)
+                    else {
+                        continue;
+                    };
+                    let hit = addrs.iter().any(|a| {
+                        a.port() == mine.port()
+                            && (a.ip() == mine.ip()
+                                || mine.ip().is_unspecified()
+                                || (a.ip().is_loopback() && mine.ip().is_loopback()))
+                    });
+                    if hit {
+                        return refuse(l);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }

@@ -97,6 +97,7 @@ impl Manager {
         strata_bdev::DeviceUri::parse(uri)
             .map_err(|e| OpError::invalid(format!("child: {}", e.chain())))?;
         self.allow_uri(caller, "child", uri)?;
+        self.refuse_self("child", uri).await?;
         let (m, n) = self.nexus_of(volume)?;
         let _changing = self.changes.lock().await;
         self.check_declarable(&m, "the replicas").await?;

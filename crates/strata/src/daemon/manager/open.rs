@@ -88,6 +88,7 @@ impl Manager {
         let size = (d.size > 0).then_some(d.size);
         let opened = match &d.backing {
             Backing::Device(uri) => {
+                self.refuse_self("device", uri).await?;
                 let uri = with_size(&expand_uri(uri, &self.data_dir), size);
                 let device = self
                     .registry

@@ -10,8 +10,8 @@ use strata_nexus::NexusSettings;
 use tracing::info;
 
 use super::{
-    check_volume_name, Caller, Backing, ImageDecl, ImageKey, Manager, NexusDecl, OpError, OpKind, OpResult,
-    Protocol, VolumeDecl, DEFAULT_PAGE_SIZE,
+    check_volume_name, Backing, Caller, ImageDecl, ImageKey, Manager, NexusDecl, OpError, OpKind,
+    OpResult, Protocol, VolumeDecl, DEFAULT_PAGE_SIZE,
 };
 use crate::format::human_bytes;
 

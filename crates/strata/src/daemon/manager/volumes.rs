@@ -6,7 +6,9 @@ use strata_bdev::BlockDevice;
 use tracing::info;
 
 use super::images::check_resize;
-use super::{Caller, Managed, Manager, OpError, OpKind, OpResult, Protocol, VolumeDecl, SECTOR, VOLUMES};
+use super::{
+    Caller, Managed, Manager, OpError, OpKind, OpResult, Protocol, VolumeDecl, SECTOR, VOLUMES,
+};
 use crate::format::human_bytes;
 
 impl Manager {
