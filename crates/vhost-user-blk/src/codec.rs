@@ -163,9 +163,7 @@ pub fn admit(request_type: RequestType, offer: Offer) -> Result<(), Status> {
         RequestType::Out => Ok(()),
         // Not offered on a read-only disk; a driver that sends them anyway is refused as
         // for any other write.
-        RequestType::Discard | RequestType::WriteZeroes if offer.read_only => {
-            Err(Status::IoErr)
-        }
+        RequestType::Discard | RequestType::WriteZeroes if offer.read_only => Err(Status::IoErr),
         RequestType::Discard if !offer.discard => Err(Status::Unsupp),
         RequestType::Discard | RequestType::WriteZeroes => Ok(()),
         RequestType::Other(_) => Err(Status::Unsupp),
@@ -634,14 +632,44 @@ mod tests {
         };
         // The usual three descriptors.
         let l = layout(&[r(0x1000, 16), w(0x2000, 4096), w(0x3000, 1)]).unwrap();
-        assert_eq!(l.header, vec![Piece { addr: 0x1000, len: 16 }]);
-        assert_eq!(l.data_in, vec![Piece { addr: 0x2000, len: 4096 }]);
+        assert_eq!(
+            l.header,
+            vec![Piece {
+                addr: 0x1000,
+                len: 16
+            }]
+        );
+        assert_eq!(
+            l.data_in,
+            vec![Piece {
+                addr: 0x2000,
+                len: 4096
+            }]
+        );
         assert_eq!(l.status, 0x3000);
         // Header and data in one buffer, status at the end of the data buffer.
         let l = layout(&[r(0x1000, 16 + 512), w(0x2000, 513)]).unwrap();
-        assert_eq!(l.header, vec![Piece { addr: 0x1000, len: 16 }]);
-        assert_eq!(l.data_out, vec![Piece { addr: 0x1010, len: 512 }]);
-        assert_eq!(l.data_in, vec![Piece { addr: 0x2000, len: 512 }]);
+        assert_eq!(
+            l.header,
+            vec![Piece {
+                addr: 0x1000,
+                len: 16
+            }]
+        );
+        assert_eq!(
+            l.data_out,
+            vec![Piece {
+                addr: 0x1010,
+                len: 512
+            }]
+        );
+        assert_eq!(
+            l.data_in,
+            vec![Piece {
+                addr: 0x2000,
+                len: 512
+            }]
+        );
         assert_eq!(l.status, 0x2000 + 512);
         // A header split over buffers.
         let l = layout(&[r(0x10, 4), r(0x20, 12), w(0x30, 1)]).unwrap();
@@ -650,10 +678,7 @@ mod tests {
             layout(&[r(0x10, 8), w(0x30, 1)]),
             Err((Malformed::ShortHeader, Some(0x30)))
         );
-        assert_eq!(
-            layout(&[r(0x10, 16)]),
-            Err((Malformed::NoStatus, None))
-        );
+        assert_eq!(layout(&[r(0x10, 16)]), Err((Malformed::NoStatus, None)));
         assert_eq!(
             layout(&[r(0x10, 16), w(0x30, 0)]),
             Err((Malformed::NoStatus, None))
@@ -691,14 +716,23 @@ mod tests {
         assert_eq!(decode_segments(&bytes, 1), Ok(vec![seg]));
         assert_eq!(decode_segments(&bytes[..15], 1), Err(Status::IoErr));
         assert_eq!(decode_segments(&[], 1), Err(Status::IoErr));
-        assert_eq!(decode_segments(&[bytes, bytes].concat(), 1), Err(Status::IoErr));
+        assert_eq!(
+            decode_segments(&[bytes, bytes].concat(), 1),
+            Err(Status::IoErr)
+        );
         let range = check_segment(seg, true, 64, 512, 1024).unwrap();
         assert_eq!((range.offset, range.len, range.unmap), (4096, 4096, false));
         let unmap = Segment { flags: 1, ..seg };
-        assert_eq!(check_segment(unmap, true, 64, 512, 1024), Err(Status::Unsupp));
+        assert_eq!(
+            check_segment(unmap, true, 64, 512, 1024),
+            Err(Status::Unsupp)
+        );
         assert!(check_segment(unmap, false, 64, 512, 1024).unwrap().unmap);
         let odd = Segment { flags: 2, ..seg };
-        assert_eq!(check_segment(odd, false, 64, 512, 1024), Err(Status::Unsupp));
+        assert_eq!(
+            check_segment(odd, false, 64, 512, 1024),
+            Err(Status::Unsupp)
+        );
         assert_eq!(check_segment(seg, false, 12, 512, 1024), Err(Status::IoErr));
         assert_eq!(check_segment(seg, false, 64, 512, 4), Err(Status::IoErr));
     }
@@ -718,7 +752,10 @@ mod tests {
         assert_eq!(h.request_type, RequestType::Out);
         assert_eq!(h.sector, 77);
         assert_eq!(device_id("demo")[..5], *b"demo\0");
-        assert_eq!(device_id("a-very-long-volume-name-indeed"), *b"a-very-long-volume-n");
+        assert_eq!(
+            device_id("a-very-long-volume-name-indeed"),
+            *b"a-very-long-volume-n"
+        );
     }
 
     fn buffers() -> impl Strategy<Value = Vec<Buffer>> {

@@ -33,11 +33,13 @@ use virtio_bindings::virtio_blk as blk;
 use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
-    VolatileMemoryError, VolatileSlice, WriteVolatile,
+    Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::codec::{self, Config, Layout, Offer, Piece, RequestType, Status};
 use crate::settings::VhostUserSettings;
@@ -510,7 +512,13 @@ impl Session {
         let ranges = segments
             .into_iter()
             .map(|s| {
-                codec::check_segment(s, discard, capacity, block_size, settings.max_discard_sectors)
+                codec::check_segment(
+                    s,
+                    discard,
+                    capacity,
+                    block_size,
+                    settings.max_discard_sectors,
+                )
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let fua = !self.writeback.load(Ordering::Relaxed);
@@ -531,14 +539,19 @@ impl Session {
                     .write_zeroes(range.offset, range.len, opts)
                     .await
             };
-            result.map_err(|e| self.io_error(if discard { "discard" } else { "write zeroes" }, &e))?;
+            result
+                .map_err(|e| self.io_error(if discard { "discard" } else { "write zeroes" }, &e))?;
         }
         Ok(0)
     }
 }
 
 /// Pops every available chain of a queue.
-fn pop_all(state: &mut VringState<AtomicMemory>, memory: GuestMemoryLoadGuard<Memory>, queue: usize) -> Vec<Chain> {
+fn pop_all(
+    state: &mut VringState<AtomicMemory>,
+    memory: GuestMemoryLoadGuard<Memory>,
+    queue: usize,
+) -> Vec<Chain> {
     match state.get_queue_mut().iter(memory) {
         Ok(chains) => chains.collect(),
         Err(e) => {
@@ -614,7 +627,9 @@ fn gather(memory: &Memory, pieces: &[Piece], out: &mut [u8]) -> Result<(), ()> {
     let mut at = 0;
     while at < out.len() {
         let (addr, n) = cursor.next((out.len() - at) as u64).ok_or(())?;
-        memory.read_slice(&mut out[at..at + n], addr).map_err(|_| ())?;
+        memory
+            .read_slice(&mut out[at..at + n], addr)
+            .map_err(|_| ())?;
         at += n;
     }
     Ok(())
@@ -726,7 +741,9 @@ impl VhostUserBackend for SessionHandle {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.0.disk.settings.max_queues).map(|q| 1u64 << q).collect()
+        (0..self.0.disk.settings.max_queues)
+            .map(|q| 1u64 << q)
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -51,11 +51,21 @@ struct Message {
 
 impl Message {
     fn request(&self) -> u32 {
-        u32::from_le_bytes([self.header[0], self.header[1], self.header[2], self.header[3]])
+        u32::from_le_bytes([
+            self.header[0],
+            self.header[1],
+            self.header[2],
+            self.header[3],
+        ])
     }
 
     fn flags(&self) -> u32 {
-        u32::from_le_bytes([self.header[4], self.header[5], self.header[6], self.header[7]])
+        u32::from_le_bytes([
+            self.header[4],
+            self.header[5],
+            self.header[6],
+            self.header[7],
+        ])
     }
 }
 
@@ -81,8 +91,7 @@ fn read_message(stream: &UnixStream) -> io::Result<Option<Message>> {
     if read < HEADER_LEN {
         (&*stream).read_exact(&mut header[read..])?;
     }
-    let size =
-        u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
     if size > MAX_PAYLOAD {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -329,7 +338,11 @@ mod tests {
         handler.read_exact(&mut got).unwrap();
         assert_eq!(got.to_vec(), message(1, FLAG_VERSION_1, &[]));
         handler
-            .write_all(&message(1, FLAG_VERSION_1 | FLAG_REPLY, &7u64.to_le_bytes()))
+            .write_all(&message(
+                1,
+                FLAG_VERSION_1 | FLAG_REPLY,
+                &7u64.to_le_bytes(),
+            ))
             .unwrap();
         let mut reply = [0u8; 20];
         qemu.read_exact(&mut reply).unwrap();
@@ -354,7 +367,8 @@ mod tests {
         assert_eq!(&change[0..4], &BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
 
         // An oversized message ends the relay.
-        qemu.write_all(&message(1, FLAG_VERSION_1, &[])[..8]).unwrap();
+        qemu.write_all(&message(1, FLAG_VERSION_1, &[])[..8])
+            .unwrap();
         qemu.write_all(&(1u32 << 20).to_le_bytes()).unwrap();
         relay.join();
         assert_eq!(done.read().unwrap(), 1);

@@ -192,11 +192,9 @@ impl VhostUserTarget {
 
     /// The export of `name`, if any.
     pub fn export(&self, name: &str) -> Option<ExportHandle> {
-        self.exports()
-            .get(name)
-            .map(|export| ExportHandle {
-                export: export.clone(),
-            })
+        self.exports().get(name).map(|export| ExportHandle {
+            export: export.clone(),
+        })
     }
 
     /// Every export, by name.
@@ -407,8 +405,9 @@ fn serve_session(export: &Arc<Export>, front: UnixStream, runtime: &Handle) -> i
     let disk = &export.disk;
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let session = Arc::new(Session::new(disk.clone(), runtime.clone(), memory.clone()));
-    let mut daemon = VhostUserDaemon::new(disk.name.clone(), SessionHandle(session.clone()), memory)
-        .map_err(|e| io::Error::other(format!("start the queue threads: {e}")))?;
+    let mut daemon =
+        VhostUserDaemon::new(disk.name.clone(), SessionHandle(session.clone()), memory)
+            .map_err(|e| io::Error::other(format!("start the queue threads: {e}")))?;
     let address = private_address()?;
     let handler_listener = UnixListener::bind_addr(&address)?;
     let back = UnixStream::connect_addr(&address)?;
