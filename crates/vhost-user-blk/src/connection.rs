@@ -50,6 +50,9 @@ pub(crate) type AtomicMemory = GuestMemoryAtomic<Memory>;
 type Vring = VringMutex<AtomicMemory>;
 type Chain = DescriptorChain<GuestMemoryLoadGuard<Memory>>;
 
+/// Requests with at most this much data are first polled on the queue thread.
+const INLINE_BYTES: u64 = 64 << 10;
+
 /// A volume as every session of its export sees it.
 #[derive(Debug)]
 pub(crate) struct Disk {
@@ -267,10 +270,21 @@ impl Session {
             match self.prepare(chain, &memory) {
                 Prepared::Answered(len) => done.push((head, len)),
                 Prepared::Run(request) => {
+                    let inline =
+                        request.layout.in_len().max(request.layout.out_len()) <= INLINE_BYTES;
                     let mut future: Pin<Box<dyn Future<Output = u32> + Send>> =
                         Box::pin(self.clone().execute(request));
                     let mut cx = Context::from_waker(Waker::noop());
-                    match future.as_mut().poll(&mut cx) {
+                    // Small requests get a first poll here: a memory device or a page-cache
+                    // hit completes without a handoff. Large ones go to the runtime at once,
+                    // so that their copies run on its threads in parallel while this thread
+                    // takes the next chains.
+                    let polled = if inline {
+                        future.as_mut().poll(&mut cx)
+                    } else {
+                        Poll::Pending
+                    };
+                    match polled {
                         Poll::Ready(len) => done.push((head, len)),
                         Poll::Pending => {
                             let session = self.clone();

@@ -4,6 +4,8 @@
 //! types, read-only volumes, malicious control messages — each answered or refused while the
 //! export keeps serving.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{Read, Write};

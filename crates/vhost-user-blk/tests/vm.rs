@@ -7,6 +7,8 @@
 //! Strata's two-queue disk also: an online resize the guest sees through a config-change
 //! notification, and an export restart qemu reconnects to (`reconnect-ms`) with nothing lost.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::fs::File;
