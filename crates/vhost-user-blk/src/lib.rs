@@ -42,7 +42,7 @@
 //! use std::sync::Arc;
 //! use strata_vhost_user_blk::{VhostUserSettings, VhostUserTarget};
 //!
-//! let device = Arc::new(strata_bdev::MemDevice::new(1 << 30));
+//! let device = Arc::new(strata_bdev::MemDevice::new("demo", 1 << 30));
 //! let target = VhostUserTarget::new(VhostUserSettings::default(), tokio::runtime::Handle::current())?;
 //! target.serve("demo", device, false, "/run/strata/vhost-user/demo.sock".as_ref())?;
 //! // qemu … -chardev socket,id=demo,path=/run/strata/vhost-user/demo.sock
