@@ -1,0 +1,3 @@
+//! Strata's NVMe over Fabrics, TCP transport.
+
+pub mod codec;
