@@ -594,6 +594,8 @@ pub fn decode_header(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pdu {
     pub header: PduHeader,
+    /// The common header's flags ([`pdu_flags`]).
+    pub flags: u8,
     pub data: Vec<u8>,
     /// The data digest did not match (the PDU is otherwise valid; the command fails).
     pub data_digest_error: bool,
@@ -630,6 +632,7 @@ pub fn decode_pdu(
     Ok(Some((
         Pdu {
             header,
+            flags: buf[1],
             data,
             data_digest_error,
         },
