@@ -192,7 +192,7 @@ fn get_log_page(
     if u64::from(cmd.dptr.length) != len {
         return Err(Status::DATA_SGL_LENGTH_INVALID.dnr());
     }
-    if len > u64::from(ctx.shared.limits.max_data_transfer) || offset % 4 != 0 {
+    if len > u64::from(ctx.shared.limits.max_data_transfer) || !offset.is_multiple_of(4) {
         return Err(Status::INVALID_FIELD.dnr());
     }
     let ctrl = &ctx.ctrl;

@@ -141,7 +141,7 @@ impl TargetSettings {
             return bad("max_io_queues must be at least 1".into());
         }
         if self.max_h2c_data < 4096
-            || self.max_h2c_data % 4 != 0
+            || !self.max_h2c_data.is_multiple_of(4)
             || self.max_h2c_data > u64::from(u32::MAX / 2)
         {
             return bad(format!(
@@ -157,7 +157,7 @@ impl TargetSettings {
                 self.max_data_transfer
             ));
         }
-        if self.in_capsule_data_size % 16 != 0 || self.in_capsule_data_size > 1 << 20 {
+        if !self.in_capsule_data_size.is_multiple_of(16) || self.in_capsule_data_size > 1 << 20 {
             return bad(format!(
                 "in_capsule_data_size {} is not a multiple of 16 up to 1 MiB",
                 self.in_capsule_data_size

@@ -436,7 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
     /// The header of the PDU at the head of `inbuf`, for a termination request.
     fn offending_header(&self) -> Vec<u8> {
         let hlen = self.inbuf.get(2).map_or(8, |&h| usize::from(h));
-        let n = hlen.max(8).min(MAX_TERM_DATA).min(self.inbuf.len());
+        let n = hlen.clamp(8, MAX_TERM_DATA).min(self.inbuf.len());
         self.inbuf[..n].to_vec()
     }
 

@@ -50,7 +50,20 @@ pub async fn target(settings: TargetSettings) -> (Arc<Target>, SocketAddr) {
 
 /// A target at a given address (to start one again where another was).
 pub async fn target_at(settings: TargetSettings, addr: SocketAddr) -> Arc<Target> {
-    let listener = TcpListener::bind(addr).await.expect("bind again");
+    // The previous target's listener closes as its accept loop sees the shutdown.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "bind {addr} again: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
     let t = Target::new(settings).expect("target settings");
     tokio::spawn(t.clone().serve_tcp(listener));
     t
