@@ -126,25 +126,21 @@ fn le16(b: &[u8], at: usize) -> u16 {
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
 }
 
 fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes([
-        b[at],
-        b[at + 1],
-        b[at + 2],
-        b[at + 3],
-        b[at + 4],
-        b[at + 5],
-        b[at + 6],
-        b[at + 7],
-    ])
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
 }
 
 impl Command {
     /// Decode 64 bytes (`b` must hold them).
     pub fn decode(b: &[u8]) -> Command {
+        let b: &[u8; 64] = b[..64].try_into().expect("64 bytes");
         Command {
             opcode: b[0],
             flags: b[1],

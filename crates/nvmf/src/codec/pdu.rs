@@ -364,7 +364,9 @@ fn le16(b: &[u8], at: usize) -> u16 {
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
 }
 
 /// Decode the header of the PDU at the start of `buf`.

@@ -377,17 +377,21 @@ async fn writer(
             if let Some(i) = last {
                 batch.truncate(i + 1);
             }
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
+            let mut slices = [IoSlice::new(&[]); 3 * WRITE_BATCH];
+            let mut n = 0;
             for o in &batch {
-                slices.push(IoSlice::new(&o.head[..usize::from(o.head_len)]));
+                slices[n] = IoSlice::new(&o.head[..usize::from(o.head_len)]);
+                n += 1;
                 if !o.data.is_empty() {
-                    slices.push(IoSlice::new(&o.data));
+                    slices[n] = IoSlice::new(&o.data);
+                    n += 1;
                 }
                 if let Some(d) = &o.ddgst {
-                    slices.push(IoSlice::new(d));
+                    slices[n] = IoSlice::new(d);
+                    n += 1;
                 }
             }
-            let mut s = &mut slices[..];
+            let mut s = &mut slices[..n];
             while !s.is_empty() {
                 let n = tokio::select! {
                     n = w.write_vectored(s) => n?,
@@ -399,7 +403,6 @@ async fn writer(
                 IoSlice::advance_slices(&mut s, n);
             }
             let why = last.and_then(|i| batch[i].last.clone());
-            drop(slices);
             batch.clear();
             if why.is_some() {
                 return Ok(why);
@@ -567,7 +570,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
         };
-        let head = rd.buf[..layout.header_len.min(rd.buf.len())].to_vec();
+        // The header, for a termination request should this PDU turn out to break the rules.
+        let mut head_buf = [0u8; 32];
+        let head_len = layout.header_len.min(32).min(rd.buf.len());
+        head_buf[..head_len].copy_from_slice(&rd.buf[..head_len]);
+        let head = || head_buf[..head_len].to_vec();
         let flags = rd.buf[1];
         match header {
             PduHeader::CapsuleResp(c) => {
@@ -578,7 +585,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             8 + 12,
                             format!("a response to command {}, which is not in flight", c.cid),
                         ),
-                        head,
+                        head(),
                     ));
                 };
                 let data = e.buf.unwrap_or_default();
@@ -590,7 +597,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         e.expect
                     );
                     let _ = e.tx.send(Err(Failed::Protocol(why.clone())));
-                    return Err(Stop::Violation(violation(8 + 12, why), head));
+                    return Err(Stop::Violation(violation(8 + 12, why), head()));
                 }
                 let _ = e.tx.send(Ok(Response {
                     completion: c,
@@ -608,7 +615,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                                 8,
                                 format!("C2HData for command {}, which is not in flight", d.cccid),
                             ),
-                            head,
+                            head(),
                         ));
                     };
                     match e.buf.take() {
@@ -619,7 +626,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                                     8,
                                     format!("C2HData for command {}, which reads no data", d.cccid),
                                 ),
-                                head,
+                                head(),
                             ))
                         }
                     }
@@ -631,7 +638,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             "C2HData of {} bytes at offset {} for command {} expecting {} bytes, {} received",
                             d.datal, d.datao, d.cccid, expect, start
                         )),
-                        head,
+                        head(),
                     ));
                 }
                 rd.read_into(&mut buf, d.datal as usize).await?;
@@ -664,7 +671,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                                 1,
                                 "C2HData SUCCESS before all data, or without LAST_PDU".into(),
                             ),
-                            head,
+                            head(),
                         ));
                     }
                     if let Some(e) = t.take(d.cccid) {
@@ -683,7 +690,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             PduHeader::R2t(r) => {
                 rd.buf.advance(layout.total);
-                send_data(sh, &r).map_err(|e| Stop::Violation(e, head))?;
+                send_data(sh, &r).map_err(|e| Stop::Violation(e, head()))?;
             }
             PduHeader::C2HTermReq { fes, fei } => {
                 rd.fill(layout.total).await?;
@@ -696,7 +703,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             other => {
                 return Err(Stop::Violation(
                     violation(0, format!("{other:?} is not a PDU a host receives here")),
-                    head,
+                    head(),
                 ))
             }
         }

@@ -216,6 +216,7 @@ where
         sq_head: 0,
         sqflow_disabled: false,
         ctrl_stop: None,
+        touched: false,
     };
     let result = std::future::poll_fn(|cx| q.poll(cx)).await;
     q.close();
@@ -266,6 +267,8 @@ struct Queue<S> {
     ctrl_stop: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// Until Connect: the handshake must finish by then.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// A command arrived in this round: the controller's keep-alive clock is touched once.
+    touched: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
@@ -299,6 +302,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
                         self.fatal(e, &header);
                         progress = true;
                     }
+                }
+            }
+            if std::mem::take(&mut self.touched) {
+                if let Some(c) = self.ctx() {
+                    c.ctrl.touch(self.shared.now_ms());
                 }
             }
             if self.aborted {
@@ -408,6 +416,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
         }
     }
 
+    /// The largest PDU this queue accepts, with room for a read chunk behind it.
+    fn largest_pdu(&self) -> usize {
+        let l = self.pdu_limits();
+        let header = crate::codec::pdu::CMD_HLEN + 2 * crate::codec::pdu::DIGEST_LEN + 256;
+        header + l.in_capsule.max(l.data_pdu) as usize
+    }
+
     /// Read more from the socket into `inbuf`.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         let rest = self.want.saturating_sub(self.inbuf.len());
@@ -416,6 +431,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
         } else {
             READ_CHUNK
         };
+        // While nothing is buffered, making room for the largest PDU this queue takes moves no
+        // bytes (and reuses the allocation when nothing else holds it). Later, when a large
+        // H2CData PDU turns out to be arriving, there is room for all of it after what was
+        // read already, which then need not be moved.
+        let largest = self.largest_pdu();
+        if self.inbuf.is_empty() && self.inbuf.capacity() < largest {
+            self.inbuf.reserve(largest);
+        }
         if self.inbuf.capacity() - self.inbuf.len() < limit {
             self.inbuf.reserve(limit.max(READ_CHUNK));
         }
@@ -459,7 +482,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
         }
         self.want = 0;
         let flags = self.inbuf[1];
-        let head = self.offending_header();
+        // The header, for a termination request should this PDU turn out to break the rules.
+        let mut head = [0u8; MAX_TERM_DATA];
+        let head_len = layout.header_len.min(MAX_TERM_DATA);
+        head[..head_len].copy_from_slice(&self.inbuf[..head_len]);
         let r = match header {
             PduHeader::IcReq(r) => {
                 self.inbuf.advance(layout.total);
@@ -486,7 +512,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
                 why: format!("{other:?} is not a PDU a controller receives"),
             }),
         };
-        r.map(|()| true).map_err(|e| (e, head))
+        r.map(|()| true).map_err(|e| (e, head[..head_len].to_vec()))
     }
 
     /// Split a whole PDU off `inbuf`: its data (without a copy) and whether its data digest
@@ -558,9 +584,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
         if self.sq_entries > 0 {
             self.sq_head = (self.sq_head + 1) % self.sq_entries;
         }
-        if let Some(c) = self.ctx() {
-            c.ctrl.touch(self.shared.now_ms());
-        }
+        self.touched = true;
         if digest_error {
             debug!(cid = cmd.cid, "data digest error in a command capsule");
             self.respond(Done::status(cmd.cid, Status::TRANSIENT_TRANSPORT_ERROR));
@@ -590,6 +614,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
     /// Sort a command out: `Ok(None)` when it was answered here already.
     fn classify(&mut self, cmd: &Command) -> Result<Option<Op>, Status> {
         let ctx = match &self.phase {
+            Phase::Connected(c) if !cmd.is_fabrics() => {
+                if !c.ctrl.is_ready() {
+                    return Err(Status::COMMAND_SEQUENCE_ERROR.dnr());
+                }
+                if c.qid == 0 {
+                    return Ok(Some(Op::Admin(AdminCommand::parse(cmd))));
+                }
+                let ns = c.ns.as_ref().ok_or(Status::INVALID_OPCODE.dnr())?;
+                return iocmd::prepare(ns, cmd, IoCommand::parse(cmd), &self.shared.limits)
+                    .map(|op| Some(Op::Io(op)));
+            }
             Phase::Connected(c) => c.clone(),
             _ => {
                 return match (cmd.is_fabrics(), Fabrics::parse(cmd)) {
@@ -598,46 +633,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
                 }
             }
         };
-        if cmd.is_fabrics() {
-            let admin = ctx.qid == 0;
-            let done = match Fabrics::parse(cmd) {
-                Fabrics::Connect(_) => Done::status(cmd.cid, Status::COMMAND_SEQUENCE_ERROR.dnr()),
-                Fabrics::PropertyGet { offset, eight } if admin => {
-                    match ctx.ctrl.property_get(offset, eight, self.cap()) {
-                        Ok(v) => Done::result(cmd.cid, v),
-                        Err(s) => Done::status(cmd.cid, s),
-                    }
-                }
-                Fabrics::PropertySet {
-                    offset,
-                    eight,
-                    value,
-                } if admin => match ctx.ctrl.property_set(offset, eight, value, &self.shared) {
-                    Ok(()) => Done::ok(cmd.cid),
+        // A fabrics command on a connected queue.
+        let admin = ctx.qid == 0;
+        let done = match Fabrics::parse(cmd) {
+            Fabrics::Connect(_) => Done::status(cmd.cid, Status::COMMAND_SEQUENCE_ERROR.dnr()),
+            Fabrics::PropertyGet { offset, eight } if admin => {
+                match ctx.ctrl.property_get(offset, eight, self.cap()) {
+                    Ok(v) => Done::result(cmd.cid, v),
                     Err(s) => Done::status(cmd.cid, s),
-                },
-                Fabrics::PropertyGet { .. } | Fabrics::PropertySet { .. } => {
-                    Done::status(cmd.cid, Status::INVALID_FIELD.dnr())
                 }
-                Fabrics::Disconnect { .. } => {
-                    debug!(qid = ctx.qid, "Disconnect");
-                    self.stop_reading();
-                    Done::ok(cmd.cid)
-                }
-                Fabrics::Other(_) => Done::status(cmd.cid, Status::INVALID_OPCODE.dnr()),
-            };
-            self.respond(done);
-            return Ok(None);
-        }
-        if !ctx.ctrl.is_ready() {
-            return Err(Status::COMMAND_SEQUENCE_ERROR.dnr());
-        }
-        if ctx.qid == 0 {
-            return Ok(Some(Op::Admin(AdminCommand::parse(cmd))));
-        }
-        let ns = ctx.ns.as_ref().ok_or(Status::INVALID_OPCODE.dnr())?;
-        iocmd::prepare(ns, cmd, IoCommand::parse(cmd), &self.shared.limits)
-            .map(|op| Some(Op::Io(op)))
+            }
+            Fabrics::PropertySet {
+                offset,
+                eight,
+                value,
+            } if admin => match ctx.ctrl.property_set(offset, eight, value, &self.shared) {
+                Ok(()) => Done::ok(cmd.cid),
+                Err(s) => Done::status(cmd.cid, s),
+            },
+            Fabrics::PropertyGet { .. } | Fabrics::PropertySet { .. } => {
+                Done::status(cmd.cid, Status::INVALID_FIELD.dnr())
+            }
+            Fabrics::Disconnect { .. } => {
+                debug!(qid = ctx.qid, "Disconnect");
+                self.stop_reading();
+                Done::ok(cmd.cid)
+            }
+            Fabrics::Other(_) => Done::status(cmd.cid, Status::INVALID_OPCODE.dnr()),
+        };
+        self.respond(done);
+        Ok(None)
     }
 
     /// CAP: queue entries, the ready timeout (7.5 s), the NVM command set, 4 KiB pages.
@@ -755,14 +780,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
                 }
             }
             Op::Io(io) => {
-                let Some((ns, ctx)) = self
+                let Some(f) = self
                     .ctx()
-                    .and_then(|c| c.ns.clone().map(|ns| (ns, c.clone())))
+                    .and_then(|c| Some(iocmd::run(c.ns.clone()?, &c.ctrl, cmd.cid, io, data)))
                 else {
                     return self.respond(Done::status(cmd.cid, Status::COMMAND_SEQUENCE_ERROR));
                 };
-                self.commands
-                    .push(iocmd::run(ns, &ctx.ctrl, cmd.cid, io, data));
+                self.commands.push(f);
             }
         }
     }
