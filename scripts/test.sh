@@ -3,6 +3,12 @@
 # drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, etcd-server,
 # and the S3 server s3s-fs through cargo), then builds once and runs the whole suite.
 #
+# Tests of the kernel's own clients (nbd-client, NVMe/TCP, virtio-blk over vhost-user) boot a
+# VM through crates/testkit: qemu-system-x86 (below) and xz-utils here. The guest itself is
+# built on first use from Debian packages fetched with `apt-get download` (the kernel that
+# linux-image-amd64 names, busybox-static, nbd-client, nvme-cli, e2fsprogs, util-linux,
+# coreutils and their libraries), cached in target/vm-cache/.
+#
 #   scripts/test.sh            # everything
 #   scripts/test.sh -p strata  # extra arguments go to `cargo test`
 set -euo pipefail
@@ -15,6 +21,7 @@ required=(
   mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount
   openssl:openssl systemd-socket-activate:systemd timeout:coreutils
   etcd:etcd-server
+  xz:xz-utils
 )
 missing=()
 for pair in "${required[@]}"; do
