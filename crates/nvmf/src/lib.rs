@@ -42,4 +42,6 @@ pub mod host;
 pub mod target;
 
 pub use host::{HostOptions, NvmfDevice, NvmfOpener};
-pub use target::{derived_uuid, Subsystem, Target, TargetError, TargetSettings};
+pub use target::{
+    derived_uuid, ControllerInfo, QueueInfo, Subsystem, Target, TargetError, TargetSettings,
+};

@@ -18,10 +18,22 @@ async fn conformance_with(settings: TargetSettings, opts: HostOptions) {
         let name = format!("c{}", n.fetch_add(1, Ordering::Relaxed));
         let nqn = export(&t, &name, mem(&name, size));
         let opts = opts.clone();
+        let t = t.clone();
         async move {
-            let dev = host(addr, &nqn, opts).await;
+            let dev = host(addr, &nqn, opts.clone()).await;
             let caps = dev.capabilities();
             assert!(caps.trim && caps.write_zeroes && caps.fua && caps.resize);
+            let info = t.controller_info(&nqn);
+            assert_eq!(info.len(), 1);
+            assert_eq!(info[0].queues.len(), 1 + dev.io_queues(), "{info:?}");
+            assert!(
+                info[0]
+                    .queues
+                    .iter()
+                    .all(|q| q.header_digest == opts.header_digest
+                        && q.data_digest == opts.data_digest),
+                "the digests asked for: {info:?}"
+            );
             Arc::new(dev) as Arc<dyn BlockDevice>
         }
     })

@@ -214,7 +214,8 @@ impl Command {
     fn base(opcode: u8, cid: u16, nsid: u32, dptr: Sgl) -> Command {
         Command {
             opcode,
-            // PSDT 01b: SGLs, as fabrics require.
+            // PSDT 01b: SGLs, which fabrics require of every command (Linux's nvmet refuses
+            // anything else with Invalid Field).
             flags: 0x40,
             cid,
             nsid,
@@ -224,10 +225,7 @@ impl Command {
     }
 
     fn fabrics(cid: u16, fctype: u8, dptr: Sgl) -> Command {
-        Command {
-            flags: 0,
-            ..Command::base(admin_opcode::FABRICS, cid, u32::from(fctype), dptr)
-        }
+        Command::base(admin_opcode::FABRICS, cid, u32::from(fctype), dptr)
     }
 
     /// Connect, with its 1024 bytes of data in the capsule.

@@ -12,7 +12,26 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Shared, SubsystemState};
-use crate::codec::{aen, log_id, property, Status};
+use crate::codec::{aen, log_id, property, Digests, Status};
+
+/// A controller as [`Target::controller_info`](super::Target::controller_info) shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerInfo {
+    pub cntlid: u16,
+    pub hostnqn: String,
+    /// The keep-alive timeout in force (0: none).
+    pub keep_alive_ms: u32,
+    /// The connected queues, the admin queue (0) first.
+    pub queues: Vec<QueueInfo>,
+}
+
+/// One connected queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub qid: u16,
+    pub header_digest: bool,
+    pub data_digest: bool,
+}
 
 /// Controller IDs are chosen from 1 to this (0xFFF0 and up are reserved).
 const MAX_CNTLID: u16 = 0xFFEF;
@@ -121,7 +140,8 @@ pub(crate) struct Controller {
     regs: Mutex<Regs>,
     features: Mutex<Features>,
     events: Mutex<Events>,
-    io_queues: Mutex<BTreeSet<u16>>,
+    /// Connected queues (the admin queue is 0) and their digests.
+    queues: Mutex<BTreeMap<u16, Digests>>,
     /// Cancelled when the controller is torn down: every queue's connection closes.
     pub stop: CancellationToken,
 }
@@ -153,7 +173,7 @@ impl Controller {
                 temp_threshold: DEFAULT_TEMP_THRESHOLD,
             }),
             events: Mutex::new(Events::default()),
-            io_queues: Mutex::new(BTreeSet::new()),
+            queues: Mutex::new(BTreeMap::new()),
             stop: CancellationToken::new(),
         }
     }
@@ -304,19 +324,41 @@ impl Controller {
     // -----------------------------------------------------------------------------------------
     // Queues and features
 
-    /// An I/O queue connected.
-    pub fn add_io_queue(&self, qid: u16) -> Result<(), Status> {
+    /// A queue connected: the admin queue (0) or an I/O queue within the granted count.
+    pub fn add_queue(&self, qid: u16, digests: Digests) -> Result<(), Status> {
         if qid > self.features.lock().expect("lock poisoned").io_queues {
             return Err(Status::CONNECT_INVALID_PARAMETERS.dnr());
         }
-        if !self.io_queues.lock().expect("lock poisoned").insert(qid) {
+        let mut q = self.queues.lock().expect("lock poisoned");
+        if q.contains_key(&qid) {
             return Err(Status::COMMAND_SEQUENCE_ERROR.dnr());
         }
+        q.insert(qid, digests);
         Ok(())
     }
 
-    pub fn remove_io_queue(&self, qid: u16) {
-        self.io_queues.lock().expect("lock poisoned").remove(&qid);
+    pub fn remove_queue(&self, qid: u16) {
+        self.queues.lock().expect("lock poisoned").remove(&qid);
+    }
+
+    /// What a user sees of this controller.
+    pub fn info(&self) -> ControllerInfo {
+        ControllerInfo {
+            cntlid: self.cntlid,
+            hostnqn: self.hostnqn.clone(),
+            keep_alive_ms: self.kato_ms(),
+            queues: self
+                .queues
+                .lock()
+                .expect("lock poisoned")
+                .iter()
+                .map(|(&qid, d)| QueueInfo {
+                    qid,
+                    header_digest: d.header,
+                    data_digest: d.data,
+                })
+                .collect(),
+        }
     }
 
     /// Set Features, Number of Queues (0's based counts): grants up to `max`. Only before any
@@ -326,7 +368,13 @@ impl Controller {
         if nsq == u16::MAX || ncq == u16::MAX {
             return Err(Status::INVALID_FIELD.dnr());
         }
-        if !self.io_queues.lock().expect("lock poisoned").is_empty() {
+        if self
+            .queues
+            .lock()
+            .expect("lock poisoned")
+            .keys()
+            .any(|&q| q > 0)
+        {
             return Err(Status::COMMAND_SEQUENCE_ERROR.dnr());
         }
         let granted = (nsq.min(ncq) + 1).min(max);

@@ -39,6 +39,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::codec::{DISCOVERY_NQN, MAX_NQN_LEN};
 
 pub(crate) use controller::Controller;
+pub use controller::{ControllerInfo, QueueInfo};
 
 /// Target settings; [`TargetSettings::default`] holds the documented defaults. Sizes may be
 /// written as numbers of bytes or with a unit (`"1M"`).
@@ -514,6 +515,14 @@ impl Target {
         self.shared
             .subsystem(nqn)
             .map(|s| s.controllers.all().iter().map(|c| c.cntlid).collect())
+            .unwrap_or_default()
+    }
+
+    /// The controllers of subsystem `nqn`, with their hosts and queues.
+    pub fn controller_info(&self, nqn: &str) -> Vec<ControllerInfo> {
+        self.shared
+            .subsystem(nqn)
+            .map(|s| s.controllers.all().iter().map(|c| c.info()).collect())
             .unwrap_or_default()
     }
 

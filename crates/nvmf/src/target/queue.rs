@@ -400,7 +400,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
             if ctx.qid == 0 {
                 ctx.ctrl.teardown("its admin queue closed");
             } else {
-                ctx.ctrl.remove_io_queue(ctx.qid);
+                ctx.ctrl.remove_queue(ctx.qid);
             }
         }
     }
@@ -853,6 +853,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
             let Some(ctrl) = made else {
                 return Done::status(cid, Status::CONNECT_CONTROLLER_BUSY);
             };
+            let _ = ctrl.add_queue(0, self.digests.unwrap_or_default());
             self.shared
                 .tasks
                 .spawn(ctrl.clone().watchdog(self.shared.clone()));
@@ -875,7 +876,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
             if c.sqsize == 0 || u32::from(c.sqsize) >= limits.max_queue_entries {
                 return invalid(false, connect_offset::SQSIZE);
             }
-            if let Err(s) = ctrl.add_io_queue(c.qid) {
+            if let Err(s) = ctrl.add_queue(c.qid, self.digests.unwrap_or_default()) {
                 return if s.code() == Status::CONNECT_INVALID_PARAMETERS {
                     invalid(false, connect_offset::QID)
                 } else {
