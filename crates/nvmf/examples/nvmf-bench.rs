@@ -17,6 +17,7 @@
 //! JOBS=randread PROTOCOLS=nvmf RUNTIME=30 ...   # one cell, e.g. to profile the server (its
 //!                                               # PID is printed on stderr)
 //! NVMF_QUEUES=2 ...                             # I/O queues of the NVMe/TCP host
+//! NVMF_IN_CAPSULE=1048576 ...                   # the target's in-capsule data size
 //! # instructions per request in the server, which a busy machine does not disturb:
 //! SERVER_WRAP="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p" SIZE_MB=64 ...
 //! ```
@@ -73,7 +74,12 @@ fn serve() {
             .expect("bind");
         let nbd_port = l.local_addr().expect("address").port();
         tokio::spawn(nbd.clone().serve_tcp(l));
-        let target = Target::new(TargetSettings::default()).expect("settings");
+        let defaults = TargetSettings::default();
+        let target = Target::new(TargetSettings {
+            in_capsule_data_size: env_u64("NVMF_IN_CAPSULE", defaults.in_capsule_data_size),
+            ..defaults
+        })
+        .expect("settings");
         target
             .add_subsystem(Subsystem::new(NQN, dev))
             .expect("subsystem");
