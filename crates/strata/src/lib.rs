@@ -8,6 +8,7 @@
 //!   mem://name?size=64M         sparse memory
 //!   nbd://host:port/export      a remote NBD export
 //!   nbd+unix:///export?socket=  the same over a unix socket
+//!   nvmf://host:port/nqn        a namespace of a remote NVMe/TCP subsystem
 //!   image://STORE/NAME?size=1G  a page-store image ([`registry_with_images`])
 //! ```
 //!
@@ -43,6 +44,7 @@ pub fn registry() -> bdev::Registry {
     let nbd = Arc::new(nbd::NbdOpener::default());
     r.register("nbd", nbd.clone());
     r.register("nbd+unix", nbd);
+    r.register("nvmf", Arc::new(strata_nvmf::NvmfOpener::default()));
     r
 }
 
