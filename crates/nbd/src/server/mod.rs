@@ -25,8 +25,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::codec::{self, opt, rep, tx_flags, BlockSizes, ClientOption};
+use crate::codec::{self, tx_flags};
 use crate::transmission;
+
+mod negotiate;
+
+use negotiate::{Negotiated, Session};
 
 /// One exported device.
 #[derive(Debug)]
@@ -144,11 +148,6 @@ impl Default for ServerConfig {
         }
     }
 }
-
-/// Option data longer than this is refused with `NBD_REP_ERR_TOO_BIG`.
-const MAX_OPTION_LEN: u32 = 64 << 10;
-/// Option data longer than this is not even read: the connection is closed.
-const MAX_DISCARD_LEN: u32 = 16 << 20;
 
 /// An NBD server over a set of exports.
 #[derive(Debug)]
@@ -371,323 +370,6 @@ impl Server {
         }
     }
 
-    /// The option haggling phase. Returns when the client chose an export, aborted, or asked
-    /// for TLS (then the caller upgrades the stream and negotiates again).
-    async fn negotiate<S>(&self, stream: &mut S, mut s: Session) -> std::io::Result<Negotiated>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let tls_required = self
-            .config
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.mode == TlsMode::Required);
-        let mut out = BytesMut::new();
-        loop {
-            let mut header = [0u8; codec::OPTION_HEADER_LEN];
-            let read = tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(Negotiated::Close),
-                r = stream.read_exact(&mut header) => r,
-            };
-            match read {
-                Ok(_) => {}
-                // A client that goes away between options (e.g. `nbdinfo --list` after LIST).
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Ok(Negotiated::Close)
-                }
-                Err(e) => return Err(e),
-            }
-            let h = codec::decode_option_header(&header)
-                .map_err(|e| invalid(format!("option header: {e}")))?;
-            if h.len > MAX_OPTION_LEN {
-                if h.len > MAX_DISCARD_LEN || !s.fixed {
-                    return Err(invalid(format!(
-                        "option {} carries {} bytes of data",
-                        h.option, h.len
-                    )));
-                }
-                tokio::io::copy(
-                    &mut (&mut *stream).take(u64::from(h.len)),
-                    &mut tokio::io::sink(),
-                )
-                .await?;
-                let msg = format!(
-                    "option data of {} bytes is over the {MAX_OPTION_LEN}-byte limit",
-                    h.len
-                );
-                send_option_reply(stream, &mut out, h.option, rep::ERR_TOO_BIG, msg.as_bytes())
-                    .await?;
-                continue;
-            }
-            let mut data = vec![0u8; h.len as usize];
-            stream.read_exact(&mut data).await?;
-            if !s.fixed && h.option != opt::EXPORT_NAME {
-                return Err(invalid(format!(
-                    "option {} from a client without fixed newstyle",
-                    h.option
-                )));
-            }
-            let option = match codec::parse_option(h.option, &data) {
-                Ok(o) => o,
-                Err(e) => {
-                    if h.option == opt::EXPORT_NAME {
-                        return Err(invalid(format!("NBD_OPT_EXPORT_NAME: {e}")));
-                    }
-                    let code = match e {
-                        codec::ProtocolError::TooLong { .. } => rep::ERR_TOO_BIG,
-                        _ => rep::ERR_INVALID,
-                    };
-                    send_option_reply(stream, &mut out, h.option, code, e.to_string().as_bytes())
-                        .await?;
-                    continue;
-                }
-            };
-            if tls_required
-                && !s.tls
-                && !matches!(option, ClientOption::StartTls | ClientOption::Abort)
-            {
-                if h.option == opt::EXPORT_NAME {
-                    return Err(invalid(
-                        "NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server".into(),
-                    ));
-                }
-                send_option_reply(
-                    stream,
-                    &mut out,
-                    h.option,
-                    rep::ERR_TLS_REQD,
-                    b"this server requires TLS: use STARTTLS first",
-                )
-                .await?;
-                continue;
-            }
-            match option {
-                ClientOption::Abort => {
-                    // The client may already be gone; that is fine.
-                    let _ = send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await;
-                    return Ok(Negotiated::Close);
-                }
-                ClientOption::ExportName(name) => {
-                    let found = match self.find(&name).await {
-                        Ok(Some(found)) => found,
-                        Ok(None) => {
-                            return Err(invalid(format!(
-                                "NBD_OPT_EXPORT_NAME: no export named {}",
-                                shown(&name)
-                            )))
-                        }
-                        Err(why) => {
-                            return Err(invalid(format!(
-                                "NBD_OPT_EXPORT_NAME: export {} refused: {why}",
-                                shown(&name)
-                            )))
-                        }
-                    };
-                    let export = found.export.clone();
-                    out.clear();
-                    let flags = export.transmission_flags(s.structured);
-                    codec::encode_export_name_reply(
-                        &mut out,
-                        export.device.geometry().size,
-                        flags,
-                        s.no_zeroes,
-                    );
-                    stream.write_all(&out).await?;
-                    s.meta_export = None;
-                    return Ok(Negotiated::Transmission(s, found));
-                }
-                ClientOption::List => {
-                    for e in self.exports() {
-                        let d = codec::encode_rep_server(&e.name, &e.description);
-                        send_option_reply(stream, &mut out, h.option, rep::SERVER, &d).await?;
-                    }
-                    send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
-                }
-                ClientOption::StartTls => {
-                    if s.tls {
-                        send_option_reply(
-                            stream,
-                            &mut out,
-                            h.option,
-                            rep::ERR_INVALID,
-                            b"TLS is already in use",
-                        )
-                        .await?;
-                    } else if self.config.tls.is_none() {
-                        send_option_reply(
-                            stream,
-                            &mut out,
-                            h.option,
-                            rep::ERR_UNSUP,
-                            b"TLS is not configured on this server",
-                        )
-                        .await?;
-                    } else {
-                        send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
-                        // STARTTLS forgets everything negotiated before it.
-                        return Ok(Negotiated::StartTls(Session {
-                            fixed: s.fixed,
-                            no_zeroes: s.no_zeroes,
-                            ..Session::default()
-                        }));
-                    }
-                }
-                ClientOption::StructuredReply => {
-                    s.structured = true;
-                    send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
-                }
-                ClientOption::ListMetaContext(req) | ClientOption::SetMetaContext(req) => {
-                    let set = h.option == opt::SET_META_CONTEXT;
-                    if set {
-                        s.meta_export = None;
-                    }
-                    if !s.structured {
-                        send_option_reply(
-                            stream,
-                            &mut out,
-                            h.option,
-                            rep::ERR_INVALID,
-                            b"negotiate NBD_OPT_STRUCTURED_REPLY first",
-                        )
-                        .await?;
-                        continue;
-                    }
-                    let (code, msg) = match self.find(&req.export).await {
-                        Ok(Some(_)) => (rep::ACK, String::new()),
-                        Ok(None) => (
-                            rep::ERR_UNKNOWN,
-                            format!("no export named {}", shown(&req.export)),
-                        ),
-                        Err(why) => (rep::ERR_POLICY, why),
-                    };
-                    if code != rep::ACK {
-                        send_option_reply(stream, &mut out, h.option, code, msg.as_bytes()).await?;
-                        continue;
-                    }
-                    let selected = if set {
-                        req.queries.iter().any(|q| q == codec::BASE_ALLOCATION)
-                    } else {
-                        req.queries.is_empty()
-                            || req
-                                .queries
-                                .iter()
-                                .any(|q| q == "base:" || q == codec::BASE_ALLOCATION)
-                    };
-                    if selected {
-                        let id = if set {
-                            transmission::BASE_ALLOCATION_ID
-                        } else {
-                            0
-                        };
-                        let d = codec::encode_rep_meta_context(id, codec::BASE_ALLOCATION);
-                        send_option_reply(stream, &mut out, h.option, rep::META_CONTEXT, &d)
-                            .await?;
-                        if set {
-                            s.meta_export = Some(req.export.clone());
-                        }
-                    }
-                    send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
-                }
-                ClientOption::Info(req) | ClientOption::Go(req) => {
-                    let go = h.option == opt::GO;
-                    let found = match self.find(&req.name).await {
-                        Ok(Some(found)) => found,
-                        Ok(None) => {
-                            let msg = format!(
-                                "no export named {}; NBD_OPT_LIST (nbdinfo --list) shows the exports",
-                                shown(&req.name)
-                            );
-                            send_option_reply(
-                                stream,
-                                &mut out,
-                                h.option,
-                                rep::ERR_UNKNOWN,
-                                msg.as_bytes(),
-                            )
-                            .await?;
-                            continue;
-                        }
-                        Err(why) => {
-                            warn!(export = %shown(&req.name), reason = %why, "export refused");
-                            send_option_reply(
-                                stream,
-                                &mut out,
-                                h.option,
-                                rep::ERR_POLICY,
-                                why.as_bytes(),
-                            )
-                            .await?;
-                            continue;
-                        }
-                    };
-                    let export = found.export.clone();
-                    let sizes = self.block_sizes(&export);
-                    let asked_sizes = req.requests.contains(&codec::info::BLOCK_SIZE);
-                    if asked_sizes || sizes.minimum > 1 {
-                        let d = codec::encode_info_block_size(sizes);
-                        send_option_reply(stream, &mut out, h.option, rep::INFO, &d).await?;
-                    }
-                    if sizes.minimum > 1 && !asked_sizes {
-                        let msg = format!(
-                            "this export needs {}-byte aligned I/O: request NBD_INFO_BLOCK_SIZE",
-                            sizes.minimum
-                        );
-                        send_option_reply(
-                            stream,
-                            &mut out,
-                            h.option,
-                            rep::ERR_BLOCK_SIZE_REQD,
-                            msg.as_bytes(),
-                        )
-                        .await?;
-                        continue;
-                    }
-                    if req.requests.contains(&codec::info::NAME) {
-                        let d = codec::encode_info_string(codec::info::NAME, &export.name);
-                        send_option_reply(stream, &mut out, h.option, rep::INFO, &d).await?;
-                    }
-                    if req.requests.contains(&codec::info::DESCRIPTION)
-                        && !export.description.is_empty()
-                    {
-                        let d = codec::encode_info_string(
-                            codec::info::DESCRIPTION,
-                            &export.description,
-                        );
-                        send_option_reply(stream, &mut out, h.option, rep::INFO, &d).await?;
-                    }
-                    let d = codec::encode_info_export(
-                        export.device.geometry().size,
-                        export.transmission_flags(s.structured),
-                    );
-                    send_option_reply(stream, &mut out, h.option, rep::INFO, &d).await?;
-                    send_option_reply(stream, &mut out, h.option, rep::ACK, &[]).await?;
-                    if go {
-                        // Block status is allowed only for the export the meta context was set on.
-                        if s.meta_export.as_deref() != Some(req.name.as_str()) {
-                            s.meta_export = None;
-                        }
-                        return Ok(Negotiated::Transmission(s, found));
-                    }
-                }
-                ClientOption::Unknown(o) => {
-                    let msg = format!("option {o} is not supported");
-                    send_option_reply(stream, &mut out, h.option, rep::ERR_UNSUP, msg.as_bytes())
-                        .await?;
-                }
-            }
-        }
-    }
-
-    fn block_sizes(&self, export: &Export) -> BlockSizes {
-        let g = export.device.geometry();
-        let minimum = g.block_size.max(1);
-        BlockSizes {
-            minimum,
-            preferred: g.optimal_io_size.max(minimum).max(4096),
-            maximum: self.config.max_payload,
-        }
-    }
-
     /// The transmission phase, on this task: see [`transmission`](crate::transmission).
     async fn transmission<S>(
         self: Arc<Self>,
@@ -783,13 +465,6 @@ impl Listener for UnixListener {
     }
 }
 
-/// What negotiation ended with.
-enum Negotiated {
-    Close,
-    StartTls(Session),
-    Transmission(Session, Resolved),
-}
-
 /// A connection known by its client identity.
 #[derive(Debug)]
 struct ClientConn {
@@ -806,29 +481,6 @@ fn shown(name: &str) -> String {
         let cut: String = name.chars().take(24).collect();
         format!("\"{cut}…\" ({} bytes)", name.len())
     }
-}
-
-/// What a client negotiated so far.
-#[derive(Debug, Default, Clone)]
-struct Session {
-    fixed: bool,
-    no_zeroes: bool,
-    tls: bool,
-    structured: bool,
-    /// The export `base:allocation` was selected for.
-    meta_export: Option<String>,
-}
-
-async fn send_option_reply<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    out: &mut BytesMut,
-    option: u32,
-    reply_type: u32,
-    data: &[u8],
-) -> std::io::Result<()> {
-    out.clear();
-    codec::encode_option_reply(out, option, reply_type, data);
-    stream.write_all(out).await
 }
 
 async fn with_timeout<T>(
