@@ -15,40 +15,13 @@ use strata_bdev::{
     Registry, Result, WriteOpts, ZeroOpts,
 };
 use strata_nbd::client::{ClientOptions, Target};
-use strata_nbd::{Export, NbdDevice, NbdOpener, Server, ServerConfig};
+use strata_nbd::{NbdDevice, NbdOpener, Server, ServerConfig};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-/// Long enough for anything that works; a failure to finish within it is a hang.
-const LIMIT: Duration = Duration::from_secs(10);
-
-fn export(name: &str, device: Arc<dyn BlockDevice>, read_only: bool) -> Export {
-    Export {
-        name: name.to_string(),
-        description: format!("test export {name}"),
-        device,
-        read_only,
-        transactions: None,
-    }
-}
-
-fn mem(size: u64) -> Arc<dyn BlockDevice> {
-    Arc::new(MemDevice::new("m", size))
-}
-
-async fn tcp_server(config: ServerConfig, exports: Vec<Export>) -> (Arc<Server>, Target) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local address");
-    let server = Server::new(config, exports);
-    tokio::spawn(server.clone().serve_tcp(listener));
-    (server, Target::Tcp(addr.to_string()))
-}
-
-async fn connect(target: &Target, name: &str) -> NbdDevice {
-    NbdDevice::connect(target, name, &ClientOptions::default())
-        .await
-        .expect("connect")
-}
+mod common;
+use common::{connect, export, mem, tcp_server, wait_until, LIMIT};
 
 /// A fresh export per device the suite asks for, all served by one server.
 async fn conformance_over(server: Arc<Server>, target: Target) {
@@ -307,13 +280,7 @@ async fn losing_the_connection_fails_in_flight_and_later_requests() {
         })
         .collect();
     // Wait until the server holds every read (a condition, polled; not a fixed delay).
-    tokio::time::timeout(LIMIT, async {
-        while handle.fired() < 8 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .expect("the reads reach the server");
+    wait_until("the reads reach the server", || handle.fired() >= 8).await;
 
     cut.abort();
     for r in reads {
@@ -363,13 +330,7 @@ async fn server_shutdown_finishes_in_flight_requests_then_fails_later_ones() {
                 .await
         })
     };
-    tokio::time::timeout(LIMIT, async {
-        while handle.fired() < 1 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .expect("the write reaches the server");
+    wait_until("the write reaches the server", || handle.fired() >= 1).await;
     tokio::time::timeout(LIMIT, server.shutdown())
         .await
         .expect("the server shuts down");
@@ -387,22 +348,60 @@ async fn server_shutdown_finishes_in_flight_requests_then_fails_later_ones() {
     assert!(e.to_string().contains("was lost"), "{e}");
 }
 
+/// A memory device whose first read of its first block waits at a gate until the test opens it.
+#[derive(Debug)]
+struct HeldRead {
+    inner: MemDevice,
+    gate: Semaphore,
+    /// The held read reached the gate; it passed it and returned.
+    arrived: AtomicUsize,
+    returned: AtomicUsize,
+}
+
+#[async_trait]
+impl BlockDevice for HeldRead {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        if offset < 4096 && self.arrived.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.gate.acquire().await.expect("gate open").forget();
+            let data = self.inner.read_at(offset, len).await;
+            self.returned.fetch_add(1, Ordering::SeqCst);
+            return data;
+        }
+        self.inner.read_at(offset, len).await
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
+        self.inner.write_at(offset, data, opts).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_times_out_and_the_connection_survives() {
-    let (fault, handle) = FaultDevice::new(mem(1 << 20));
-    handle.add(
-        Rule {
-            ops: vec![Op::Read],
-            range: None,
-            action: Action::Delay(Duration::from_millis(500)),
-            remaining: None,
-        }
-        .in_range(0, 4096)
-        .times(1),
-    );
+    let held = Arc::new(HeldRead {
+        inner: MemDevice::new("held", 1 << 20),
+        gate: Semaphore::new(0),
+        arrived: AtomicUsize::new(0),
+        returned: AtomicUsize::new(0),
+    });
+    held.inner
+        .write_at(0, Bytes::from_static(b"late"), WriteOpts::default())
+        .await
+        .expect("seed");
     let (_server, target) = tcp_server(
         ServerConfig::default(),
-        vec![export("slow", Arc::new(fault), false)],
+        vec![export("slow", held.clone(), false)],
     )
     .await;
     let options = ClientOptions {
@@ -414,15 +413,36 @@ async fn a_slow_request_times_out_and_the_connection_survives() {
         .expect("connect");
     let e = dev.read_at(0, 4096).await.expect_err("too slow");
     assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
-    // Elsewhere the device answers at once, and the late reply (when it comes) is dropped.
+    wait_until("the held read reaches the device", || {
+        held.arrived.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // Elsewhere the device answers at once.
     dev.write_at(8192, Bytes::from_static(b"fine"), WriteOpts::default())
         .await
         .expect("write");
+    assert_eq!(&dev.read_at(8192, 4).await.expect("read")[..], b"fine");
+
+    // Let the held read finish: the server queues its late reply before anything it reads
+    // afterwards, so by the time a request sent now is answered, the late reply has arrived.
+    held.gate.add_permits(1);
+    wait_until("the held read returns", || {
+        held.returned.load(Ordering::SeqCst) == 1
+    })
+    .await;
     let mut later = Vec::new();
     for _ in 0..10 {
-        later.push(dev.read_at(8192, 4).await.expect("read"));
+        later.push(
+            dev.read_at(8192, 4)
+                .await
+                .expect("read after the late reply"),
+        );
     }
-    assert!(later.iter().all(|b| &b[..] == b"fine"));
+    assert!(
+        later.iter().all(|b| &b[..] == b"fine"),
+        "the late reply (\"late\") was not taken for another request's: {later:?}"
+    );
+    assert_eq!(&dev.read_at(0, 4).await.expect("read again")[..], b"late");
     assert!(dev.is_connected());
 }
 
