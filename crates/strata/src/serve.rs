@@ -135,6 +135,7 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
             .clone()
             .or_else(|| config.volumes.first().map(|v| v.name.clone())),
         tls,
+        ..ServerConfig::default()
     };
     let mut tasks = Vec::new();
     let server = Server::new(server_config, Vec::new());

@@ -2,35 +2,43 @@
 //! block device of the chosen export.
 //!
 //! ```text
-//!   accept (connection limit) ─► negotiate (options, STARTTLS) ─► transmission:
+//!   accept ─► slot (slots.rs: limits overall, per peer, for negotiating; idle ones reclaimed)
+//!     └─► connection.rs: negotiate (negotiate.rs: options, STARTTLS; one time limit)
+//!           └─► transmission (crate::transmission): one task per connection
 //!
-//!     reader ──request──► task per request ──► device
-//!       │ (in-flight byte budget)                 │
+//!     reader ──request──► request futures ──► device (heavy calls off the runtime's workers)
+//!       │ (in-flight requests and bytes)          │
 //!       └──────────── writer ◄──── reply ─────────┘   one writer, vectored writes
 //! ```
 //!
 //! Requests are answered as they complete, out of order. A bad request gets an NBD error and the
 //! connection stays usable; only a broken framing (bad magic) or a vanished client ends it.
+//! Settings: [`ServerConfig`] (config.rs).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use strata_bdev::{BlockDevice, Transactional};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn};
 
-use crate::codec::{self, tx_flags};
-use crate::transmission;
+use crate::codec::tx_flags;
+use crate::transmission::{self, Counters};
 
+mod config;
+mod connection;
 mod negotiate;
+pub(crate) mod slots;
 
-use negotiate::{Negotiated, Session};
+pub use config::{ConfigError, ServerConfig};
+use connection::ClientConn;
+use slots::{Limits, Slots};
 
 /// One exported device.
 #[derive(Debug)]
@@ -118,47 +126,20 @@ impl std::fmt::Debug for TlsSettings {
     }
 }
 
-/// Server settings; [`ServerConfig::default`] holds the documented defaults.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Connections served at once; further clients wait in the listen backlog.
-    pub max_connections: usize,
-    /// Bytes of requests in flight per connection (read and write payloads); the server stops
-    /// reading a connection that reaches it until replies drain.
-    pub max_in_flight_bytes: usize,
-    /// The largest READ or WRITE payload accepted (advertised as the maximum block size).
-    pub max_payload: u32,
-    /// Time a client has to finish negotiation.
-    pub handshake_timeout: Duration,
-    /// The export an empty name selects.
-    pub default_export: Option<String>,
-    /// TLS, if configured.
-    pub tls: Option<TlsSettings>,
-}
-
-impl Default for ServerConfig {
-    fn default() -> ServerConfig {
-        ServerConfig {
-            max_connections: 256,
-            max_in_flight_bytes: 64 << 20,
-            max_payload: 32 << 20,
-            handshake_timeout: Duration::from_secs(60),
-            default_export: None,
-            tls: None,
-        }
-    }
-}
-
 /// An NBD server over a set of exports.
 #[derive(Debug)]
 pub struct Server {
     config: ServerConfig,
     exports: RwLock<BTreeMap<String, Arc<Export>>>,
     resolver: RwLock<Option<Arc<dyn Resolver>>>,
-    /// Connections by client identity: their id, their stop token, and when they are done.
-    clients: std::sync::Mutex<HashMap<String, ClientConn>>,
+    /// Connections by export and client identity: their id, how to stop them, and when they
+    /// are done.
+    clients: std::sync::Mutex<HashMap<(String, String), ClientConn>>,
     next_conn: std::sync::atomic::AtomicU64,
-    connections: Arc<Semaphore>,
+    slots: Arc<Slots>,
+    /// CPU-heavy device calls running at once, server-wide.
+    heavy: Arc<Semaphore>,
+    counters: Arc<Counters>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -171,7 +152,9 @@ impl Server {
             .map(|e| (e.name.clone(), Arc::new(e)))
             .collect();
         Arc::new(Server {
-            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            slots: Arc::new(Slots::new(Limits::of(&config))),
+            heavy: Arc::new(Semaphore::new(transmission::HEAVY_PARALLEL)),
+            counters: Arc::new(Counters::default()),
             config,
             exports: RwLock::new(exports),
             resolver: RwLock::new(None),
@@ -237,8 +220,25 @@ impl Server {
     /// Stop accepting, let every connection finish the requests it has in flight, and wait.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
+        self.heavy.close();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// What the server holds now: connections, requests in flight, and how many connections
+    /// its limits have turned away or closed so far.
+    pub fn stats(&self) -> ServerStats {
+        let (connections, negotiating) = self.slots.counts();
+        let c = &self.counters;
+        ServerStats {
+            connections,
+            negotiating,
+            requests_in_flight: c.requests.load(Ordering::Relaxed),
+            bytes_in_flight: c.bytes.load(Ordering::Relaxed),
+            paused_connections: c.paused.load(Ordering::Relaxed),
+            refused: self.slots.refused.load(Ordering::Relaxed),
+            reclaimed: self.slots.reclaimed.load(Ordering::Relaxed),
+        }
     }
 
     /// Serve clients from a TCP listener until shutdown.
@@ -258,13 +258,16 @@ impl Server {
                 a = listener.accept_one() => a,
             };
             match accepted {
-                Ok((stream, peer)) => {
-                    // At the limit this client waits, unanswered, and this listener accepts no
-                    // more until a connection ends.
-                    let Some(permit) = self.connection_permit().await else {
-                        return;
-                    };
-                    self.spawn_connection(stream, peer, permit);
+                Ok(a) => {
+                    // With the server full this client waits, unanswered, and this listener
+                    // accepts no more until a connection ends or an idle one can be reclaimed.
+                    match self.slots.admit(&a.peer, &self.shutdown).await {
+                        None => return,
+                        Some(Ok(slot)) => self.start(a.stream, a.name, slot, None),
+                        Some(Err(why)) => {
+                            info!(peer = %a.name, reason = %why, "connection refused")
+                        }
+                    }
                 }
                 Err(e) => {
                     warn!(error = %e, "accept NBD connection");
@@ -275,14 +278,10 @@ impl Server {
         }
     }
 
-    async fn connection_permit(&self) -> Option<OwnedSemaphorePermit> {
-        tokio::select! {
-            _ = self.shutdown.cancelled() => None,
-            p = self.connections.clone().acquire_owned() => p.ok(),
-        }
-    }
-
-    /// Serve one connected client (any byte stream) until it disconnects or the server shuts down.
+    /// Serve one connected client (any byte stream) until it disconnects or the server shuts
+    /// down. `peer` names the client in logs and for the per-peer limits on negotiating
+    /// connections; `permit` is the caller's own connection limit, held until the end (the
+    /// server's total and per-peer limits do not apply).
     pub fn spawn_connection<S>(
         self: &Arc<Self>,
         stream: S,
@@ -291,186 +290,75 @@ impl Server {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let server = self.clone();
-        // Every line a connection logs carries its id, its peer and, once chosen, its export.
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let span = tracing::info_span!(
-            "nbd",
-            conn = id,
-            peer = %peer,
-            volume = tracing::field::Empty
-        );
-        self.tasks.spawn(
-            async move {
-                debug!("connected");
-                match server.serve_connection(stream).await {
-                    Ok(()) => debug!("disconnected"),
-                    Err(e) => info!(error = %e, "connection ended"),
-                }
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let slot = self.slots.admit_unlimited(&peer, &self.shutdown);
+        self.start(stream, peer, slot, Some(permit));
     }
+}
 
-    async fn serve_connection<S>(self: Arc<Self>, mut stream: S) -> std::io::Result<()>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let timeout = self.config.handshake_timeout;
-        let mut buf = BytesMut::new();
-        codec::encode_greeting(
-            &mut buf,
-            codec::handshake_flags::FIXED_NEWSTYLE | codec::handshake_flags::NO_ZEROES,
-        );
-        stream.write_all(&buf).await?;
-        let client_flags = tokio::select! {
-            _ = self.shutdown.cancelled() => return Ok(()),
-            f = with_timeout(timeout, stream.read_u32()) => f?,
-        };
-        let known = codec::client_flags::FIXED_NEWSTYLE | codec::client_flags::NO_ZEROES;
-        if client_flags & !known != 0 {
-            return Err(invalid(format!(
-                "client sent unknown client flags {client_flags:#x}"
-            )));
-        }
-        let session = Session {
-            fixed: client_flags & codec::client_flags::FIXED_NEWSTYLE != 0,
-            no_zeroes: client_flags & codec::client_flags::NO_ZEROES != 0,
-            ..Session::default()
-        };
-        let negotiated = with_timeout(timeout, self.negotiate(&mut stream, session)).await?;
-        match negotiated {
-            Negotiated::Close => Ok(()),
-            Negotiated::Transmission(session, export) => {
-                self.transmission(stream, session, export).await
-            }
-            Negotiated::StartTls(session) => {
-                let tls = self
-                    .config
-                    .tls
-                    .clone()
-                    .expect("STARTTLS is acknowledged only when TLS is configured");
-                let mut stream = with_timeout(timeout, tls.acceptor.accept(stream)).await?;
-                let session = Session {
-                    tls: true,
-                    ..session
-                };
-                match with_timeout(timeout, self.negotiate(&mut stream, session)).await? {
-                    Negotiated::Close => Ok(()),
-                    Negotiated::Transmission(session, export) => {
-                        self.transmission(stream, session, export).await
-                    }
-                    Negotiated::StartTls(_) => {
-                        unreachable!("a second STARTTLS is refused during negotiation")
-                    }
-                }
-            }
-        }
-    }
+/// What a server holds at one moment ([`Server::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections holding a slot, negotiating or not.
+    pub connections: usize,
+    /// Of those, the ones still negotiating.
+    pub negotiating: usize,
+    /// Requests read and not yet answered, over every connection.
+    pub requests_in_flight: usize,
+    /// What those requests charge to their connections' byte budgets.
+    pub bytes_in_flight: usize,
+    /// Connections the server is not reading because their budget is spent.
+    pub paused_connections: usize,
+    /// Connections closed at once because their peer was at its limit (since start).
+    pub refused: u64,
+    /// Connections closed to make room: idle ones when slots were needed, and the longest
+    /// negotiating ones beyond the limits on negotiation (since start).
+    pub reclaimed: u64,
+}
 
-    /// The transmission phase, on this task: see [`transmission`](crate::transmission).
-    async fn transmission<S>(
-        self: Arc<Self>,
-        stream: S,
-        s: Session,
-        found: Resolved,
-    ) -> std::io::Result<()>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let export = found.export;
-        tracing::Span::current().record("volume", export.name.as_str());
-        debug!(export = %export.name, structured = s.structured, tls = s.tls, "transmission");
-        let Some(client) = found.client_id else {
-            return self
-                .serve_requests(stream, s, export, self.shutdown.clone())
-                .await;
-        };
-        // The same client again: the previous connection answers what it has in flight and
-        // closes before this one starts.
-        let id = self
-            .next_conn
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let stop = self.shutdown.child_token();
-        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-        let previous = self.clients.lock().expect("lock poisoned").insert(
-            client.clone(),
-            ClientConn {
-                id,
-                stop: stop.clone(),
-                done: done_rx,
-            },
-        );
-        if let Some(mut prev) = previous {
-            info!(client = %client, "the same client connected again: closing its previous connection");
-            prev.stop.cancel();
-            let _ = prev.done.wait_for(|d| *d).await;
-        }
-        let result = self.serve_requests(stream, s, export, stop).await;
-        {
-            let mut clients = self.clients.lock().expect("lock poisoned");
-            if clients.get(&client).is_some_and(|c| c.id == id) {
-                clients.remove(&client);
-            }
-        }
-        let _ = done_tx.send(true);
-        result
-    }
-
-    async fn serve_requests<S>(
-        &self,
-        stream: S,
-        s: Session,
-        export: Arc<Export>,
-        stop: CancellationToken,
-    ) -> std::io::Result<()>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let ctx = Arc::new(transmission::Ctx {
-            block_size: u64::from(export.device.geometry().block_size.max(1)),
-            export,
-            structured: s.structured,
-            block_status: s.meta_export.is_some(),
-            max_payload: self.config.max_payload,
-        });
-        transmission::serve(stream, ctx, self.config.max_in_flight_bytes, stop).await
-    }
+/// A connection as a listener accepted it.
+struct Accepted<S> {
+    stream: S,
+    /// For logs.
+    name: String,
+    /// Who the per-peer limits count it against.
+    peer: String,
 }
 
 /// A socket listener the server can accept from.
 trait Listener {
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// Accept one client; returns the stream and a name for logs.
-    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)>;
+    async fn accept_one(&self) -> std::io::Result<Accepted<Self::Stream>>;
 }
 
 impl Listener for TcpListener {
     type Stream = tokio::net::TcpStream;
-    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+    async fn accept_one(&self) -> std::io::Result<Accepted<Self::Stream>> {
         let (stream, peer) = self.accept().await?;
         // Replies are written in batches already; do not let Nagle delay the last one.
         stream.set_nodelay(true)?;
-        Ok((stream, peer.to_string()))
+        Ok(Accepted {
+            stream,
+            name: peer.to_string(),
+            peer: peer.ip().to_string(),
+        })
     }
 }
 
 impl Listener for UnixListener {
     type Stream = tokio::net::UnixStream;
-    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+    async fn accept_one(&self) -> std::io::Result<Accepted<Self::Stream>> {
         let (stream, _) = self.accept().await?;
-        Ok((stream, "unix".to_string()))
+        // Local users are told apart by their user id.
+        let peer = match stream.peer_cred() {
+            Ok(c) => format!("uid {}", c.uid()),
+            Err(_) => "unix".to_string(),
+        };
+        Ok(Accepted {
+            stream,
+            name: format!("unix ({peer})"),
+            peer,
+        })
     }
-}
-
-/// A connection known by its client identity.
-#[derive(Debug)]
-struct ClientConn {
-    id: u64,
-    stop: CancellationToken,
-    done: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A name for logs and errors: long names (access tokens) are cut short.
@@ -481,15 +369,6 @@ fn shown(name: &str) -> String {
         let cut: String = name.chars().take(24).collect();
         format!("\"{cut}…\" ({} bytes)", name.len())
     }
-}
-
-async fn with_timeout<T>(
-    d: Duration,
-    f: impl std::future::Future<Output = std::io::Result<T>>,
-) -> std::io::Result<T> {
-    tokio::time::timeout(d, f).await.map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::TimedOut, "negotiation took too long")
-    })?
 }
 
 fn invalid(msg: String) -> std::io::Error {

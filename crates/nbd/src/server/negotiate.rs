@@ -103,16 +103,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         self.stream.write_all(&self.out).await
     }
 
-    /// The next option whose data is within bounds; `None` when the client left between options
-    /// or the server is shutting down. Oversized options are skipped with an error reply.
+    /// The next option whose data is within bounds; `None` when the client left between
+    /// options. Oversized options are skipped with an error reply.
     async fn receive(&mut self) -> std::io::Result<Option<Received>> {
         loop {
             let mut header = [0u8; codec::OPTION_HEADER_LEN];
-            let read = tokio::select! {
-                _ = self.server.shutdown.cancelled() => return Ok(None),
-                r = self.stream.read_exact(&mut header) => r,
-            };
-            match read {
+            match self.stream.read_exact(&mut header).await {
                 Ok(_) => {}
                 // A client that goes away between options (e.g. `nbdinfo --list` after LIST).
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),

@@ -92,6 +92,22 @@ pub fn open_fds() -> usize {
         .count()
 }
 
+/// A request header as bytes (a WRITE's payload follows it).
+pub fn request(command: u16, cookie: u64, offset: u64, length: u32) -> BytesMut {
+    let mut b = BytesMut::new();
+    codec::encode_request(
+        &mut b,
+        &codec::Request {
+            flags: 0,
+            command,
+            cookie,
+            offset,
+            length,
+        },
+    );
+    b
+}
+
 /// A raw NBD client: negotiation and requests spelled out, replies read as they come.
 pub struct Raw<S> {
     pub s: S,
@@ -104,6 +120,23 @@ impl Raw<TcpStream> {
             s: TcpStream::connect(addr).await.expect("connect"),
         };
         r.greeting().await;
+        r
+    }
+
+    /// Connect with a receive buffer of `bytes` (the kernel's own sizing can hold tens of MB
+    /// of replies a client does not read), read the greeting and negotiate `export`.
+    pub async fn open_with_receive_buffer(
+        addr: SocketAddr,
+        export: &str,
+        bytes: u32,
+    ) -> Raw<TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let mut r = Raw {
+            s: socket.connect(addr).await.expect("connect"),
+        };
+        r.greeting().await;
+        r.go(export, false).await;
         r
     }
 
@@ -172,26 +205,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
         }
         let go = codec::encode_info_request(&codec::InfoRequest {
             name: export.to_string(),
-            requests: vec![],
+            requests: vec![codec::info::BLOCK_SIZE],
         });
         self.option(opt::GO, &go).await;
         self.acked().await;
-    }
-
-    /// A request header as bytes (a WRITE's payload follows it).
-    pub fn request(command: u16, cookie: u64, offset: u64, length: u32) -> BytesMut {
-        let mut b = BytesMut::new();
-        codec::encode_request(
-            &mut b,
-            &codec::Request {
-                flags: 0,
-                command,
-                cookie,
-                offset,
-                length,
-            },
-        );
-        b
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
