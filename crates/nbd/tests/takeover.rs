@@ -64,11 +64,14 @@ async fn a_takeover_does_not_wait_for_a_client_that_reads_nothing() {
     .await;
 
     // The same client connects again: it is served, whatever the old connection's peer does.
-    let new = within("the new connection is served", connect(&target, "a~vm1")).await;
-    new.write_at(4096, Bytes::from_static(b"mine"), WriteOpts::default())
-        .await
-        .unwrap();
-    assert_eq!(&new.read_at(4096, 4).await.unwrap()[..], b"mine");
+    within("the new connection is served", async {
+        let new = connect(&target, "a~vm1").await;
+        new.write_at(4096, Bytes::from_static(b"mine"), WriteOpts::default())
+            .await
+            .unwrap();
+        assert_eq!(&new.read_at(4096, 4).await.unwrap()[..], b"mine");
+    })
+    .await;
     wait_until("the old connection is gone", || {
         server.stats().connections == 1
     })
