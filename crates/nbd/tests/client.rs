@@ -17,11 +17,10 @@ use strata_bdev::{
 use strata_nbd::client::{ClientOptions, Target};
 use strata_nbd::{NbdDevice, NbdOpener, Server, ServerConfig};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 mod common;
-use common::{connect, export, mem, tcp_server, wait_until, LIMIT};
+use common::{connect, export, mem, tcp_server, wait_until, Gated, Hold, LIMIT};
 
 /// A fresh export per device the suite asks for, all served by one server.
 async fn conformance_over(server: Arc<Server>, target: Target) {
@@ -348,53 +347,9 @@ async fn server_shutdown_finishes_in_flight_requests_then_fails_later_ones() {
     assert!(e.to_string().contains("was lost"), "{e}");
 }
 
-/// A memory device whose first read of its first block waits at a gate until the test opens it.
-#[derive(Debug)]
-struct HeldRead {
-    inner: MemDevice,
-    gate: Semaphore,
-    /// The held read reached the gate; it passed it and returned.
-    arrived: AtomicUsize,
-    returned: AtomicUsize,
-}
-
-#[async_trait]
-impl BlockDevice for HeldRead {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
-        if offset < 4096 && self.arrived.fetch_add(1, Ordering::SeqCst) == 0 {
-            self.gate.acquire().await.expect("gate open").forget();
-            let data = self.inner.read_at(offset, len).await;
-            self.returned.fetch_add(1, Ordering::SeqCst);
-            return data;
-        }
-        self.inner.read_at(offset, len).await
-    }
-
-    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
-        self.inner.write_at(offset, data, opts).await
-    }
-
-    async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_times_out_and_the_connection_survives() {
-    let held = Arc::new(HeldRead {
-        inner: MemDevice::new("held", 1 << 20),
-        gate: Semaphore::new(0),
-        arrived: AtomicUsize::new(0),
-        returned: AtomicUsize::new(0),
-    });
+    let held = Gated::new(1 << 20, Hold::FirstRead);
     held.inner
         .write_at(0, Bytes::from_static(b"late"), WriteOpts::default())
         .await
@@ -413,10 +368,7 @@ async fn a_slow_request_times_out_and_the_connection_survives() {
         .expect("connect");
     let e = dev.read_at(0, 4096).await.expect_err("too slow");
     assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
-    wait_until("the held read reaches the device", || {
-        held.arrived.load(Ordering::SeqCst) >= 1
-    })
-    .await;
+    wait_until("the held read reaches the device", || held.arrived() >= 1).await;
     // Elsewhere the device answers at once.
     dev.write_at(8192, Bytes::from_static(b"fine"), WriteOpts::default())
         .await
@@ -426,10 +378,7 @@ async fn a_slow_request_times_out_and_the_connection_survives() {
     // Let the held read finish: the server queues its late reply before anything it reads
     // afterwards, so by the time a request sent now is answered, the late reply has arrived.
     held.gate.add_permits(1);
-    wait_until("the held read returns", || {
-        held.returned.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    wait_until("the held read returns", || held.returned() == 1).await;
     let mut later = Vec::new();
     for _ in 0..10 {
         later.push(

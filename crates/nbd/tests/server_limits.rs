@@ -3,61 +3,23 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use strata_bdev::{BlockDevice, Capabilities, Geometry, MemDevice, Result, WriteOpts};
+use bytes::BytesMut;
+use strata_bdev::BlockDevice;
 use strata_nbd::codec::{self, cmd};
 use strata_nbd::{Export, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 mod common;
-use common::{wait_until, Raw};
-
-/// A memory device whose writes wait for a permit.
-#[derive(Debug)]
-struct Gated {
-    inner: MemDevice,
-    gate: Arc<Semaphore>,
-    entered: AtomicUsize,
-}
-
-#[async_trait]
-impl BlockDevice for Gated {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.inner.read_at(offset, len).await
-    }
-    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
-        self.entered.fetch_add(1, Ordering::SeqCst);
-        self.gate.acquire().await.expect("gate open").forget();
-        self.inner.write_at(offset, data, opts).await
-    }
-    async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
-    }
-}
+use common::{wait_until, Gated, Hold, Raw};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_budget_applies_backpressure_and_loses_nothing() {
     const MIB: usize = 1 << 20;
     const WRITES: usize = 64;
-    let gate = Arc::new(Semaphore::new(0));
-    let device = Arc::new(Gated {
-        inner: MemDevice::new("g", (WRITES * MIB) as u64),
-        gate: gate.clone(),
-        entered: AtomicUsize::new(0),
-    });
+    let device = Gated::new((WRITES * MIB) as u64, Hold::Writes);
     let config = ServerConfig {
         max_in_flight_bytes: MIB,
         max_payload: MIB as u32,
@@ -119,14 +81,10 @@ async fn in_flight_budget_applies_backpressure_and_loses_nothing() {
         "{stats:?}"
     );
     // The budget is one payload, so exactly one write reached the device.
-    assert_eq!(
-        device.entered.load(Ordering::SeqCst),
-        1,
-        "writes past the budget were not read"
-    );
+    assert_eq!(device.arrived(), 1, "writes past the budget were not read");
 
     // Open the device: every write completes and is acknowledged.
-    gate.add_permits(WRITES);
+    device.gate.add_permits(WRITES);
     let (sent, _wr) = tokio::time::timeout(Duration::from_secs(60), sender)
         .await
         .expect("sender unblocks")

@@ -173,5 +173,8 @@ fn zero_connections_is_refused() {
         ..ServerConfig::default()
     };
     let e = config.validate().unwrap_err();
-    assert!(e.to_string().contains("max_connections"), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "[nbd] max_connections: must be at least 1 (0 would refuse every client)"
+    );
 }

@@ -9,13 +9,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use strata_bdev::{BlockDevice, MemDevice};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use strata_bdev::{BlockDevice, Capabilities, Geometry, MemDevice, Result, WriteOpts};
 use strata_nbd::client::{ClientOptions, Target};
 use strata_nbd::codec::{self, opt, rep};
 use strata_nbd::{Export, NbdDevice, Server, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 /// Long enough for anything that works; a failure to finish within it is a hang.
 pub const LIMIT: Duration = Duration::from_secs(30);
@@ -32,6 +36,84 @@ pub fn export(name: &str, device: Arc<dyn BlockDevice>, read_only: bool) -> Expo
 
 pub fn mem(size: u64) -> Arc<dyn BlockDevice> {
     Arc::new(MemDevice::new("m", size))
+}
+
+/// Which calls of a [`Gated`] device wait at its gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Every write.
+    Writes,
+    /// The first read that touches the first 4 KiB.
+    FirstRead,
+}
+
+/// A memory device whose held calls wait for a permit of `gate`, which the test gives.
+#[derive(Debug)]
+pub struct Gated {
+    pub inner: MemDevice,
+    hold: Hold,
+    pub gate: Semaphore,
+    /// Held calls that reached the gate, and that passed it and returned.
+    pub arrived: AtomicUsize,
+    pub returned: AtomicUsize,
+}
+
+impl Gated {
+    pub fn new(size: u64, hold: Hold) -> Arc<Gated> {
+        Arc::new(Gated {
+            inner: MemDevice::new("gated", size),
+            hold,
+            gate: Semaphore::new(0),
+            arrived: AtomicUsize::new(0),
+            returned: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn arrived(&self) -> usize {
+        self.arrived.load(Ordering::SeqCst)
+    }
+
+    pub fn returned(&self) -> usize {
+        self.returned.load(Ordering::SeqCst)
+    }
+
+    async fn held<T>(&self, call: impl Future<Output = T>) -> T {
+        self.gate.acquire().await.expect("gate open").forget();
+        let r = call.await;
+        self.returned.fetch_add(1, Ordering::SeqCst);
+        r
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Gated {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let held = self.hold == Hold::FirstRead && offset < 4096;
+        if held && self.arrived.fetch_add(1, Ordering::SeqCst) == 0 {
+            return self.held(self.inner.read_at(offset, len)).await;
+        }
+        self.inner.read_at(offset, len).await
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
+        if self.hold == Hold::Writes {
+            self.arrived.fetch_add(1, Ordering::SeqCst);
+            return self.held(self.inner.write_at(offset, data, opts)).await;
+        }
+        self.inner.write_at(offset, data, opts).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
 }
 
 /// A server on a free loopback port.
