@@ -3,7 +3,7 @@
 //! Whatever it is sent, the server never panics, answers with well-formed messages, and closes
 //! the connection once the client has nothing more to say.
 //!
-//! Cases per target: 256 (`PROPTEST_CASES` overrides it, e.g. for a longer run by hand).
+//! Cases per target: 512 (`PROPTEST_CASES` overrides it, e.g. for a longer run by hand).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,7 +42,7 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256)
+        .unwrap_or(512)
 }
 
 fn server() -> Arc<Server> {
