@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::codec::tx_flags;
 use crate::transmission::{self, Counters};
@@ -220,7 +220,6 @@ impl Server {
     /// Stop accepting, let every connection finish the requests it has in flight, and wait.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        self.heavy.close();
         self.tasks.close();
         self.tasks.wait().await;
     }
@@ -264,8 +263,9 @@ impl Server {
                     match self.slots.admit(&a.peer, &self.shutdown).await {
                         None => return,
                         Some(Ok(slot)) => self.start(a.stream, a.name, slot, None),
+                        // Counted in the stats; a line each could flood the log.
                         Some(Err(why)) => {
-                            info!(peer = %a.name, reason = %why, "connection refused")
+                            debug!(peer = %a.name, reason = %why, "connection refused")
                         }
                     }
                 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::ServerConfig;
 
@@ -325,9 +325,13 @@ impl Slots {
 
     fn reclaim(&self, conns: &mut BTreeMap<u64, Entry>, id: u64, why: &str) {
         if let Some(e) = conns.remove(&id) {
-            let idle = e.activity.idle_for().filter(|_| !e.negotiating);
-            info!(peer = %e.peer, negotiating = e.negotiating, idle = ?idle, reason = why,
-                "closing a connection to make room");
+            if e.negotiating {
+                // Counted in the stats; clients that never negotiate could flood the log.
+                debug!(peer = %e.peer, reason = why, "closing a negotiating connection to make room");
+            } else {
+                let idle = e.activity.idle_for().unwrap_or_default();
+                info!(peer = %e.peer, idle = ?idle, reason = why, "closing an idle connection to make room");
+            }
             self.reclaimed.fetch_add(1, Ordering::Relaxed);
             e.stop.cancel();
         }
