@@ -18,4 +18,7 @@ pub mod server;
 mod transmission;
 
 pub use client::{NbdDevice, NbdOpener};
-pub use server::{Export, Resolved, Resolver, Server, ServerConfig, TlsMode, TlsSettings};
+pub use server::{
+    ConfigError, Export, Resolved, Resolver, Server, ServerConfig, ServerStats, TlsMode,
+    TlsSettings,
+};
