@@ -52,15 +52,15 @@ pub struct TargetSettings {
     /// I/O queues per controller. Default 8.
     pub max_io_queues: u16,
     /// The most data one H2CData PDU may carry (MAXH2CDATA). At least 4 KiB. Default 1 MiB.
-    #[serde(with = "size")]
+    #[serde(with = "strata_bdev::units::size")]
     pub max_h2c_data: u64,
     /// The largest data transfer of one command (MDTS), a power of two of at least 4 KiB.
     /// Default 1 MiB.
-    #[serde(with = "size")]
+    #[serde(with = "strata_bdev::units::size")]
     pub max_data_transfer: u64,
     /// In-capsule data an I/O command may carry, so that small writes need no R2T (admin
     /// queues always take 8 KiB). Default 8 KiB.
-    #[serde(with = "size")]
+    #[serde(with = "strata_bdev::units::size")]
     pub in_capsule_data_size: u64,
     /// Keep-alive timeout of a discovery controller whose host asks for none, so abandoned
     /// discovery sessions end. Default 120 s. (An I/O controller with a keep-alive timeout of
@@ -83,29 +83,6 @@ impl Default for TargetSettings {
             keep_alive_default_secs: 120.0,
             max_connections: 1024,
             handshake_timeout_secs: 30.0,
-        }
-    }
-}
-
-/// Sizes as numbers of bytes or strings with a unit.
-mod size {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Repr {
-        Number(u64),
-        Text(String),
-    }
-
-    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(*v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        match Repr::deserialize(d)? {
-            Repr::Number(n) => Ok(n),
-            Repr::Text(t) => strata_bdev::parse_size(&t).map_err(serde::de::Error::custom),
         }
     }
 }

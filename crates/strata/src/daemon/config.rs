@@ -380,9 +380,8 @@ impl StoreEntry {
     }
 }
 
-/// `[nbd]`: where and how the NBD target listens.
+/// `[nbd]`: where the NBD target listens, and its settings.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NbdConfig {
     /// TCP addresses to listen on (`host:port`; port 0 picks a free one).
     #[serde(default = "default_listen")]
@@ -390,24 +389,9 @@ pub struct NbdConfig {
     /// Unix socket paths to listen on.
     #[serde(default)]
     pub unix: Vec<PathBuf>,
-    /// Connections served at once; more wait.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Request bytes in flight per connection before the server stops reading it.
-    #[serde(default = "default_in_flight")]
-    pub max_in_flight_bytes: Size,
-    /// Largest READ/WRITE accepted.
-    #[serde(default = "default_max_payload")]
-    pub max_payload: Size,
-    /// Seconds a client has to finish negotiation.
-    #[serde(default = "default_handshake_timeout")]
-    pub handshake_timeout_secs: u64,
     /// Seconds to wait on shutdown for requests already received to finish.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_secs: u64,
-    /// The export an empty export name selects (default: the first volume).
-    #[serde(default)]
-    pub default_export: Option<String>,
     /// TLS.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -415,6 +399,23 @@ pub struct NbdConfig {
     /// (and an image volume's snapshots as `VOLUME@SNAP`), opened when a client asks.
     #[serde(default = "default_true")]
     pub images: bool,
+    /// The server's own settings, `strata_nbd::ServerConfig` (max_connections,
+    /// max_connections_per_peer, max_handshakes, max_handshakes_per_peer,
+    /// max_in_flight_bytes, max_in_flight_requests, max_payload, handshake_timeout_secs,
+    /// idle_timeout_secs, takeover_timeout_secs, default_export); any other key is a mistake.
+    #[serde(flatten)]
+    pub server: BTreeMap<String, toml::Value>,
+}
+
+impl NbdConfig {
+    /// The NBD server's settings (without TLS, which the daemon loads).
+    pub fn server_config(&self) -> anyhow::Result<strata_nbd::ServerConfig> {
+        let c: strata_nbd::ServerConfig = toml::Value::Table(self.server.clone().into_iter().collect())
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("[nbd]: {e}"))?;
+        c.validate()?;
+        Ok(c)
+    }
 }
 
 fn default_true() -> bool {
@@ -424,18 +425,7 @@ fn default_true() -> bool {
 fn default_listen() -> Vec<String> {
     vec!["127.0.0.1:10809".to_string()]
 }
-fn default_max_connections() -> usize {
-    256
-}
-fn default_in_flight() -> Size {
-    Size(64 << 20)
-}
-fn default_max_payload() -> Size {
-    Size(32 << 20)
-}
-fn default_handshake_timeout() -> u64 {
-    60
-}
+
 fn default_shutdown_timeout() -> u64 {
     30
 }
@@ -445,14 +435,10 @@ impl Default for NbdConfig {
         NbdConfig {
             listen: default_listen(),
             unix: Vec::new(),
-            max_connections: default_max_connections(),
-            max_in_flight_bytes: default_in_flight(),
-            max_payload: default_max_payload(),
-            handshake_timeout_secs: default_handshake_timeout(),
             shutdown_timeout_secs: default_shutdown_timeout(),
-            default_export: None,
             tls: None,
             images: true,
+            server: BTreeMap::new(),
         }
     }
 }
@@ -731,16 +717,11 @@ impl Config {
         if self.nbd.listen.is_empty() && self.nbd.unix.is_empty() {
             bail!("no NBD listeners: set [nbd] listen or unix, or pass --listen");
         }
-        if let Some(d) = &self.nbd.default_export {
+        let server = self.nbd.server_config()?;
+        if let Some(d) = &server.default_export {
             if !self.volumes.iter().any(|v| &v.name == d) {
                 bail!("[nbd] default_export {d:?} is not a declared volume");
             }
-        }
-        if self.nbd.max_payload.0 < 4096 || self.nbd.max_payload.0 > 1 << 30 {
-            bail!("[nbd] max_payload must be between 4096 bytes and 1 GiB");
-        }
-        if self.nbd.max_in_flight_bytes.0 < self.nbd.max_payload.0 {
-            bail!("[nbd] max_in_flight_bytes must be at least max_payload");
         }
         Ok(())
     }
@@ -791,7 +772,7 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        assert_eq!(c.nbd.max_in_flight_bytes, Size(128 << 20));
+        assert_eq!(c.nbd.server_config().unwrap().max_in_flight_bytes, 128 << 20);
         assert_eq!(c.nbd.tls.unwrap().mode, TlsModeConfig::Optional);
         assert_eq!(
             crate::daemon::manager::expand_uri(

@@ -356,20 +356,14 @@ impl Daemon {
     }
 }
 
-/// The NBD server's settings from `[nbd]`.
+/// The NBD server's settings from `[nbd]`, with its TLS certificate loaded.
 fn nbd_server_config(config: &Config) -> anyhow::Result<ServerConfig> {
-    Ok(ServerConfig {
-        max_connections: config.nbd.max_connections,
-        max_in_flight_bytes: config.nbd.max_in_flight_bytes.0 as usize,
-        max_payload: config.nbd.max_payload.0 as u32,
-        handshake_timeout: Duration::from_secs(config.nbd.handshake_timeout_secs),
-        default_export: config
-            .nbd
-            .default_export
-            .clone()
-            .or_else(|| config.volumes.first().map(|v| v.name.clone())),
-        tls: config.nbd.tls.as_ref().map(load_tls).transpose()?,
-    })
+    let mut s = config.nbd.server_config()?;
+    if s.default_export.is_none() {
+        s.default_export = config.volumes.first().map(|v| v.name.clone());
+    }
+    s.tls = config.nbd.tls.as_ref().map(load_tls).transpose()?;
+    Ok(s)
 }
 
 /// This node's name: `[api] node_name`, else the host name.

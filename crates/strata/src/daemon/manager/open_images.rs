@@ -69,12 +69,11 @@ impl Images {
             Some(i) => i.clone(),
             None => {
                 let create = size.map(|s| (s, decl.page_size.trailing_zeros()));
-                let i = Arc::new(
-                    self.stores
-                        .get(&decl.key.store)?
-                        .open(&decl.key.image, create)
-                        .await?,
-                );
+                // An unknown store is a mistake in the declaration.
+                let store = self.stores.get(&decl.key.store).map_err(|e| {
+                    strata_bdev::Error::new(strata_bdev::ErrorKind::InvalidInput, e.to_string())
+                })?;
+                let i = Arc::new(store.open(&decl.key.image, create).await?);
                 open.insert(key, i.clone());
                 i
             }
