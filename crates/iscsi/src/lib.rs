@@ -1,0 +1,3 @@
+//! Strata's iSCSI support.
+
+pub mod codec;
