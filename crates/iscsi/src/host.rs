@@ -44,7 +44,7 @@ use crate::codec::scsi::{
 };
 use crate::codec::{decode_lun, encode_lun};
 use crate::connection::PduReader;
-use crate::login::{login, Chap, LoginError, LoginParams};
+use crate::login::{login, Chap, LoginError, LoginParams, Negotiated};
 use crate::session::{Command, Completion, Failure, Session, SessionSettings};
 
 /// The IANA port of iSCSI.
@@ -369,6 +369,14 @@ impl IscsiDevice {
         matches!(&*self.shared.link.borrow(), Link::Up(s) if s.is_alive())
     }
 
+    /// What the current session's login settled, while one is up.
+    pub fn negotiated(&self) -> Option<Negotiated> {
+        match &*self.shared.link.borrow() {
+            Link::Up(s) if s.is_alive() => Some(*s.negotiated()),
+            _ => None,
+        }
+    }
+
     /// The LUN in use.
     pub fn lun(&self) -> u16 {
         decode_lun(self.shared.lun).unwrap_or(0)
@@ -493,7 +501,12 @@ impl IscsiDevice {
 impl Shared {
     /// The session to send a command on: the current one, or the next one the supervisor
     /// brings up before `deadline`.
-    async fn session(&self, op: Op, deadline: Instant) -> Result<Arc<Session>> {
+    async fn session(
+        &self,
+        op: Op,
+        deadline: Instant,
+        lost: Option<&str>,
+    ) -> Result<Arc<Session>> {
         let mut rx = self.link.subscribe();
         loop {
             if let Some(why) = self.fatal.get() {
@@ -511,10 +524,13 @@ impl Shared {
                 .await
                 .is_err()
             {
+                let first = lost
+                    .map(|l| format!("; the connection it was sent on was lost: {l}"))
+                    .unwrap_or_default();
                 return Err(Error::new(
                     ErrorKind::TimedOut,
                     format!(
-                        "{op} on {}: the target is unreachable ({why}); gave up after {:?}",
+                        "{op} on {}: the target is unreachable ({why}){first}; gave up after {:?}",
                         self.name, self.options.timeout
                     ),
                 ));
@@ -525,21 +541,30 @@ impl Shared {
     async fn exec(&self, op: Op, cmd: &Command, deadline: Instant) -> Result<Bytes> {
         let mut attentions = 0;
         let mut busy = Duration::from_millis(1);
+        // Why the last connection the command was sent on was lost.
+        let mut lost: Option<String> = None;
         loop {
-            let session = self.session(op, deadline).await?;
-            let timed_out = || {
+            let session = self.session(op, deadline, lost.as_deref()).await?;
+            let timed_out = |lost: &Option<String>| {
+                let after = lost
+                    .as_ref()
+                    .map(|why| format!(" (it was sent again after a lost connection: {why})"))
+                    .unwrap_or_default();
                 Error::new(
                     ErrorKind::TimedOut,
                     format!(
-                        "{op} on {}: no answer within {:?}",
+                        "{op} on {}: no answer within {:?}{after}",
                         self.name, self.options.timeout
                     ),
                 )
             };
             let done = match tokio::time::timeout_at(deadline, session.execute(cmd)).await {
-                Err(_) => return Err(timed_out()),
+                Err(_) => return Err(timed_out(&lost)),
                 // Sent again on the next session, if one comes in time.
-                Ok(Err(Failure::Lost(_))) => continue,
+                Ok(Err(Failure::Lost(why))) => {
+                    lost = Some(why);
+                    continue;
+                }
                 Ok(Err(Failure::Refused(why))) => {
                     return Err(Error::new(
                         ErrorKind::Io,
@@ -565,7 +590,7 @@ impl Shared {
                 status::BUSY | status::TASK_SET_FULL => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(timed_out());
+                        return Err(timed_out(&lost));
                     }
                     tokio::time::sleep(busy.min(left)).await;
                     busy = (busy * 2).min(Duration::from_millis(100));
