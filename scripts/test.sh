@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every Strata test. On a fresh Debian machine this first installs the programs the tests
-# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, etcd-server,
+# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, etcd-server, tgt,
 # and the S3 server s3s-fs through cargo), then builds once and runs the whole suite.
 #
 #   scripts/test.sh            # everything
@@ -15,6 +15,7 @@ required=(
   mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount
   openssl:openssl systemd-socket-activate:systemd timeout:coreutils
   etcd:etcd-server
+  tgtd:tgt tgtadm:tgt
 )
 missing=()
 for pair in "${required[@]}"; do

@@ -71,6 +71,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         println!("verified: {}", strata_iscsi::opener::redact(uri));
     }
-    println!("wrote, read back and verified 4096 bytes on {} children", devices.len());
+    println!(
+        "wrote, read back and verified 4096 bytes on {} children",
+        devices.len()
+    );
     Ok(())
 }

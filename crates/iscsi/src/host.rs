@@ -501,12 +501,7 @@ impl IscsiDevice {
 impl Shared {
     /// The session to send a command on: the current one, or the next one the supervisor
     /// brings up before `deadline`.
-    async fn session(
-        &self,
-        op: Op,
-        deadline: Instant,
-        lost: Option<&str>,
-    ) -> Result<Arc<Session>> {
+    async fn session(&self, op: Op, deadline: Instant, lost: Option<&str>) -> Result<Arc<Session>> {
         let mut rx = self.link.subscribe();
         loop {
             if let Some(why) = self.fatal.get() {

@@ -316,7 +316,8 @@ where
         x.round(stage::SECURITY, Some(stage::OPERATIONAL), &first)
             .await
             .map_err(|e| match e {
-                LoginError::Refused(r) if r.is_auth() => LoginError::NeedsChap,
+                // Authentication failed without credentials offered: CHAP is wanted.
+                LoginError::Refused(r) if (r.class, r.detail) == (2, 1) => LoginError::NeedsChap,
                 e => e,
             })?
     };

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use strata_bdev::{BlockDevice, ErrorKind, Registry, WriteOpts};
+use strata_bdev::{ErrorKind, Registry, WriteOpts};
 use strata_iscsi::codec::scsi::{
     encode_supported_pages, sense_key, status, Capacity, Cdb, ModeSense, Sense,
 };
@@ -142,7 +142,9 @@ async fn serve(f: Arc<Fake>, s: TcpStream) {
         return;
     }
     let Ok(op) = r.read_frame().await else { return };
-    let Header::LoginRequest(req) = op.header else { return };
+    let Header::LoginRequest(req) = op.header else {
+        return;
+    };
     let resp = login_resp(req, true, stage::OPERATIONAL, stage::FULL_FEATURE, 0, 0);
     let keys: Vec<(String, String)> = [
         ("HeaderDigest", "None"),
@@ -175,7 +177,9 @@ async fn serve(f: Arc<Fake>, s: TcpStream) {
     // Full feature phase.
     let mut shrunk_reported = false;
     loop {
-        let Ok(frame) = r.read_frame().await else { return };
+        let Ok(frame) = r.read_frame().await else {
+            return;
+        };
         let Header::ScsiCommand(cmd) = frame.header else {
             // NOP-Outs and aborts: answer pings, ignore the rest.
             if let Header::NopOut(n) = frame.header {
@@ -328,7 +332,10 @@ async fn serve(f: Arc<Fake>, s: TcpStream) {
             ),
         };
         stat_sn += 1;
-        if write_frame(&mut w, &reply, Digests::default()).await.is_err() {
+        if write_frame(&mut w, &reply, Digests::default())
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -425,7 +432,11 @@ async fn a_capacity_that_shrinks_makes_the_device_fail_clearly() {
     }
     let e = error.expect("a read fails once the capacity shrank");
     assert_eq!(e.kind(), ErrorKind::Io, "{e}");
-    assert!(e.to_string().contains("capacity changed from 8388608 bytes"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("capacity changed from 8388608 bytes"),
+        "{e}"
+    );
     // And every call after it, at once.
     let e = bounded("read", dev.read_at(0, 4096)).await.unwrap_err();
     assert!(e.to_string().contains("capacity changed"), "{e}");

@@ -51,7 +51,10 @@ async fn a_uri_without_a_lun_finds_the_disk_behind_the_controller() {
     assert_eq!(dev.geometry().size, 16 * MIB);
 
     let e = registry()
-        .open(&format!("iscsi://127.0.0.1:{}/iqn.2024-01.io.strata.test:nobody", tgt.port))
+        .open(&format!(
+            "iscsi://127.0.0.1:{}/iqn.2024-01.io.strata.test:nobody",
+            tgt.port
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
@@ -123,7 +126,10 @@ async fn digests_large_transfers_and_zeroing() {
     let back = dev.read_at(MIB, 5 << 20).await.unwrap();
     assert_eq!(&back[..MIB as usize], &data[..MIB as usize]);
     assert!(back[MIB as usize..4 * MIB as usize].iter().all(|&b| b == 0));
-    assert_eq!(&back[4 * MIB as usize..], &data[3 * MIB as usize..4 * MIB as usize]);
+    assert_eq!(
+        &back[4 * MIB as usize..],
+        &data[3 * MIB as usize..4 * MIB as usize]
+    );
 
     // Many commands in flight at once.
     let dev = Arc::new(dev);
@@ -148,10 +154,7 @@ async fn io_waits_for_a_restarted_target_and_fails_in_time_when_it_stays_away() 
     let dir = tempfile::tempdir().unwrap();
     let mut tgt = Tgt::start(dir.path());
     let (_, iqn) = tgt.add_target("re", &dir.path().join("r.img"), 8 * MIB, false);
-    let dev = registry()
-        .open(&tgt.uri(&iqn, "timeout=60"))
-        .await
-        .unwrap();
+    let dev = registry().open(&tgt.uri(&iqn, "timeout=60")).await.unwrap();
     dev.write_at(0, pattern(3, 8192), WriteOpts::default())
         .await
         .unwrap();
