@@ -561,14 +561,16 @@ fn apply(
         "ImmediateData" => neg.immediate_data = boolean()?,
         "InitialR2T" => neg.initial_r2t = boolean()?,
         "DataPDUInOrder" | "DataSequenceInOrder" => {
-            if !boolean()? {
+            let in_order = boolean()?;
+            if !in_order {
                 return Err(negotiation(format!(
                     "the target wants {key}=No; Strata sends data in order only"
                 )));
             }
         }
         "ErrorRecoveryLevel" => {
-            if number(0, 2)? != 0 {
+            let level = number(0, 2)?;
+            if level != 0 {
                 return Err(negotiation(format!(
                     "the target answered ErrorRecoveryLevel={value}; Strata runs at level 0"
                 )));

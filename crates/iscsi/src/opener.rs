@@ -151,7 +151,7 @@ pub fn redact(uri: &str) -> String {
     let query: Vec<String> = query
         .split('&')
         .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k == "secret" => "secret=***".to_string(),
+            Some(("secret", _)) => "secret=***".to_string(),
             _ => kv.to_string(),
         })
         .collect();
