@@ -112,8 +112,8 @@ cpu_ticks() {
 record() { # round backend job iops mibs ticks requests
   python3 -c '
 import sys
-rnd, backend, job, iops, mibs, ticks, hz, ios = sys.argv[1:]
-cpu = int(ticks) / int(hz) * 1e6 / float(ios) if float(ios) else 0
+rnd, backend, job, iops, mibs, ticks, ios, hz = sys.argv[1:]
+cpu = float(ticks) / int(hz) * 1e6 / float(ios) if float(ios) else 0
 print(f"{rnd}\t{backend}\t{job}\t{float(iops):.0f}\t{float(mibs):.1f}\t{cpu:.1f}")
 ' "$@" "$(getconf CLK_TCK)" >>"$RESULTS"
   tail -1 "$RESULTS" >&2
