@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # iSCSI initiators side by side, on one tgt-served file (tgtd started here, a 1 GiB LUN):
 #
-#   strata      fio (nbd engine) → strata serve → iscsi:// volume (Strata's initiator) → tgt
-#   qemu-nbd    fio (nbd engine) → qemu-nbd → libiscsi (qemu's iscsi driver)          → tgt
-#   iscsi-perf  libiscsi's own benchmark tool, straight to tgt (it only reads)
+#   strata         fio (nbd engine) → strata serve → iscsi:// volume (Strata's initiator) → tgt
+#   qemu-nbd       fio (nbd engine) → qemu-nbd → libiscsi (qemu's iscsi driver)          → tgt
+#   strata-direct  crates/iscsi/examples/iscsi_perf.rs: an IscsiDevice driven directly → tgt
+#   iscsi-perf     libiscsi's own benchmark tool, straight to tgt (it only reads)
 #
-# The two fio paths cross the same NBD hop, so they compare the initiators; iscsi-perf has no
-# hop at all. Jobs: 4k random read/write at depth 32, 1M sequential read/write at depth 8.
+# The two fio paths cross the same NBD hop, so they compare the initiators under a real
+# client; the two direct tools compare them with nothing in between. Jobs: 4k random read/write at depth 32, 1M sequential read/write at depth 8.
 # Backends are interleaved over ROUNDS rounds and each cell is the median (this machine is
-# shared). CPU is the initiator process's (strata serve, qemu-nbd, iscsi-perf) per request.
+# shared). CPU is the initiator process's (strata serve, qemu-nbd, the tools) per request.
 #
 #   bench/iscsi.sh                 # 3 rounds of 10 s per job
 #   RUNTIME=20 ROUNDS=5 bench/iscsi.sh
@@ -24,7 +25,7 @@ ROUNDS=${ROUNDS:-3}
 RAMP=${RAMP:-2}
 SIZE_MB=${SIZE_MB:-1024}
 JOBS=${JOBS:-"randread randwrite seqread seqwrite"}
-BACKENDS=${BACKENDS:-"strata qemu-nbd iscsi-perf"}
+BACKENDS=${BACKENDS:-"strata qemu-nbd strata-direct iscsi-perf"}
 WORK=$(mktemp -d /var/tmp/strata-iscsi-bench.XXXXXX)
 RESULTS=$WORK/results.tsv
 
@@ -57,7 +58,9 @@ for tool in tgtd tgtadm fio qemu-nbd iscsi-perf python3; do
 done
 
 cargo build --release -q -p strata
+cargo build --release -q -p strata-iscsi --example iscsi_perf
 STRATA=$PWD/target/release/strata
+PERF=$PWD/target/release/examples/iscsi_perf
 
 FILE=$WORK/disk.img
 echo "preparing a ${SIZE_MB} MiB backing file in $WORK" >&2
@@ -122,14 +125,19 @@ print(f"{rnd}\t{backend}\t{job}\t{float(iops):.0f}\t{float(mibs):.1f}\t{cpu:.1f}
 printf 'round\tbackend\tjob\tiops\tmibs\tcpu_us_per_req\n' >"$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
   for backend in $BACKENDS; do
-    if [ "$backend" = iscsi-perf ]; then
+    if [ "$backend" = iscsi-perf ] || [ "$backend" = strata-direct ]; then
       for job in $JOBS; do
         read -r rw bs depth <<<"$(job_shape "$job")"
-        case $rw in randread|read) ;; *) continue ;; esac
-        blocks=$(( $( [ "$bs" = 4k ] && echo 4096 || echo 1048576 ) / 512 ))
-        random=""; [ "$rw" = randread ] && random="-r"
-        iscsi-perf -m "$depth" -b "$blocks" $random -t "$((RUNTIME + RAMP))" "$LUN_URI" \
-          >"$WORK/perf.out" 2>&1 &
+        bytes=$( [ "$bs" = 4k ] && echo 4096 || echo 1048576 )
+        if [ "$backend" = iscsi-perf ]; then
+          # libiscsi's tool only reads.
+          case $rw in randread|read) ;; *) continue ;; esac
+          random=""; [ "$rw" = randread ] && random="-r"
+          iscsi-perf -m "$depth" -b "$((bytes / 512))" $random -t "$((RUNTIME + RAMP))" "$LUN_URI" \
+            >"$WORK/perf.out" 2>&1 &
+        else
+          "$PERF" "$LUN_URI" "$rw" "$bytes" "$depth" "$((RUNTIME + RAMP))" >"$WORK/perf.out" 2>&1 &
+        fi
         pid=$!
         before=$(cpu_ticks "$pid")
         # Its own CPU, read just before it exits.
@@ -137,8 +145,8 @@ for round in $(seq 1 "$ROUNDS"); do
         while kill -0 "$pid" 2>/dev/null; do t=$(cpu_ticks "$pid"); [ "$t" -gt 0 ] && ticks=$t; sleep 0.2; done
         wait "$pid" || true
         iops=$(tr '\r' '\n' <"$WORK/perf.out" | sed -n 's/^ *iops average \([0-9]*\).*/\1/p' | tail -1)
-        mibs=$(python3 -c "print($iops * $blocks * 512 / 2**20)")
-        record "$round" iscsi-perf "$job" "$iops" "$mibs" "$((ticks - before))" "$((iops * (RUNTIME + RAMP)))"
+        mibs=$(python3 -c "print($iops * $bytes / 2**20)")
+        record "$round" "$backend" "$job" "$iops" "$mibs" "$((ticks - before))" "$((iops * (RUNTIME + RAMP)))"
       done
       continue
     fi
@@ -175,9 +183,9 @@ res = {k: {f: statistics.median(float(r[f]) for r in rs) for f in ("iops", "mibs
        for k, rs in cells.items()}
 jobs = list(dict.fromkeys(r["job"] for r in rows))
 backends = list(dict.fromkeys(r["backend"] for r in rows))
-peers = [b for b in backends if b != "strata"]
+others = [b for b in backends if not b.startswith("strata")]
 print(f"medians of {max(len(v) for v in cells.values())} rounds\n")
-head = ["job"] + backends + ["best other", "strata/best"]
+head = ["job"] + backends + ["best Strata / best other"]
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))
 for job in jobs:
@@ -185,11 +193,13 @@ for job in jobs:
     for b in backends:
         r = res.get((b, job))
         line.append(f"{r['iops']:.0f} IOPS, {r['mibs']:.0f} MiB/s, {r['cpu_us_per_req']:.1f} µs CPU/req" if r else "-")
-    have = [b for b in peers if (b, job) in res]
-    if have and ("strata", job) in res:
-        best = max(have, key=lambda b: res[(b, job)]["iops"])
-        line += [best, f"{res[('strata', job)]['iops'] / max(res[(best, job)]['iops'], 1):.2f}x"]
+    mine = [b for b in backends if b.startswith("strata") and (b, job) in res]
+    theirs = [b for b in others if (b, job) in res]
+    if mine and theirs:
+        m = max(mine, key=lambda b: res[(b, job)]["iops"])
+        t = max(theirs, key=lambda b: res[(b, job)]["iops"])
+        line.append(f"{res[(m, job)]['iops'] / max(res[(t, job)]['iops'], 1):.2f}x ({m} / {t})")
     else:
-        line += ["-", "-"]
+        line.append("-")
     print("| " + " | ".join(line) + " |")
 PY

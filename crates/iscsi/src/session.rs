@@ -849,7 +849,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     h.reason
                 );
                 warn!(device = %s.name, "{why}");
-                if itt != RESERVED_TAG && s.take_task_exists(itt) {
+                if itt != RESERVED_TAG && s.has_task(itt) {
                     s.complete(itt, Err(Failure::Refused(why)));
                 } else if matches!(h.reason, 0x04 | 0x09 | 0x0b) {
                     // A broken exchange that is no single task's: start over.
@@ -867,7 +867,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
 }
 
 impl Session {
-    fn take_task_exists(&self, itt: u32) -> bool {
+    fn has_task(&self, itt: u32) -> bool {
         self.tasks
             .lock()
             .expect("lock poisoned")
