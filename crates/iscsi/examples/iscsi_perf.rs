@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use strata_bdev::{BlockDevice, Bytes, Registry, WriteOpts};
+use strata_bdev::{Bytes, Registry, WriteOpts};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
