@@ -152,6 +152,53 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
         Ok(())
     }
 
+    /// Read a data segment of `len` bytes onto the end of `dst` (no zero-filling first),
+    /// checking its digest.
+    pub async fn read_data_append(
+        &mut self,
+        dst: &mut BytesMut,
+        len: usize,
+    ) -> Result<(), ConnError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let start = dst.len();
+        let buffered = self.buf.len().min(len);
+        dst.extend_from_slice(&self.buf[..buffered]);
+        self.buf.advance(buffered);
+        let mut rest = len - buffered;
+        if rest >= DIRECT_READ_MIN {
+            dst.reserve(rest);
+            while rest > 0 {
+                let n = (&mut self.inner).take(rest as u64).read_buf(dst).await?;
+                if n == 0 {
+                    return Err(ConnError::Closed);
+                }
+                rest -= n;
+            }
+        } else if rest > 0 {
+            self.fill(rest).await?;
+            dst.extend_from_slice(&self.buf[..rest]);
+            self.buf.advance(rest);
+        }
+        let trailer = self.trailer(len);
+        self.fill(trailer).await?;
+        if self.digests.data {
+            let pad = padding(len);
+            let d = &self.buf[pad..pad + DIGEST_LEN];
+            let received = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+            let data = &dst[start..start + len];
+            let crc = codec::crc32c_append(codec::crc32c(data), &self.buf[..pad]);
+            if crc != received {
+                let mut padded = data.to_vec();
+                padded.extend_from_slice(&self.buf[..pad]);
+                check_data_digest(&padded, received)?;
+            }
+        }
+        self.buf.advance(trailer);
+        Ok(())
+    }
+
     /// Read a data segment of `len` bytes.
     pub async fn read_data(&mut self, len: usize) -> Result<Bytes, ConnError> {
         if len == 0 {

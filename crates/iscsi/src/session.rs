@@ -74,8 +74,9 @@ type Reply = Result<Completion, Failure>;
 enum Kind {
     Scsi {
         lun: u64,
+        /// Data-In so far (it arrives in order), growing to `expected` bytes.
         read: BytesMut,
-        received: usize,
+        expected: usize,
         write: Bytes,
     },
     /// A ping, a task management function or a logout: no data.
@@ -292,12 +293,8 @@ impl Session {
         let len = write.len();
         let (itt, rx) = self.register(Kind::Scsi {
             lun: cmd.lun,
-            read: if cmd.read_len > 0 {
-                BytesMut::zeroed(cmd.read_len)
-            } else {
-                BytesMut::new()
-            },
-            received: 0,
+            read: BytesMut::with_capacity(cmd.read_len),
+            expected: cmd.read_len,
             write: write.clone(),
         })?;
         let mut pending = Pending {
@@ -686,11 +683,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let taken = {
                     let mut t = s.tasks.lock().expect("lock poisoned");
                     match t.map.get_mut(&h.itt).map(|t| &mut t.kind) {
-                        Some(Kind::Scsi { read, received, .. }) => {
-                            if h.buffer_offset as usize != *received {
+                        Some(Kind::Scsi { read, expected, .. }) => {
+                            if h.buffer_offset as usize != read.len() {
                                 return Err(violation(format!(
                                     "Data-In at offset {} for task {:#x}, expected {}",
-                                    h.buffer_offset, h.itt, received
+                                    h.buffer_offset,
+                                    h.itt,
+                                    read.len()
+                                )));
+                            }
+                            if read.len() + len > *expected {
+                                return Err(violation(format!(
+                                    "Data-In of {len} bytes at offset {} for task {:#x} goes \
+                                     past its {expected} bytes",
+                                    h.buffer_offset, h.itt
                                 )));
                             }
                             Some(std::mem::take(read))
@@ -706,24 +712,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 };
                 match taken {
                     Some(mut buf) => {
-                        let at = h.buffer_offset as usize;
-                        if at + len > buf.len() {
-                            return Err(violation(format!(
-                                "Data-In of {len} bytes at offset {at} for task {:#x} goes past \
-                                 its {} bytes",
-                                h.itt,
-                                buf.len()
-                            )));
-                        }
-                        r.read_data_into(&mut buf[at..at + len]).await?;
+                        r.read_data_append(&mut buf, len).await?;
                         let mut t = s.tasks.lock().expect("lock poisoned");
                         if let Some(Task {
-                            kind: Kind::Scsi { read, received, .. },
+                            kind: Kind::Scsi { read, .. },
                             ..
                         }) = t.map.get_mut(&h.itt)
                         {
                             *read = buf;
-                            *received += len;
                         }
                     }
                     // A task that timed out: its data goes nowhere.
@@ -891,12 +887,7 @@ fn finish_scsi(s: &Session, itt: u32, status: u8, response: Bytes) {
         return;
     };
     let data = match task.kind {
-        Kind::Scsi {
-            mut read, received, ..
-        } => {
-            read.truncate(received);
-            read.freeze()
-        }
+        Kind::Scsi { read, .. } => read.freeze(),
         Kind::Control => Bytes::new(),
     };
     let raw = scsi::sense_of_response(&response).map(Bytes::copy_from_slice);
