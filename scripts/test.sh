@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every Strata test. On a fresh Debian machine this first installs the programs the tests
-# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, etcd-server,
+# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, etcd-server, tgt,
 # and the S3 server s3s-fs through cargo), then builds once and runs the whole suite.
 #
 # Tests of the kernel's own clients (nbd-client, NVMe/TCP, virtio-blk over vhost-user) boot a
@@ -22,6 +22,7 @@ required=(
   openssl:openssl systemd-socket-activate:systemd timeout:coreutils
   etcd:etcd-server
   xz:xz-utils
+  tgtd:tgt tgtadm:tgt
 )
 missing=()
 for pair in "${required[@]}"; do

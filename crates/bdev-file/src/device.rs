@@ -285,6 +285,48 @@ impl FileDevice {
         self.direct
     }
 
+    /// Advertise `block_size` as the logical block size (`blk_size=` of `aio://` and
+    /// `uring://`): offsets and lengths must then be multiples of it, as on a disk with that
+    /// sector size. It must be a power of two from 512 to 4096 and a multiple of the alignment
+    /// direct I/O needs already; the size becomes a whole number of blocks (rounded down).
+    pub fn with_block_size(mut self, block_size: u32) -> Result<FileDevice> {
+        let current = self.geometry.block_size.max(1);
+        if !block_size.is_power_of_two() || !(512..=4096).contains(&block_size) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "open {}: a block size of {block_size} bytes; use 512, 1024, 2048 or 4096",
+                    self.name()
+                ),
+            ));
+        }
+        if !block_size.is_multiple_of(current) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "open {}: a block size of {block_size} bytes is below the {current}-byte                      alignment its direct I/O needs",
+                    self.name()
+                ),
+            ));
+        }
+        let size = self.geometry.size / u64::from(block_size) * u64::from(block_size);
+        if size == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "open {}: it is smaller than one {block_size}-byte block",
+                    self.name()
+                ),
+            ));
+        }
+        self.geometry = Geometry {
+            size,
+            block_size,
+            optimal_io_size: self.geometry.optimal_io_size.max(block_size),
+        };
+        Ok(self)
+    }
+
     fn name(&self) -> std::path::Display<'_> {
         self.path.display()
     }

@@ -1,4 +1,5 @@
-//! `mem://NAME?size=SIZE`: a sparse device in memory, for tests, scratch space and benchmarks.
+//! `mem://NAME?size=SIZE` (or Mayastor's `malloc:///NAME?size_mb=N`): a sparse device in
+//! memory, for tests, scratch space and benchmarks.
 //!
 //! Storage is allocated in 4 KiB chunks on first write and freed by trim and zeroing, so an
 //! unwritten device costs nothing and block status is exact at chunk granularity. Chunks live in
@@ -249,14 +250,39 @@ pub struct MemOpener {
 #[async_trait]
 impl Opener for MemOpener {
     async fn open(&self, mut uri: DeviceUri) -> Result<Arc<dyn BlockDevice>> {
-        const KNOWN: &[&str] = &["size", "readonly"];
-        let name = uri.authority.clone();
-        if name.is_empty() || !uri.path.trim_matches('/').is_empty() {
-            return Err(uri.invalid("expected mem://NAME?size=SIZE (a name, no path)"));
-        }
-        let size = uri.take_size("size")?;
+        let (name, size) = if uri.scheme == "malloc" {
+            // Mayastor's form: malloc:///NAME?size_mb=N.
+            let name = uri.path.trim_matches('/').to_string();
+            if !uri.authority.is_empty() || name.is_empty() || name.contains('/') {
+                return Err(
+                    uri.invalid("expected malloc:///NAME?size_mb=N (three slashes, a name)")
+                );
+            }
+            let size = match uri.take("size_mb") {
+                None => None,
+                Some(v) => Some(
+                    v.parse::<u64>()
+                        .ok()
+                        .and_then(|mb| mb.checked_mul(1 << 20))
+                        .ok_or_else(|| {
+                            uri.invalid(&format!("size_mb={v:?}: expected a number of MiB"))
+                        })?,
+                ),
+            };
+            (name, size)
+        } else {
+            let name = uri.authority.clone();
+            if name.is_empty() || !uri.path.trim_matches('/').is_empty() {
+                return Err(uri.invalid("expected mem://NAME?size=SIZE (a name, no path)"));
+            }
+            (name, uri.take_size("size")?)
+        };
         let read_only = uri.take_bool("readonly")?.unwrap_or(false);
-        uri.finish(KNOWN)?;
+        uri.finish(if uri.scheme == "malloc" {
+            &["size_mb", "readonly"]
+        } else {
+            &["size", "readonly"]
+        })?;
         let mut open = self.open.lock().expect("lock poisoned");
         if let Some(dev) = open.get(&name).and_then(Weak::upgrade) {
             if size.is_some_and(|s| s != dev.size) {
@@ -273,8 +299,13 @@ impl Opener for MemOpener {
             }
             return Ok(dev);
         }
-        let size =
-            size.ok_or_else(|| uri.invalid("size= is required, e.g. mem://scratch?size=64M"))?;
+        let size = size.ok_or_else(|| {
+            uri.invalid(if uri.scheme == "malloc" {
+                "size_mb= is required, e.g. malloc:///scratch?size_mb=64"
+            } else {
+                "size= is required, e.g. mem://scratch?size=64M"
+            })
+        })?;
         check_size(&uri, size)?;
         let mut dev = MemDevice::new(name.clone(), size);
         dev.read_only = read_only;
@@ -322,6 +353,29 @@ mod tests {
             assert!(e.contains(why), "{uri}: {e}");
         }
         r.open("mem://fine?size=1M").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn malloc_is_mayastors_name_for_memory() {
+        let r = Registry::with_builtin();
+        let a = r.open("malloc:///m0?size_mb=4").await.unwrap();
+        assert_eq!(a.geometry().size, 4 << 20);
+        a.write_at(0, Bytes::from_static(b"seed"), WriteOpts::default())
+            .await
+            .unwrap();
+        // The same device under either name.
+        let b = r.open("mem://m0").await.unwrap();
+        assert_eq!(&b.read_at(0, 4).await.unwrap()[..], b"seed");
+        for (uri, why) in [
+            ("malloc:///m1", "size_mb= is required"),
+            ("malloc:///m1?size_mb=lots", "number of MiB"),
+            ("malloc:///m1?size=4M", "unknown option"),
+            ("malloc://host/m1?size_mb=4", "three slashes"),
+        ] {
+            let e = r.open(uri).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{uri}");
+            assert!(e.to_string().contains(why), "{uri}: {e}");
+        }
     }
 
     #[tokio::test]
