@@ -171,7 +171,13 @@ async fn nexus_volumes_and_their_replicas_answer_and_refuse_bad_requests() {
         .into_inner();
     assert_eq!(v.state, "online", "{v:?}");
     let uri = format!("nbd://{}/m", s.addr);
-    assert_eq!(v.exports, vec![uri.clone()]);
+    assert_eq!(v.exports[0], uri);
+    assert!(
+        v.exports[1].starts_with("nvmf://127.0.0.1:")
+            && v.exports[1].ends_with("/nqn.2026-12.io.strata:m"),
+        "{:?}",
+        v.exports
+    );
     qemu_io(&uri, false, &["write -P 0x5a 0 1M"]);
     qemu_io(&uri, true, &["read -P 0x5a 0 1M"]);
 

@@ -15,7 +15,12 @@ fn embedded_default_has_a_thin_1g_demo_volume_and_prints_how_to_connect() {
     let home = tempfile::tempdir().unwrap();
     let mut child = Command::new(strata_bin())
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--nvmf-listen",
+            "127.0.0.1:0",
+        ])
         .env("STRATA_DATA_DIR", home.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -35,6 +40,24 @@ fn embedded_default_has_a_thin_1g_demo_volume_and_prints_how_to_connect() {
     assert!(text.contains("nbdinfo nbd://127.0.0.1:"), "{text}");
     assert!(text.contains("qemu-io"), "{text}");
     assert!(text.contains("nbd-client"), "{text}");
+    assert!(
+        text.contains("nvme connect -t tcp -a 127.0.0.1 -s ")
+            && text.contains("-n nqn.2026-12.io.strata:demo"),
+        "{text}"
+    );
+    let socket = home.path().join("vhost-user/demo.sock");
+    assert!(
+        text.contains(&format!("path={}", socket.display())),
+        "{text}"
+    );
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "vhost-user socket mode"
+    );
     let addr = lines
         .iter()
         .find_map(|l| l.strip_prefix("listening: nbd://"))
@@ -131,6 +154,8 @@ fn systemd_socket_activation_through_libnbd() {
             path.to_str().unwrap(),
             "--metrics-listen",
             "127.0.0.1:0",
+            "--nvmf-listen",
+            "127.0.0.1:0",
             "]",
         ],
     );
@@ -149,6 +174,8 @@ fn systemd_socket_activation_through_libnbd() {
             "--config",
             path.to_str().unwrap(),
             "--metrics-listen",
+            "127.0.0.1:0",
+            "--nvmf-listen",
             "127.0.0.1:0",
         ])
         .stdout(std::process::Stdio::null())

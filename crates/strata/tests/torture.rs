@@ -224,7 +224,12 @@ impl Daemon {
         cmd.arg("serve")
             .arg("--config")
             .arg(config)
-            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--nvmf-listen",
+                "127.0.0.1:0",
+            ])
             .env("STRATA_LOG", "info,strata_pagestore=debug")
             .env_remove("STRATA_FAILPOINTS")
             .stdin(Stdio::null())

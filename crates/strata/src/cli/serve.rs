@@ -36,6 +36,12 @@ pub struct ServeArgs {
     /// Whether clients must use TLS.
     #[arg(long, value_enum)]
     pub tls_mode: Option<TlsModeConfig>,
+    /// TCP address to serve NVMe/TCP on; repeat for several. Replaces [nvmf] listen.
+    #[arg(long)]
+    pub nvmf_listen: Vec<String>,
+    /// Serve no NVMe/TCP.
+    #[arg(long)]
+    pub no_nvmf: bool,
     /// TCP address of the gRPC API; repeat for several. Replaces [api] listen.
     #[arg(long)]
     pub api_listen: Vec<String>,
@@ -57,6 +63,12 @@ impl ServeArgs {
         }
         if !self.socket.is_empty() {
             c.nbd.unix = self.socket.clone();
+        }
+        if !self.nvmf_listen.is_empty() {
+            c.nvmf.listen = self.nvmf_listen.clone();
+        }
+        if self.no_nvmf {
+            c.nvmf.listen.clear();
         }
         if !self.api_listen.is_empty() {
             c.api.listen = self.api_listen.clone();

@@ -75,6 +75,12 @@ pub struct Config {
     /// The NBD target.
     #[serde(default)]
     pub nbd: NbdConfig,
+    /// The NVMe/TCP target.
+    #[serde(default)]
+    pub nvmf: NvmfConfig,
+    /// The vhost-user-blk target (`strata_vhost_user_blk::VhostUserSettings`).
+    #[serde(default)]
+    pub vhost_user: strata_vhost_user_blk::VhostUserSettings,
     /// The volumes to open and export.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
@@ -410,9 +416,10 @@ pub struct NbdConfig {
 impl NbdConfig {
     /// The NBD server's settings (without TLS, which the daemon loads).
     pub fn server_config(&self) -> anyhow::Result<strata_nbd::ServerConfig> {
-        let c: strata_nbd::ServerConfig = toml::Value::Table(self.server.clone().into_iter().collect())
-            .try_into()
-            .map_err(|e| anyhow::anyhow!("[nbd]: {e}"))?;
+        let c: strata_nbd::ServerConfig =
+            toml::Value::Table(self.server.clone().into_iter().collect())
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("[nbd]: {e}"))?;
         c.validate()?;
         Ok(c)
     }
@@ -440,6 +447,44 @@ impl Default for NbdConfig {
             images: true,
             server: BTreeMap::new(),
         }
+    }
+}
+
+/// `[nvmf]`: where the NVMe/TCP target listens, and its settings. Every exported volume is
+/// subsystem `nqn.2026-12.io.strata:VOLUME`, namespace 1; the discovery subsystem is on the
+/// same port.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NvmfConfig {
+    /// TCP addresses (default `127.0.0.1:4420`; `[]` for none).
+    #[serde(default = "default_nvmf_listen")]
+    pub listen: Vec<String>,
+    /// The target's own settings, `strata_nvmf::TargetSettings` (max_queue_entries,
+    /// max_io_queues, max_h2c_data, max_data_transfer, in_capsule_data_size,
+    /// keep_alive_default_secs, max_connections, handshake_timeout_secs); any other key is a
+    /// mistake.
+    #[serde(flatten)]
+    pub target: BTreeMap<String, toml::Value>,
+}
+
+fn default_nvmf_listen() -> Vec<String> {
+    vec!["127.0.0.1:4420".to_string()]
+}
+
+impl Default for NvmfConfig {
+    fn default() -> NvmfConfig {
+        NvmfConfig {
+            listen: default_nvmf_listen(),
+            target: BTreeMap::new(),
+        }
+    }
+}
+
+impl NvmfConfig {
+    /// The target's settings.
+    pub fn target_settings(&self) -> anyhow::Result<strata_nvmf::TargetSettings> {
+        toml::Value::Table(self.target.clone().into_iter().collect())
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("[nvmf]: {e}"))
     }
 }
 
@@ -483,9 +528,12 @@ pub struct VolumeConfig {
     /// Export read-only.
     #[serde(default)]
     pub read_only: bool,
-    /// The protocols it is exported over (default: every one the daemon serves).
+    /// The protocols it is exported over: nbd, nvmf, vhost_user (default: nbd and nvmf).
     #[serde(default)]
     pub exports: Option<Vec<String>>,
+    /// NVMe/TCP: host NQNs allowed to connect (default: any host).
+    #[serde(default)]
+    pub nvmf_hosts: Vec<String>,
     /// A nexus volume's tunables (`strata_nexus::NexusSettings`: `dirty_granularity`,
     /// `rebuild_segment`, `rebuild_parallel`, `child_timeout_secs`); any other key is a mistake,
     /// reported by name.
@@ -503,6 +551,7 @@ impl VolumeConfig {
             description: String::new(),
             read_only: false,
             exports: None,
+            nvmf_hosts: Vec::new(),
             nexus: BTreeMap::new(),
         }
     }
@@ -553,6 +602,7 @@ impl VolumeConfig {
             read_only: self.read_only,
             description: self.description.clone(),
             node: String::new(),
+            nvmf_hosts: self.nvmf_hosts.clone(),
         };
         d.validate("")
             .map_err(|e| anyhow::anyhow!("volume {name:?}: {e}"))?;
@@ -670,9 +720,12 @@ impl Config {
         Config {
             data_dir: None,
             nbd: NbdConfig::default(),
+            nvmf: NvmfConfig::default(),
+            vhost_user: Default::default(),
             volumes: vec![VolumeConfig {
                 description: "Strata demo volume (a thin page-store image in the data directory)"
                     .to_string(),
+                exports: Some(vec!["nbd".into(), "nvmf".into(), "vhost_user".into()]),
                 ..VolumeConfig::device("demo", "image://local/demo?size=1G")
             }],
             stores: Vec::new(),
@@ -718,6 +771,7 @@ impl Config {
             bail!("no NBD listeners: set [nbd] listen or unix, or pass --listen");
         }
         let server = self.nbd.server_config()?;
+        self.nvmf.target_settings()?;
         if let Some(d) = &server.default_export {
             if !self.volumes.iter().any(|v| &v.name == d) {
                 bail!("[nbd] default_export {d:?} is not a declared volume");
@@ -772,7 +826,10 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        assert_eq!(c.nbd.server_config().unwrap().max_in_flight_bytes, 128 << 20);
+        assert_eq!(
+            c.nbd.server_config().unwrap().max_in_flight_bytes,
+            128 << 20
+        );
         assert_eq!(c.nbd.tls.unwrap().mode, TlsModeConfig::Optional);
         assert_eq!(
             crate::daemon::manager::expand_uri(

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use config::Config;
-use exports::{Exports, NbdExporter};
+use exports::{Exports, NbdExporter, NvmfExporter, VhostUserExporter};
 use listeners::{bind_unix, load_tls, systemd_listeners, wait_for_signal, Activated};
 use manager::{Images, Manager, Stores};
 
@@ -50,6 +50,8 @@ pub struct Listening {
     pub api: Vec<String>,
     /// `http://HOST:PORT/metrics`.
     pub metrics: Vec<String>,
+    /// NVMe/TCP listeners: `HOST:PORT`.
+    pub nvmf: Vec<String>,
 }
 
 /// A running daemon.
@@ -57,6 +59,8 @@ pub struct Listening {
 pub struct Daemon {
     manager: Arc<Manager>,
     nbd: Arc<NbdExporter>,
+    nvmf: Arc<NvmfExporter>,
+    vhost_user: Arc<VhostUserExporter>,
     stop: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
     /// Unix sockets this daemon made, removed at shutdown.
@@ -97,6 +101,23 @@ impl Daemon {
         let server = Server::new(nbd_server_config(&config)?, Vec::new());
         server.set_resolver(images.clone());
         let nbd = Arc::new(NbdExporter::new(server));
+        let nvmf = Arc::new(NvmfExporter::new(
+            strata_nvmf::Target::new(config.nvmf.target_settings()?)
+                .map_err(|e| anyhow::anyhow!("[nvmf]: {e}"))?,
+        ));
+        let vhost_dir = config
+            .vhost_user
+            .socket_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("vhost-user"));
+        let vhost_user = Arc::new(VhostUserExporter::new(
+            strata_vhost_user_blk::VhostUserTarget::new(
+                config.vhost_user.clone(),
+                tokio::runtime::Handle::current(),
+            )
+            .map_err(|e| anyhow::anyhow!("[vhost_user]: {e}"))?,
+            vhost_dir,
+        ));
         let state = state::open(config.state.store.as_deref(), &data_dir)?;
         let manager = Manager::new(
             node_name(&config),
@@ -104,23 +125,14 @@ impl Daemon {
             config.pools.clone(),
             registry,
             images,
-            Exports::new(vec![nbd.clone()]),
+            Exports::new(vec![nbd.clone(), nvmf.clone(), vhost_user.clone()]),
             state,
         );
-        for d in config.volume_decls()? {
-            manager
-                .add_configured(&d)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        // Open the declared volumes before clients come; if the state store cannot be read,
-        // the loop keeps trying.
-        if let Err(e) = manager.reconcile().await {
-            warn!(error = %e, "cannot read the desired state yet; serving the configured volumes and retrying");
-        }
         let mut daemon = Daemon {
             manager: manager.clone(),
             nbd,
+            nvmf,
+            vhost_user,
             stop: CancellationToken::new(),
             tasks: Vec::new(),
             sockets: config.nbd.unix.clone(),
@@ -129,13 +141,27 @@ impl Daemon {
             tls: config.nbd.tls.is_some(),
             shutdown_timeout: Duration::from_secs(config.nbd.shutdown_timeout_secs),
         };
+        for d in config.volume_decls()? {
+            daemon
+                .manager
+                .add_configured(&d)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        // Open the declared volumes before clients come; if the state store cannot be read,
+        // the loop keeps trying.
+        if let Err(e) = daemon.manager.reconcile().await {
+            warn!(error = %e, "cannot read the desired state yet; serving the configured volumes and retrying");
+        }
+        // Clients come once the volumes are open (an export's address is read when asked).
+        daemon.listen_nbd(&config).await?;
+        daemon.listen_nvmf(&config).await?;
         let every = Duration::from_secs_f64(config.state.reconcile_secs);
         daemon.spawn("reconcile", manager.clone().run(every, daemon.stop.clone()));
         if !config.gc.interval.is_zero() {
             let gc = manager::gc::scheduled(stores, config.gc.clone(), daemon.stop.clone());
             daemon.spawn("gc", gc);
         }
-        daemon.listen_nbd(&config).await?;
         daemon.listen_api(&config).await?;
         daemon.listen_metrics(&config).await?;
         Ok(daemon)
@@ -189,6 +215,21 @@ impl Daemon {
             self.listening.nbd = uris.clone();
         }
         self.nbd.set_listening(uris);
+        Ok(())
+    }
+
+    /// NVMe/TCP listeners.
+    async fn listen_nvmf(&mut self, config: &Config) -> anyhow::Result<()> {
+        let mut addrs = Vec::new();
+        for addr in &config.nvmf.listen {
+            let l = TcpListener::bind(addr).await.with_context(|| {
+                format!("NVMe/TCP: listen on {addr} (is the port taken? set [nvmf] listen or pass --nvmf-listen)")
+            })?;
+            addrs.push(l.local_addr()?.to_string());
+            self.spawn("nvmf", self.nvmf.target.clone().serve_tcp(l));
+        }
+        self.listening.nvmf = addrs.clone();
+        self.nvmf.set_listening(addrs);
         Ok(())
     }
 
@@ -280,7 +321,7 @@ impl Daemon {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         info!("shutting down: draining connections");
         let drain = self.shutdown_timeout;
-        if tokio::time::timeout(drain, self.nbd.server.shutdown())
+        if tokio::time::timeout(drain, self.manager.exports.shutdown())
             .await
             .is_err()
         {
@@ -340,6 +381,9 @@ impl Daemon {
         for m in &self.listening.metrics {
             println!("metrics: {m}");
         }
+        for n in &self.listening.nvmf {
+            println!("nvmf: {n}");
+        }
         let tcp = self.listening.nbd.iter().find(|l| l.starts_with("nbd://"));
         if let (Some(first), Some(tcp)) = (volumes.first(), tcp) {
             let base = tcp.split_whitespace().next().unwrap_or(tcp);
@@ -351,6 +395,26 @@ impl Daemon {
             println!("  nbdinfo {scheme}://{hostport}/{name}");
             println!("  qemu-io -f raw {scheme}://{hostport}/{name}");
             println!("  nbd-client {host} {port} /dev/nbd0 -N {name}");
+        }
+        let nvmf = volumes
+            .iter()
+            .find(|m| m.decl().exports.contains(&manager::Protocol::Nvmf));
+        if let (Some(m), Some(addr)) = (nvmf, self.listening.nvmf.first()) {
+            let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "4420"));
+            println!("  nvme discover -t tcp -a {host} -s {port}");
+            println!(
+                "  nvme connect -t tcp -a {host} -s {port} -n {}",
+                exports::nqn(&m.name)
+            );
+        }
+        let vhost = volumes
+            .iter()
+            .find(|m| m.decl().exports.contains(&manager::Protocol::VhostUser));
+        if let Some(m) = vhost {
+            println!(
+                "  qemu-system-x86_64 … -object memory-backend-memfd,id=mem,size=1G,share=on \\\n      -numa node,memdev=mem {}",
+                self.vhost_user.qemu_args(&m.name, 1)
+            );
         }
         println!("ready");
     }

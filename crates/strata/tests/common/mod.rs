@@ -50,7 +50,12 @@ impl Strata {
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
-            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--nvmf-listen",
+                "127.0.0.1:0",
+            ])
             .args(args)
             .env("STRATA_LOG", "info,strata_nbd=debug")
             .stdin(Stdio::null())

@@ -21,6 +21,8 @@ use crate::daemon::manager::{
 pub fn protocol(p: i32) -> Result<Protocol, Status> {
     match pb::Protocol::try_from(p) {
         Ok(pb::Protocol::Unspecified) | Ok(pb::Protocol::Nbd) => Ok(Protocol::Nbd),
+        Ok(pb::Protocol::Nvmf) => Ok(Protocol::Nvmf),
+        Ok(pb::Protocol::VhostUser) => Ok(Protocol::VhostUser),
         Err(_) => Err(Status::invalid_argument(format!(
             "protocol: {p} is not a protocol this daemon knows"
         ))),
@@ -30,6 +32,8 @@ pub fn protocol(p: i32) -> Result<Protocol, Status> {
 pub fn protocol_msg(p: Protocol) -> pb::Protocol {
     match p {
         Protocol::Nbd => pb::Protocol::Nbd,
+        Protocol::Nvmf => pb::Protocol::Nvmf,
+        Protocol::VhostUser => pb::Protocol::VhostUser,
     }
 }
 
@@ -101,6 +105,7 @@ pub fn decl(s: pb::VolumeSpec) -> Result<VolumeDecl, Status> {
         read_only: s.read_only,
         description: s.description,
         node: String::new(),
+        nvmf_hosts: s.nvmf_hosts,
     };
     d.validate("spec.").map_err(status)?;
     Ok(d)
@@ -132,6 +137,7 @@ pub fn spec_msg(d: &VolumeDecl) -> pb::VolumeSpec {
         protocols: d.exports.iter().map(|p| protocol_msg(*p) as i32).collect(),
         node: d.node.clone(),
         page_size,
+        nvmf_hosts: d.nvmf_hosts.clone(),
     }
 }
 

@@ -1,16 +1,21 @@
 //! Exports: the wire protocols volumes are served over. Each protocol crate's target is wrapped
-//! in an [`Exporter`] here (`nbd.rs`); the manager keeps every volume's exports what its
-//! declaration's `exports` says through [`Exports`], and knows no protocol by name beyond
-//! [`Protocol`].
+//! in an [`Exporter`] here (`nbd.rs`, `nvmf.rs`, `vhost_user.rs`); the manager keeps every
+//! volume's exports what its declaration's `exports` says through [`Exports`], and knows no
+//! protocol by name beyond [`Protocol`].
 //!
 //! ```text
-//!   Manager ──► Exports ──► NbdExporter ──► strata_nbd::Server (listeners bound in daemon/mod.rs)
-//!                      └──► (one Exporter per protocol)
+//!   Manager ──► Exports ──► NbdExporter ───────► strata_nbd::Server       (TCP, unix sockets)
+//!                      ├──► NvmfExporter ──────► strata_nvmf::Target      (TCP: NQN per volume)
+//!                      └──► VhostUserExporter ─► strata_vhost_user_blk    (a socket per volume)
 //! ```
 
 mod nbd;
+mod nvmf;
+mod vhost_user;
 
 pub use nbd::NbdExporter;
+pub use nvmf::{nqn, NvmfExporter};
+pub use vhost_user::VhostUserExporter;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -25,21 +30,28 @@ use strata_bdev::{BlockDevice, Transactional};
 pub enum Protocol {
     /// The NBD protocol (`crates/nbd`).
     Nbd,
+    /// NVMe over Fabrics, TCP transport (`crates/nvmf`): a subsystem per volume.
+    Nvmf,
+    /// vhost-user-blk (`crates/vhost-user-blk`): a unix socket per volume for a VMM.
+    VhostUser,
 }
 
 impl Protocol {
     /// Every protocol the daemon speaks.
-    pub const ALL: &'static [Protocol] = &[Protocol::Nbd];
+    pub const ALL: &'static [Protocol] = &[Protocol::Nbd, Protocol::Nvmf, Protocol::VhostUser];
 
-    /// What a volume is exported over when its declaration does not say.
+    /// What a volume is exported over when its declaration does not say: NBD and NVMe/TCP
+    /// (a vhost-user socket, for one VM, is asked for by name).
     pub fn defaults() -> BTreeSet<Protocol> {
-        Protocol::ALL.iter().copied().collect()
+        [Protocol::Nbd, Protocol::Nvmf].into()
     }
 
     /// The name used in files, flags and messages.
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Nbd => "nbd",
+            Protocol::Nvmf => "nvmf",
+            Protocol::VhostUser => "vhost_user",
         }
     }
 
@@ -76,17 +88,20 @@ pub struct Exported {
     pub read_only: bool,
     /// Page-store images take NBD transactions.
     pub transactions: Option<Arc<dyn Transactional>>,
+    /// NVMe/TCP: the host NQNs allowed to connect (none: any host).
+    pub nvmf_hosts: Vec<String>,
 }
 
 /// One wire protocol's target, as the manager drives it.
+#[async_trait::async_trait]
 pub trait Exporter: Send + Sync + std::fmt::Debug {
     fn protocol(&self) -> Protocol;
 
-    /// Serve a volume, replacing an export of the same name (connected clients keep theirs).
-    fn export(&self, volume: &Exported);
+    /// Serve a volume, replacing an export of the same name; the reason it cannot be.
+    async fn export(&self, volume: &Exported) -> Result<(), String>;
 
-    /// Stop serving a volume to new clients.
-    fn unexport(&self, name: &str);
+    /// Stop serving a volume (a no-op when it is not exported).
+    async fn unexport(&self, name: &str);
 
     /// Where clients reach the volume `name`.
     fn addresses(&self, name: &str) -> Vec<String>;
@@ -98,6 +113,10 @@ pub trait Exporter: Send + Sync + std::fmt::Debug {
     fn resized(&self, name: &str) {
         let _ = name;
     }
+
+    /// Stop serving everything (at shutdown): finish what clients asked for, within the
+    /// protocol's own limits.
+    async fn shutdown(&self) {}
 }
 
 /// Every protocol this daemon serves.
@@ -125,21 +144,26 @@ impl Exports {
         self.exporters.iter().any(|e| e.protocol() == protocol)
     }
 
-    /// Export `volume` over `protocols`, and over no other.
-    pub fn apply(&self, protocols: &BTreeSet<Protocol>, volume: &Exported) {
+    /// Export `volume` over `protocols` (replacing what each serves under its name), and over
+    /// no other; the protocols that refused it, with why.
+    pub async fn apply(&self, protocols: &BTreeSet<Protocol>, volume: &Exported) -> Vec<String> {
+        let mut refused = Vec::new();
         for e in &self.exporters {
             if protocols.contains(&e.protocol()) {
-                e.export(volume);
+                if let Err(why) = e.export(volume).await {
+                    refused.push(format!("{}: {why}", e.protocol()));
+                }
             } else {
-                e.unexport(&volume.name);
+                e.unexport(&volume.name).await;
             }
         }
+        refused
     }
 
     /// Stop exporting `name` over every protocol.
-    pub fn remove(&self, name: &str) {
+    pub async fn remove(&self, name: &str) {
         for e in &self.exporters {
-            e.unexport(name);
+            e.unexport(name).await;
         }
     }
 
@@ -156,6 +180,13 @@ impl Exports {
     pub fn resized(&self, name: &str) {
         for e in &self.exporters {
             e.resized(name);
+        }
+    }
+
+    /// Stop every protocol (at shutdown).
+    pub async fn shutdown(&self) {
+        for e in &self.exporters {
+            e.shutdown().await;
         }
     }
 }

@@ -28,12 +28,13 @@ impl NbdExporter {
     }
 }
 
+#[async_trait::async_trait]
 impl Exporter for NbdExporter {
     fn protocol(&self) -> Protocol {
         Protocol::Nbd
     }
 
-    fn export(&self, v: &Exported) {
+    async fn export(&self, v: &Exported) -> Result<(), String> {
         self.server.add_export(Export {
             name: v.name.clone(),
             description: v.description.clone(),
@@ -41,10 +42,15 @@ impl Exporter for NbdExporter {
             read_only: v.read_only,
             transactions: v.transactions.clone(),
         });
+        Ok(())
     }
 
-    fn unexport(&self, name: &str) {
+    async fn unexport(&self, name: &str) {
         self.server.remove_export(name);
+    }
+
+    async fn shutdown(&self) {
+        self.server.shutdown().await;
     }
 
     fn listening(&self) -> Vec<String> {

@@ -152,6 +152,8 @@ pub struct VolumeDecl {
     pub description: String,
     /// The node that serves it (its `[api] node_name`); empty means the node that stored it.
     pub node: String,
+    /// NVMe/TCP: host NQNs allowed to connect (empty: any host).
+    pub nvmf_hosts: Vec<String>,
 }
 
 /// A volume as the state store keeps it; records written before exports had protocols say
@@ -172,6 +174,8 @@ struct VolumeWire {
     description: String,
     #[serde(default)]
     node: String,
+    #[serde(default)]
+    nvmf_hosts: Vec<String>,
 }
 
 impl From<VolumeWire> for VolumeDecl {
@@ -189,6 +193,7 @@ impl From<VolumeWire> for VolumeDecl {
             read_only: w.read_only,
             description: w.description,
             node: w.node,
+            nvmf_hosts: w.nvmf_hosts,
         }
     }
 }
@@ -220,6 +225,7 @@ impl VolumeDecl {
             read_only: false,
             description: String::new(),
             node: String::new(),
+            nvmf_hosts: Vec::new(),
         }
     }
 
@@ -260,6 +266,13 @@ impl VolumeDecl {
                         i.page_size
                     )));
                 }
+            }
+        }
+        for (i, h) in self.nvmf_hosts.iter().enumerate() {
+            if !h.starts_with("nqn.") || h.len() > 223 {
+                return Err(OpError::invalid(format!(
+                    "{path}nvmf_hosts[{i}]: {h:?} is not a host NQN (nqn.…, at most 223 bytes)"
+                )));
             }
         }
         Ok(())

@@ -113,6 +113,7 @@ impl Managed {
                 (Some(i), false) => Some(i.clone() as Arc<dyn strata_bdev::Transactional>),
                 _ => None,
             },
+            nvmf_hosts: d.nvmf_hosts.clone(),
         }
     }
 }
@@ -240,20 +241,31 @@ impl Manager {
         }))
     }
 
-    fn insert(&self, m: Arc<Managed>) {
+    /// Add an opened volume to the set and export it as declared; a protocol that refuses it
+    /// is an error (the volume is then closed again).
+    async fn insert(&self, m: Arc<Managed>) -> OpResult<()> {
         let d = m.decl();
-        self.exports.apply(&d.exports, &m.exported(&d));
+        let refused = self.exports.apply(&d.exports, &m.exported(&d)).await;
+        if !refused.is_empty() {
+            self.exports.remove(&m.name).await;
+            let name = m.name.clone();
+            self.close_opened(m).await;
+            return Err(OpError::new(
+                OpKind::Unavailable,
+                format!("export volume {name:?}: {}", refused.join("; ")),
+            ));
+        }
         self.volumes
             .write()
             .expect("lock poisoned")
             .insert(m.name.clone(), m);
+        Ok(())
     }
 
     /// Add a volume the configuration file declares (at start).
     pub async fn add_configured(&self, d: &VolumeDecl) -> OpResult<()> {
         let m = self.open_managed(d, true).await?;
-        self.insert(m);
-        Ok(())
+        self.insert(m).await
     }
 
     /// Stop serving a volume, flush it, and forget it; with `forget_record`, its nexus record
@@ -261,7 +273,7 @@ impl Manager {
     /// health, or a stale replica could become the source of a rebuild).
     async fn close_volume(&self, m: Arc<Managed>, forget_record: bool) {
         let name = m.name.clone();
-        self.exports.remove(&name);
+        self.exports.remove(&name).await;
         self.volumes.write().expect("lock poisoned").remove(&name);
         self.health
             .lock()
@@ -276,6 +288,13 @@ impl Manager {
                 .to_path_buf();
             let _ = std::fs::remove_file(path);
         }
+        self.close_opened(m).await;
+    }
+
+    /// Let go of a volume that is no longer in the set: an image volume's image is closed
+    /// unless something else uses it.
+    async fn close_opened(&self, m: Arc<Managed>) {
+        let name = m.name.clone();
         let is_image = m.image().is_some();
         drop(m);
         if is_image {

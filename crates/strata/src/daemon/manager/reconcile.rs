@@ -46,11 +46,13 @@ impl Manager {
         for (name, def) in &mine {
             let result = match self.lookup(name) {
                 None => match self.open_managed(def, false).await {
-                    Ok(m) => {
-                        info!(volume = %name, kind = def.kind(), "volume opened as the state store declares");
-                        self.insert(m);
-                        Ok(())
-                    }
+                    Ok(m) => match self.insert(m).await {
+                        Ok(()) => {
+                            info!(volume = %name, kind = def.kind(), "volume opened as the state store declares");
+                            Ok(())
+                        }
+                        Err(e) => Err(e.message),
+                    },
                     Err(e) => Err(e.message),
                 },
                 Some(m) if m.from_config => Err(
@@ -166,11 +168,21 @@ impl Manager {
                 }
             }
         }
-        if (&have.exports, have.read_only, &have.description)
-            != (&want.exports, want.read_only, &want.description)
-        {
-            self.exports.remove(name);
-            self.exports.apply(&want.exports, &m.exported(want));
+        if (
+            &have.exports,
+            have.read_only,
+            &have.description,
+            &have.nvmf_hosts,
+        ) != (
+            &want.exports,
+            want.read_only,
+            &want.description,
+            &want.nvmf_hosts,
+        ) {
+            let refused = self.exports.apply(&want.exports, &m.exported(want)).await;
+            if !refused.is_empty() {
+                return Err(format!("export it: {}", refused.join("; ")));
+            }
         }
         m.set_decl(want.clone());
         Ok(())

@@ -47,6 +47,9 @@ struct VolumeEntry {
     /// `false`: not exported (the same as `exports: []`).
     #[serde(default)]
     export: Option<bool>,
+    /// NVMe/TCP: host NQNs allowed to connect (default: any host).
+    #[serde(default)]
+    nvmf_hosts: Vec<String>,
     #[serde(default)]
     read_only: bool,
     #[serde(default)]
@@ -152,6 +155,7 @@ pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
             read_only: v.read_only,
             description: v.description,
             node,
+            nvmf_hosts: v.nvmf_hosts,
         };
         def.validate(&format!("{path}.")).map_err(|e| e.message)?;
         if !v.snapshots.is_empty() && def.image().is_none() {
@@ -488,7 +492,10 @@ fn diff(path: &str, have: &VolumeDecl, want: &VolumeDecl) -> (Vec<Change>, Vec<(
             ),
         ));
     }
-    if have.read_only != want.read_only || have.description != want.description {
+    if have.read_only != want.read_only
+        || have.description != want.description
+        || have.nvmf_hosts != want.nvmf_hosts
+    {
         changes.push((
             "update",
             path.to_string(),
@@ -721,6 +728,7 @@ volumes:
             read_only: false,
             description: String::new(),
             node: "n".into(),
+            nvmf_hosts: Vec::new(),
         };
         let nexus = |r: &[&str]| {
             Backing::Nexus(NexusDecl {

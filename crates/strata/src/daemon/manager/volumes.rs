@@ -100,8 +100,11 @@ impl Manager {
             self.close_volume(m, false).await;
             return Err(e);
         }
+        if let Err(e) = self.insert(m.clone()).await {
+            let _ = self.undeclare(&d.name).await;
+            return Err(e);
+        }
         info!(volume = %d.name, kind = d.kind(), "volume created");
-        self.insert(m.clone());
         Ok(m)
     }
 
@@ -222,8 +225,17 @@ impl Manager {
             d.description = desc;
         }
         self.check_exports(&d)?;
+        let refused = self.exports.apply(&d.exports, &m.exported(&d)).await;
+        if !refused.is_empty() {
+            // Back to what was declared.
+            let old = m.decl();
+            self.exports.apply(&old.exports, &m.exported(&old)).await;
+            return Err(OpError::new(
+                OpKind::Unavailable,
+                format!("export volume {name:?}: {}", refused.join("; ")),
+            ));
+        }
         self.save(&d).await?;
-        self.exports.apply(&d.exports, &m.exported(&d));
         m.set_decl(d);
         Ok(m)
     }
