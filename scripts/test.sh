@@ -80,7 +80,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 
-# One build, shared by every test binary (release: the tests push hundreds of MiB through the
-# server). Examples are built too: a test runs one.
-cargo test --release --workspace --no-run
-exec cargo test --release --workspace "$@"
+# One build, shared by every test binary: the `ci` profile is optimized (the tests push
+# hundreds of MiB through the server) and keeps overflow checks and debug assertions in
+# Strata's own crates. Examples are built too: tests run them. Every test binary runs even when
+# one fails (--no-fail-fast), so one failure never hides another.
+cargo test --profile ci --workspace --no-run
+exec cargo test --profile ci --workspace --no-fail-fast "$@"

@@ -19,6 +19,7 @@ use common::*;
 use strata_bdev::conformance::{self, Expect};
 use strata_bdev::{BlockDevice, WriteOpts};
 use strata_nvmf::{HostOptions, NvmfDevice, TargetSettings};
+use strata_testkit::nvme;
 use strata_testkit::vm::{Vm, VmConfig};
 use strata_testkit::{free_port, pattern};
 
@@ -30,51 +31,13 @@ const GROWN: u64 = 160 * MIB;
 /// The port nvmet listens on in the guest.
 const GUEST_PORT: u16 = 4420;
 
-/// A shell snippet that waits (at most `tries` tenths of a second) until subsystem `nqn` has a
-/// controller with namespace 1 as a block device, and prints `CTRL NS` (e.g. `nvme0 nvme0n1`).
-fn find_namespace(nqn: &str, tries: u32) -> String {
-    format!(
-        r#"(
-for i in $(seq 1 {tries}); do
-  for s in /sys/class/nvme-subsystem/nvme-subsys*; do
-    [ -e "$s/subsysnqn" ] || continue
-    [ "$(cat $s/subsysnqn)" = "{nqn}" ] || continue
-    c=$(ls $s | grep '^nvme[0-9]*$' | head -n 1)
-    n=$(ls $s | grep '^nvme[0-9]*n1$' | head -n 1)
-    if [ -n "$c" ] && [ -n "$n" ] && [ -b /dev/$n ]; then echo "$c $n"; exit 0; fi
-  done
-  sleep 0.1
-done
-echo "no namespace of {nqn} appeared" >&2
-exit 1
-)"#
-    )
-}
-
 /// `nvme connect` (with `extra` options) and the controller and namespace it made.
 fn connect(vm: &Vm, port: u16, nqn: &str, extra: &str) -> (String, String) {
-    vm.check(
-        &format!("nvme connect -t tcp -a 10.0.2.2 -s {port} -n {nqn} {extra}"),
-        SHORT,
-    )
-    .expect("nvme connect");
-    let out = vm
-        .check(&find_namespace(nqn, 600), SHORT)
-        .expect("the namespace appears");
-    let mut words = out.split_whitespace();
-    let ctrl = words.next().expect("controller").to_string();
-    let ns = words.next().expect("namespace").to_string();
-    (format!("/dev/{ctrl}"), format!("/dev/{ns}"))
+    nvme::connect(vm, "10.0.2.2", port, nqn, extra).expect("nvme connect")
 }
 
 fn disconnect(vm: &Vm, nqn: &str, dev: &str) {
-    vm.check(&format!("nvme disconnect -n {nqn}"), SHORT)
-        .expect("nvme disconnect");
-    vm.check(
-        &format!("for i in $(seq 1 300); do [ -e {dev} ] || exit 0; sleep 0.1; done; exit 1"),
-        SHORT,
-    )
-    .expect("the namespace device is gone after disconnect");
+    nvme::disconnect(vm, nqn, dev).expect("nvme disconnect");
 }
 
 /// Write sectors `[first, first + count)` of the pattern with O_DIRECT and read them back.

@@ -467,8 +467,16 @@ async fn exports_deletion_and_reflection() {
         .await
         .unwrap()
         .into_inner();
-    let names: Vec<&str> = listed.exports.iter().map(|e| e.volume.as_str()).collect();
-    assert_eq!(names, ["cfg", "m"]);
+    let names: Vec<(&str, i32)> = listed
+        .exports
+        .iter()
+        .map(|e| (e.volume.as_str(), e.protocol))
+        .collect();
+    let (nbd, nvmf) = (pb::Protocol::Nbd as i32, pb::Protocol::Nvmf as i32);
+    assert_eq!(
+        names,
+        [("cfg", nbd), ("cfg", nvmf), ("m", nbd), ("m", nvmf)]
+    );
 
     // Delete.
     fails(

@@ -582,16 +582,28 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
     let c = s.uri("local/c");
     qemu_io(&c, false, &["write -P 0x55 0 4M"]);
 
-    // Random overwrites with verification in the upper half while GC runs again and again.
-    let fio = {
-        let vm = vm.clone();
+    // A second server writes its own image in the same store.
+    let config2 = format!(
+        "data_dir = \"{{dir}}/data\"\n[nbd]\nlisten = [\"127.0.0.1:0\"]\n[pagestore]\n\
+         checkpoint_bytes = \"1M\"\nsegment_bytes = \"512K\"\nmax_segments = 8\n[[store]]\n\
+         name = \"local\"\ntype = \"dir\"\npath = \"{}\"\n[[volume]]\nname = \"vm2\"\n\
+         uri = \"image://local/vm2?size=64M\"\n",
+        s.path("data/objects").display()
+    );
+    let s2 = Strata::start(&config2);
+    let vm2 = s2.uri("vm2");
+    qemu_io(&vm2, false, &["write -P 0x22 0 32M"]);
+
+    // Random overwrites with verification in the upper halves, from both servers, while GC
+    // runs again and again.
+    let overwrite = |uri: String| {
         std::thread::spawn(move || {
             run(
                 "fio",
                 &[
                     "--name=overwrite",
                     "--ioengine=nbd",
-                    &format!("--uri={vm}"),
+                    &format!("--uri={uri}"),
                     "--rw=randwrite",
                     "--bs=4k",
                     "--iodepth=16",
@@ -605,12 +617,16 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
             )
         })
     };
+    let fio = overwrite(vm.clone());
+    let fio2 = overwrite(vm2.clone());
     let mut runs = 0;
     let mut deleted = 0;
-    while !fio.is_finished() || runs < 3 {
+    while !fio.is_finished() || !fio2.is_finished() || runs < 3 {
         deleted += gc(&s, 2);
         runs += 1;
     }
+    let out = fio2.join().unwrap();
+    assert!(out.contains("err= 0"), "{out}");
     let out = fio.join().unwrap();
     assert!(out.contains("err= 0"), "{out}");
     wait_until("garbage to collect", Duration::from_secs(60), || {
@@ -619,15 +635,8 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
     });
 
     // Everything reads back exactly, also after a restart.
-    let check = run_raw(
-        "qemu-io",
-        &["-f", "raw", "-r", "-c", "read -P 0x11 0 32M", &vm],
-    );
-    assert!(
-        String::from_utf8_lossy(&check.stdout).contains("read 33554432"),
-        "{check:?}\nserver log:\n{}",
-        s.log()
-    );
+    qemu_io(&vm, true, &["read -P 0x11 0 32M"]);
+    qemu_io(&vm2, true, &["read -P 0x22 0 32M"]);
     common::assert_identical(copy.to_str().unwrap(), &s.uri("local/vm@s"));
     qemu_io(
         &c,
@@ -672,7 +681,9 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
     );
     let (_, dir) = s.stop();
     let s = Strata::start_in(dir, CONFIG, &[]);
+    qemu_io(&s.uri("vm"), true, &["read -P 0x11 0 32M"]);
     common::assert_identical(image_copy.to_str().unwrap(), &s.uri("vm"));
+    qemu_io(&vm2, true, &["read -P 0x22 0 32M"]);
 }
 
 #[test]

@@ -40,6 +40,7 @@ pub mod console;
 pub mod cpio;
 pub mod elf;
 pub mod image;
+pub mod nvme;
 mod nvmet;
 pub mod pattern;
 pub mod vm;

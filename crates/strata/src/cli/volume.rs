@@ -25,9 +25,16 @@ pub enum VolumeCommand {
         /// A page-store image, STORE/IMAGE.
         #[arg(long)]
         image: Option<String>,
-        /// Do not export it over NBD.
+        /// Export it over this protocol (nbd, nvmf, vhost_user); repeat for several
+        /// (default: nbd and nvmf).
+        #[arg(long = "export", value_name = "PROTOCOL", conflicts_with = "no_export")]
+        export: Vec<String>,
+        /// Do not export it at all.
         #[arg(long)]
         no_export: bool,
+        /// NVMe/TCP: a host NQN allowed to connect; repeat for several (default: any host).
+        #[arg(long = "nvmf-host", value_name = "NQN")]
+        nvmf_host: Vec<String>,
         #[arg(long)]
         read_only: bool,
         #[arg(long, default_value = "")]
@@ -63,7 +70,9 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
             device,
             replica,
             image,
+            export,
             no_export,
+            nvmf_host,
             read_only,
             description,
         } => {
@@ -87,6 +96,11 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
                         size,
                         backing: Some(backing),
                         export: Some(!no_export),
+                        protocols: export
+                            .iter()
+                            .map(|p| protocol(p))
+                            .collect::<anyhow::Result<_>>()?,
+                        nvmf_hosts: nvmf_host.clone(),
                         read_only: *read_only,
                         description: description.clone(),
                         ..Default::default()
@@ -152,4 +166,15 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
             target.print(&v, show)
         }
     }
+}
+
+/// A protocol as the API numbers it.
+pub(super) fn protocol(name: &str) -> anyhow::Result<i32> {
+    let p = match name.to_ascii_lowercase().replace('-', "_").as_str() {
+        "nbd" => pb::Protocol::Nbd,
+        "nvmf" | "nvme" | "nvme_tcp" => pb::Protocol::Nvmf,
+        "vhost_user" | "vhost" => pb::Protocol::VhostUser,
+        _ => anyhow::bail!("--export {name:?}: use nbd, nvmf or vhost_user"),
+    };
+    Ok(p as i32)
 }

@@ -845,8 +845,15 @@ mod tests {
         let c: Config = toml::from_str("[[volume]]\nname = \"a\"\nurl = \"mem://a\"\n").unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("unknown field `url`"), "{e}");
-        let e = toml::from_str::<Config>("[nbd]\nmax_payload = \"12Q\"\n").unwrap_err();
+        let c: Config = toml::from_str("[nbd]\nmax_payload = \"12Q\"\n").unwrap();
+        let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("unit"), "{e}");
+        let c: Config = toml::from_str("[nbd]\nmax_conections = 3\n").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("max_conections"), "{e}");
+        let c: Config = toml::from_str("[nbd]\nmax_connections = 0\n").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("max_connections"), "{e}");
         let mut c = Config::embedded_default();
         c.volumes.push(c.volumes[0].clone());
         assert!(c.validate().unwrap_err().to_string().contains("twice"));

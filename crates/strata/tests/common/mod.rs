@@ -215,6 +215,30 @@ impl Drop for Strata {
     }
 }
 
+/// The body of `GET path` from `addr`, if it answered 200.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    std::io::Write::write_all(&mut c, request.as_bytes()).ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// A gauge or counter of a `/metrics` exposition, by its whole series (`name{labels}`).
+pub fn metric(strata: &Strata, series: &str) -> Option<f64> {
+    let url = strata.metrics_url();
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    http_get(addr, "/metrics")?
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// Send a signal to a process.
 pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill has no memory-safety preconditions.
