@@ -18,11 +18,15 @@ mod cache;
 mod failpoint;
 pub mod format;
 mod image;
+mod layout;
 pub mod objects;
 mod opener;
+pub mod settings;
 pub mod versions;
 mod wal;
 
-pub use image::{check_name, Image, ImageStats, PageStore, Settings, Transaction};
+pub use image::{Image, ImageStats, PageStore, Transaction};
+pub use layout::check_name;
 pub use objects::{FaultyObjects, Listed, ObjError, Objects, Stats, Store, StoreConfig};
 pub use opener::ImageOpener;
+pub use settings::Settings;

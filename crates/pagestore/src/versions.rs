@@ -17,23 +17,12 @@ use bytes::Bytes;
 use strata_bdev::{Error, ErrorKind, Result};
 
 use crate::format::{BaseRef, Manifest, SnapshotRecord};
-use crate::image::{
-    base_chain, check_name, latest_manifest, manifest_key, now_secs, read_manifest, PageStore,
-    LEASE_TTL,
+use crate::image::PageStore;
+use crate::layout::{
+    base_chain, check_name, create_manifest, get_record, latest_manifest, manifest_key, not_found,
+    now_secs, obj_err, read_manifest, read_snapshot, snapshot_key, LEASE_TTL,
 };
-use crate::objects::{retry, Listed, ObjError, Objects};
-
-pub(crate) fn snapshot_key(image: &str, snapshot: &str) -> String {
-    format!("images/{image}/snapshots/{snapshot}")
-}
-
-fn obj_err(what: &str, e: ObjError) -> Error {
-    Error::new(ErrorKind::Io, format!("{what}: object store: {e}"))
-}
-
-fn not_found(what: String) -> Error {
-    Error::new(ErrorKind::NotFound, what)
-}
+use crate::objects::{retry, Listed, Objects};
 
 /// Split `IMAGE@SNAPSHOT`.
 pub fn parse_snapshot_ref(s: &str) -> Result<(&str, &str)> {
@@ -47,75 +36,6 @@ pub fn parse_snapshot_ref(s: &str) -> Result<(&str, &str)> {
             ErrorKind::InvalidInput,
             format!("{s:?}: name a snapshot as IMAGE@SNAPSHOT"),
         )),
-    }
-}
-
-async fn get_record(
-    objects: &dyn Objects,
-    image: &str,
-    snapshot: &str,
-) -> Result<Option<SnapshotRecord>> {
-    let key = snapshot_key(image, snapshot);
-    match retry(objects, "read snapshot", 5, || false, || objects.get(&key)).await {
-        Ok(b) => SnapshotRecord::decode(&key, &b)
-            .map(Some)
-            .map_err(|e| Error::new(ErrorKind::Io, e.to_string())),
-        Err(ObjError::NotFound(_)) => Ok(None),
-        Err(e) => Err(obj_err(&format!("read snapshot {image}@{snapshot}"), e)),
-    }
-}
-
-/// The record of a snapshot that exists (not deleted).
-pub(crate) async fn read_snapshot(
-    objects: &dyn Objects,
-    image: &str,
-    snapshot: &str,
-) -> Result<SnapshotRecord> {
-    match get_record(objects, image, snapshot).await? {
-        Some(r) if r.deleted.is_none() => Ok(r),
-        _ => Err(not_found(format!(
-            "no snapshot {image}@{snapshot} (strata snapshot list {image} shows them)"
-        ))),
-    }
-}
-
-/// Record snapshot `snapshot` of version `m` (O(1): nothing is copied).
-pub(crate) async fn put_snapshot(
-    objects: &dyn Objects,
-    m: &Manifest,
-    snapshot: &str,
-) -> Result<SnapshotRecord> {
-    check_name(snapshot)?;
-    let rec = SnapshotRecord {
-        image: m.image.clone(),
-        snapshot: snapshot.to_string(),
-        version: m.version,
-        image_size: m.image_size,
-        created: now_secs(),
-        deleted: None,
-    };
-    let key = snapshot_key(&m.image, snapshot);
-    let data = Bytes::from(rec.encode());
-    match objects.put_create(&key, data.clone()).await {
-        Ok(()) => Ok(rec),
-        Err(ObjError::AlreadyExists(_)) => match get_record(objects, &m.image, snapshot).await? {
-            // A deleted snapshot's name can be taken again.
-            Some(old) if old.deleted.is_some() => {
-                objects
-                    .put(&key, data)
-                    .await
-                    .map_err(|e| obj_err(&format!("snapshot {}@{snapshot}", m.image), e))?;
-                Ok(rec)
-            }
-            _ => Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "snapshot {}@{snapshot} exists already; pick another name or delete it first",
-                    m.image
-                ),
-            )),
-        },
-        Err(e) => Err(obj_err(&format!("snapshot {}@{snapshot}", m.image), e)),
     }
 }
 
@@ -148,7 +68,7 @@ impl PageStore {
                 snapshot: snapshot.to_string(),
             }),
         };
-        let made = self.create_manifest(m.clone()).await?;
+        let made = create_manifest(objects, m.clone()).await?;
         if made.base != m.base {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -547,72 +467,68 @@ pub struct GcReport {
     pub dry_run: bool,
 }
 
-async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
-    let mut cat = Catalog::scan(objects).await.map_err(|e| {
-        Error::new(
-            e.kind(),
-            format!(
-                "collect garbage: read what the store holds; nothing was deleted: {}",
-                e.chain()
-            ),
-        )
-    })?;
-    let now = SystemTime::now();
-    let older_than = |t: SystemTime, d: Duration| now.duration_since(t).is_ok_and(|age| age >= d);
-    let keep_versions = opts.grace.max(opts.retention);
-    // Versions in use: each image's newest, live snapshots (and snapshots deleted within the
-    // grace period: a reader may still have one open), every version replaced less than
-    // `keep_versions` ago, and the bases all of these read through.
-    let mut roots: Vec<(String, u64)> = Vec::new();
-    let mut doomed_manifests: Vec<(String, u64)> = Vec::new();
-    for (name, e) in &cat.images {
-        for (i, &(v, _)) in e.versions.iter().enumerate() {
-            let replaced = e.versions.get(i + 1).map(|&(_, t)| t);
-            match replaced {
-                None => roots.push((name.clone(), v)),
-                Some(t) if !older_than(t, keep_versions) => roots.push((name.clone(), v)),
-                Some(_) => doomed_manifests.push((name.clone(), v)),
+/// What one collection decides, from the catalog and the options.
+struct Sweep<'a> {
+    opts: &'a GcOptions,
+    now: SystemTime,
+    /// Versions in use, and the bases they read through.
+    root_set: BTreeSet<(String, u64)>,
+    /// Segments those versions reference.
+    referenced: BTreeSet<String>,
+    /// Manifests of versions replaced long enough ago.
+    doomed_manifests: Vec<(String, u64)>,
+}
+
+impl Sweep<'_> {
+    fn older_than(&self, t: SystemTime, d: Duration) -> bool {
+        self.now.duration_since(t).is_ok_and(|age| age >= d)
+    }
+
+    /// Versions in use: each image's newest, live snapshots (and snapshots deleted within the
+    /// grace period: a reader may still have one open), and every version replaced less than
+    /// max(grace, retention) ago; and the manifests of the others.
+    fn roots(&mut self, cat: &Catalog) -> Vec<(String, u64)> {
+        let keep_versions = self.opts.grace.max(self.opts.retention);
+        let mut roots: Vec<(String, u64)> = Vec::new();
+        for (name, e) in &cat.images {
+            for (i, &(v, _)) in e.versions.iter().enumerate() {
+                let replaced = e.versions.get(i + 1).map(|&(_, t)| t);
+                match replaced {
+                    None => roots.push((name.clone(), v)),
+                    Some(t) if !self.older_than(t, keep_versions) => roots.push((name.clone(), v)),
+                    Some(_) => self.doomed_manifests.push((name.clone(), v)),
+                }
+            }
+            for s in &e.snapshots {
+                let keep = match s.deleted {
+                    None => true,
+                    Some(at) => now_secs().saturating_sub(at) < self.opts.grace.as_secs(),
+                };
+                if keep {
+                    roots.push((name.clone(), s.version));
+                }
             }
         }
-        for s in &e.snapshots {
-            let keep = match s.deleted {
-                None => true,
-                Some(at) => now_secs().saturating_sub(at) < opts.grace.as_secs(),
-            };
-            if keep {
-                roots.push((name.clone(), s.version));
-            }
-        }
+        roots
     }
-    let mut referenced: BTreeSet<String> = BTreeSet::new();
-    let mut root_set: BTreeSet<(String, u64)> = BTreeSet::new();
-    for (image, v) in &roots {
-        // A version in use that cannot be read (or whose base cannot): stop rather than guess
-        // what it needs; the next run tries again.
-        let chain = cat.chain_of(objects, image, *v).await.map_err(|e| {
-            Error::new(
-                e.kind(),
-                format!(
-                    "collect garbage: version {v} of image {image}, which is in use, cannot be \
-                     read, so what it needs is unknown; nothing was deleted: {}",
-                    e.chain()
-                ),
-            )
-        })?;
-        root_set.insert((image.clone(), *v));
-        root_set.extend(chain);
-        referenced.extend(cat.referenced(image, *v));
-    }
-    let mut doomed: Vec<(String, u64)> = Vec::new();
-    let mut kept = (0u64, 0u64);
-    for (name, e) in &cat.images {
+
+    /// The objects of image `name` to delete (added to `doomed`), and the count and bytes of
+    /// those kept (added to `kept`).
+    fn image(
+        &self,
+        name: &str,
+        e: &ImageEntry,
+        doomed: &mut Vec<(String, u64)>,
+        kept: &mut (u64, u64),
+    ) {
+        let grace = self.opts.grace;
         // Segments of an operation still uploading (a live lease) await their manifest.
         let lease_dir = format!("images/{name}/leases/");
         let mut leased: Vec<String> = Vec::new();
         for o in e.objects.iter().filter(|o| o.key.starts_with(&lease_dir)) {
-            if older_than(o.modified, LEASE_TTL.max(opts.grace)) {
+            if self.older_than(o.modified, LEASE_TTL.max(grace)) {
                 doomed.push((o.key.clone(), o.size));
-            } else if !older_than(o.modified, LEASE_TTL) {
+            } else if !self.older_than(o.modified, LEASE_TTL) {
                 leased.push(format!(
                     "images/{name}/segments/{}-",
                     &o.key[lease_dir.len()..]
@@ -621,17 +537,19 @@ async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
         }
         for o in &e.objects {
             let segment = o.key.starts_with(&format!("images/{name}/segments/"))
-                && !referenced.contains(&o.key)
+                && !self.referenced.contains(&o.key)
                 && !leased.iter().any(|l| o.key.starts_with(l.as_str()))
-                && older_than(o.modified, opts.grace);
-            let manifest = doomed_manifests.iter().any(|(n, v)| {
-                n == name && manifest_key(n, *v) == o.key && !root_set.contains(&(n.clone(), *v))
+                && self.older_than(o.modified, grace);
+            let manifest = self.doomed_manifests.iter().any(|(n, v)| {
+                n == name
+                    && manifest_key(n, *v) == o.key
+                    && !self.root_set.contains(&(n.clone(), *v))
             });
             // The record of a snapshot deleted longer ago than the grace period.
             let record = e.snapshots.iter().any(|s| {
                 snapshot_key(name, &s.snapshot) == o.key
                     && s.deleted
-                        .is_some_and(|at| now_secs().saturating_sub(at) >= opts.grace.as_secs())
+                        .is_some_and(|at| now_secs().saturating_sub(at) >= grace.as_secs())
             });
             if o.key.starts_with(&lease_dir) {
                 if !doomed.iter().any(|(k, _)| *k == o.key) {
@@ -645,6 +563,47 @@ async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
                 kept.1 += o.size;
             }
         }
+    }
+}
+
+async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
+    let mut cat = Catalog::scan(objects).await.map_err(|e| {
+        Error::new(
+            e.kind(),
+            format!(
+                "collect garbage: read what the store holds; nothing was deleted: {}",
+                e.chain()
+            ),
+        )
+    })?;
+    let mut sweep = Sweep {
+        opts,
+        now: SystemTime::now(),
+        root_set: BTreeSet::new(),
+        referenced: BTreeSet::new(),
+        doomed_manifests: Vec::new(),
+    };
+    for (image, v) in sweep.roots(&cat) {
+        // A version in use that cannot be read (or whose base cannot): stop rather than guess
+        // what it needs; the next run tries again.
+        let chain = cat.chain_of(objects, &image, v).await.map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!(
+                    "collect garbage: version {v} of image {image}, which is in use, cannot be \
+                     read, so what it needs is unknown; nothing was deleted: {}",
+                    e.chain()
+                ),
+            )
+        })?;
+        sweep.referenced.extend(cat.referenced(&image, v));
+        sweep.root_set.insert((image, v));
+        sweep.root_set.extend(chain);
+    }
+    let mut doomed: Vec<(String, u64)> = Vec::new();
+    let mut kept = (0u64, 0u64);
+    for (name, e) in &cat.images {
+        sweep.image(name, e, &mut doomed, &mut kept);
     }
     // Segments before manifests: a crash part-way leaves old versions without their data,
     // never data without a version that could still be read.

@@ -2,64 +2,16 @@
 //! and reopening, compaction, corruption, fencing, and a failing object store.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use strata_bdev::conformance::{self, Expect};
 use strata_bdev::{BlockDevice, Bytes, WriteOpts, ZeroOpts};
-use strata_pagestore::{FaultyObjects, Image, Objects, PageStore, Settings, Store, StoreConfig};
+use strata_pagestore::{FaultyObjects, Objects, PageStore, Settings, Store, StoreConfig};
 
-const PS: usize = 4096;
-
-/// The directory object store under `root`.
-fn dir_objects(root: &Path) -> Arc<dyn Objects> {
-    Arc::new(
-        Store::open(&StoreConfig::Dir {
-            path: root.join("objects"),
-        })
-        .unwrap(),
-    )
-}
-
-fn store(root: &Path, buffer: &str, settings: Settings) -> PageStore {
-    PageStore {
-        objects: dir_objects(root),
-        buffer_dir: root.join(buffer),
-        settings,
-    }
-}
-
-fn small() -> Settings {
-    Settings {
-        checkpoint_bytes: 256 * 1024,
-        checkpoint_age: Duration::from_secs(3600),
-        segment_bytes: 128 * 1024,
-        max_buffered_bytes: 64 << 20,
-        max_segments: 6,
-        cache_bytes: 1 << 20,
-        ..Settings::default()
-    }
-}
-
-fn gets(img: &Image) -> u64 {
-    img.store_stats().counts()[0]
-}
-
-fn page(seed: u8) -> Bytes {
-    Bytes::from((0..PS).map(|i| seed ^ (i as u8)).collect::<Vec<u8>>())
-}
-
-async fn write(img: &Image, p: u64, seed: u8) {
-    img.write_at(p * PS as u64, page(seed), WriteOpts::default())
-        .await
-        .unwrap();
-}
-
-async fn read(img: &Image, p: u64) -> Bytes {
-    img.read_at(p * PS as u64, PS).await.unwrap()
-}
+mod common;
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_on_a_directory_store() {

@@ -8,51 +8,13 @@ use std::time::Duration;
 
 use strata_bdev::{BlockDevice, Bytes, ErrorKind, WriteOpts};
 use strata_pagestore::versions::GcOptions;
-use strata_pagestore::{Image, Objects, PageStore, Settings, Store, StoreConfig};
+use strata_pagestore::{PageStore, Settings};
 
-const PS: usize = 4096;
+mod common;
+use common::*;
 
 fn store(root: &Path, settings: Settings) -> PageStore {
-    let objects: Arc<dyn Objects> = Arc::new(
-        Store::open(&StoreConfig::Dir {
-            path: root.join("objects"),
-        })
-        .unwrap(),
-    );
-    PageStore {
-        objects,
-        buffer_dir: root.join("buffer"),
-        settings,
-    }
-}
-
-fn small() -> Settings {
-    Settings {
-        checkpoint_bytes: 256 * 1024,
-        checkpoint_age: Duration::from_secs(3600),
-        segment_bytes: 128 * 1024,
-        max_segments: 6,
-        cache_bytes: 1 << 20,
-        ..Settings::default()
-    }
-}
-
-fn page(seed: u8) -> Bytes {
-    Bytes::from((0..PS).map(|i| seed ^ (i as u8)).collect::<Vec<u8>>())
-}
-
-fn zeroes() -> Bytes {
-    Bytes::from(vec![0u8; PS])
-}
-
-async fn write(img: &Image, p: u64, seed: u8) {
-    img.write_at(p * PS as u64, page(seed), WriteOpts::default())
-        .await
-        .unwrap();
-}
-
-async fn read(img: &Image, p: u64) -> Bytes {
-    img.read_at(p * PS as u64, PS).await.unwrap()
+    common::store(root, "buffer", settings)
 }
 
 /// Bytes of every object under `images/NAME/`.

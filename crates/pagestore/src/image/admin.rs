@@ -5,9 +5,10 @@ use std::sync::atomic::Ordering;
 
 use strata_bdev::{Error, ErrorKind, Result};
 
-use super::{check_geometry, seg_info, Image, SegInfo, SegLoc, SegmentSink, TOMBSTONE};
-use crate::format::{BaseRef, SnapshotRecord};
-use crate::versions::put_snapshot;
+use super::sink::SegmentSink;
+use super::{seg_info, Image, SegInfo, SegLoc};
+use crate::format::{BaseRef, SnapshotRecord, TOMBSTONE};
+use crate::layout::{check_geometry, put_snapshot};
 use std::sync::Arc;
 
 impl Image {
@@ -39,7 +40,7 @@ impl Image {
         check_geometry(size, inner.page_bits)?;
         // No write lands meanwhile, no transaction is open across the change, and no other
         // resize runs: the size read under the lock is the size.
-        let _alone = inner.writers.write().await;
+        let _alone = inner.txn.writers.write().await;
         let old = inner.size();
         if size == old {
             return Ok(());
@@ -54,7 +55,7 @@ impl Image {
                 ),
             ));
         }
-        if inner.open_txns.load(Ordering::Acquire) > 0 {
+        if inner.txn.open.load(Ordering::Acquire) > 0 {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(
@@ -85,12 +86,12 @@ impl Image {
                 SegmentSink::new(inner, format!("segments/r{version:016x}-{}", inner.writer))
                     .leased();
             for p in beyond {
-                sink.builder.tombstone(p);
+                sink.tombstone(p);
             }
             made = sink.finish().await?;
             sinks.push(sink);
         }
-        let publishing = inner.publishing.lock().await;
+        let publishing = inner.work.publishing.lock().await;
         let next = inner.next_manifest(|m| {
             m.segments.extend(made.iter().map(|(r, _)| r.clone()));
             m.image_size = size;
@@ -121,7 +122,7 @@ impl Image {
         inner.wal()?;
         inner.check_fenced("flatten")?;
         // Compaction rewrites own segments; it must not run beside this.
-        let _turn = inner.compacting.lock().await;
+        let _turn = inner.work.compacting.lock().await;
         let (live, version) = {
             let base = inner.base.read().expect("lock");
             if base.manifest.base.is_none() {
@@ -149,7 +150,7 @@ impl Image {
             progress(done, total);
         }
         let made = sink.finish().await?;
-        let publishing = inner.publishing.lock().await;
+        let publishing = inner.work.publishing.lock().await;
         // The copies go first: anything the clone wrote itself, before or meanwhile, is newer.
         let next = inner.next_manifest(|m| {
             m.segments = made

@@ -25,7 +25,8 @@ use bytes::Bytes;
 use strata_bdev::{check_io, Error, ErrorKind, Result};
 use tokio::sync::OwnedRwLockWriteGuard;
 
-use super::{Image, Inner, Src};
+use super::read::Src;
+use super::{Image, Inner};
 use crate::wal::Wal;
 
 /// Page versions kept for open transactions.
@@ -90,10 +91,10 @@ impl Inner {
         f: impl FnOnce(&Wal) -> Result<()>,
     ) -> Result<()> {
         let wal = self.wal()?;
-        if self.open_txns.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        if self.txn.open.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return f(wal);
         }
-        let mut v = self.txns.lock().expect("lock");
+        let mut v = self.txn.versions.lock().expect("lock");
         if v.open.is_empty() {
             return f(wal);
         }
@@ -107,8 +108,9 @@ impl Inner {
     }
 
     fn end_txn(&self, id: u64) {
-        if self.txns.lock().expect("lock").close(id) {
-            self.open_txns
+        if self.txn.versions.lock().expect("lock").close(id) {
+            self.txn
+                .open
                 .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
@@ -167,7 +169,7 @@ impl Image {
         let (id, begin) = {
             // Alone for a moment: a plain write checks for open transactions and applies under
             // the shared lock, so none is between the two while this one begins.
-            let _quiet = tokio::time::timeout(timeout, inner.writers.write())
+            let _quiet = tokio::time::timeout(timeout, inner.txn.writers.write())
                 .await
                 .map_err(|_| {
                     conflict(format!(
@@ -176,13 +178,14 @@ impl Image {
                         inner.name
                     ))
                 })?;
-            let mut v = inner.txns.lock().expect("lock");
+            let mut v = inner.txn.versions.lock().expect("lock");
             let id = v.next_id;
             v.next_id += 1;
             let begin = v.seq;
             v.open.insert(id, begin);
             inner
-                .open_txns
+                .txn
+                .open
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             (id, begin)
         };
@@ -297,7 +300,7 @@ impl Transaction {
         let (first, count) = self.page_range("read", offset, len as u64)?;
         let inner = self.inner.clone();
         let srcs: Vec<Src> = {
-            let v = inner.txns.lock().expect("lock");
+            let v = inner.txn.versions.lock().expect("lock");
             let live = inner.sources(first, count);
             live.into_iter()
                 .enumerate()
@@ -362,13 +365,13 @@ impl Transaction {
         if self.lock.lock().expect("lock").is_some() {
             return Ok(true);
         }
-        let writers = self.inner.writers.clone();
+        let writers = self.inner.txn.writers.clone();
         let mut doomed = self.doom.subscribe();
         let guard = tokio::select! {
             g = writers.write_owned() => g,
             _ = doomed.wait_for(Option::is_some) => return Ok(false),
         };
-        if let Some(page) = self.conflict_in(&self.inner.txns.lock().expect("lock")) {
+        if let Some(page) = self.conflict_in(&self.inner.txn.versions.lock().expect("lock")) {
             drop(guard);
             self.doom(format!(
                 "page {page} was changed by another writer since BEGIN; roll back and retry"
@@ -416,14 +419,15 @@ impl Transaction {
         inner.check_fenced("commit to")?;
         let wal = inner.wal()?;
         {
-            let mut v = inner.txns.lock().expect("lock");
+            let mut v = inner.txn.versions.lock().expect("lock");
             // This transaction reads nothing any more; the others may still need the old pages.
             // If its deadline ended it first, plain writes may have gone unrecorded: refuse.
             if !v.close(self.id) || doom.borrow().is_some() {
                 return Err(timed_out());
             }
             inner
-                .open_txns
+                .txn
+                .open
                 .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             let prior: Vec<(u64, Src)> = if v.open.is_empty() {
                 Vec::new()

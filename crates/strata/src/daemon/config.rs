@@ -41,29 +41,6 @@ use super::manager::{
     Backing, ImageDecl, ImageKey, NexusDecl, Protocol, StoreFactory, VolumeDecl, DEFAULT_PAGE_SIZE,
 };
 
-/// A byte size written as a number or a string with a unit ("64M").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "SizeRepr")]
-pub struct Size(pub u64);
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeRepr {
-    Number(u64),
-    Text(String),
-}
-
-impl TryFrom<SizeRepr> for Size {
-    type Error = String;
-
-    fn try_from(r: SizeRepr) -> Result<Size, String> {
-        match r {
-            SizeRepr::Number(n) => Ok(Size(n)),
-            SizeRepr::Text(t) => strata_bdev::parse_size(&t).map(Size),
-        }
-    }
-}
-
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,9 +65,9 @@ pub struct Config {
     /// (the directory `{data_dir}/objects`) exists unless one is declared with that name.
     #[serde(default, rename = "store")]
     pub stores: Vec<StoreEntry>,
-    /// Page-store tunables and the write-buffer directory.
+    /// Page-store tunables and the write-buffer directory (`strata_pagestore::Settings`).
     #[serde(default)]
-    pub pagestore: PageStoreConfig,
+    pub pagestore: strata_pagestore::Settings,
     /// Export names that are access tokens (HS256 JWTs) selecting page-store images.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
@@ -276,85 +253,6 @@ pub struct StoreEntry {
 pub enum StoreKind {
     Dir,
     S3,
-}
-
-/// `[pagestore]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PageStoreConfig {
-    /// Where write buffers live (default `{data_dir}/buffer`); on a local disk.
-    #[serde(default)]
-    pub buffer_dir: Option<String>,
-    /// Checkpoint when an image has this much buffered.
-    #[serde(default)]
-    pub checkpoint_bytes: Option<Size>,
-    /// Checkpoint buffered writes at least this often.
-    #[serde(default)]
-    pub checkpoint_secs: Option<u64>,
-    /// Largest segment object.
-    #[serde(default)]
-    pub segment_bytes: Option<Size>,
-    /// Writes wait while an image's buffer holds more than this.
-    #[serde(default)]
-    pub max_buffered_bytes: Option<Size>,
-    /// Compact an image with more segments than this.
-    #[serde(default)]
-    pub max_segments: Option<usize>,
-    /// Memory for cached segment data, per image.
-    #[serde(default)]
-    pub cache_bytes: Option<Size>,
-    /// The read cache's unit: a miss fetches the aligned block around it.
-    #[serde(default)]
-    pub cache_block: Option<Size>,
-    /// Local disk for cached segment data, per image (0: none).
-    #[serde(default)]
-    pub disk_cache_bytes: Option<Size>,
-    /// Where the disk cache's files go (default: each image's write-buffer directory).
-    #[serde(default)]
-    pub disk_cache_dir: Option<String>,
-    /// Seconds a transaction may stay open before it is rolled back.
-    #[serde(default)]
-    pub txn_timeout_secs: Option<u64>,
-    /// Bytes a transaction may write.
-    #[serde(default)]
-    pub max_txn_bytes: Option<Size>,
-}
-
-impl PageStoreConfig {
-    pub fn settings(&self) -> strata_pagestore::Settings {
-        let mut s = strata_pagestore::Settings::default();
-        if let Some(v) = self.checkpoint_bytes {
-            s.checkpoint_bytes = v.0;
-        }
-        if let Some(v) = self.checkpoint_secs {
-            s.checkpoint_age = std::time::Duration::from_secs(v.max(1));
-        }
-        if let Some(v) = self.segment_bytes {
-            s.segment_bytes = v.0;
-        }
-        if let Some(v) = self.max_buffered_bytes {
-            s.max_buffered_bytes = v.0;
-        }
-        if let Some(v) = self.max_segments {
-            s.max_segments = v;
-        }
-        if let Some(v) = self.cache_bytes {
-            s.cache_bytes = v.0;
-        }
-        if let Some(v) = self.cache_block {
-            s.cache_block_bytes = v.0;
-        }
-        if let Some(v) = self.disk_cache_bytes {
-            s.disk_cache_bytes = v.0;
-        }
-        if let Some(v) = self.txn_timeout_secs {
-            s.txn_timeout = std::time::Duration::from_secs(v.max(1));
-        }
-        if let Some(v) = self.max_txn_bytes {
-            s.max_txn_bytes = v.0;
-        }
-        s
-    }
 }
 
 impl StoreEntry {
@@ -693,7 +591,8 @@ impl Config {
     /// How this node makes page stores: its buffer and cache directories and tunables.
     pub fn store_factory(&self) -> StoreFactory {
         let data_dir = self.data_dir();
-        let expand = |p: &str| PathBuf::from(super::manager::expand_uri(p, &data_dir));
+        let expand =
+            |p: &Path| PathBuf::from(super::manager::expand_uri(&p.to_string_lossy(), &data_dir));
         StoreFactory {
             buffer_dir: self
                 .pagestore
@@ -701,7 +600,7 @@ impl Config {
                 .as_deref()
                 .map(expand)
                 .unwrap_or_else(|| data_dir.join("buffer")),
-            settings: self.pagestore.settings(),
+            settings: self.pagestore.clone(),
             disk_cache_root: self.pagestore.disk_cache_dir.as_deref().map(expand),
         }
     }
@@ -732,7 +631,7 @@ impl Config {
             api: ApiConfig::default(),
             state: StateConfig::default(),
             metrics: MetricsConfig::default(),
-            pagestore: PageStoreConfig::default(),
+            pagestore: strata_pagestore::Settings::default(),
             jwt: None,
             gc: GcSettings::default(),
             pools: Vec::new(),
