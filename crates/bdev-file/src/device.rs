@@ -192,6 +192,15 @@ impl FileDevice {
                 format!("open {name}: it is neither a regular file nor a block device"),
             ));
         };
+        if let Ok(Some(fs)) = sys::pseudo_filesystem(&file) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "open {name}: it is a {fs} interface of the kernel, not a disk image or a \
+                     block device"
+                ),
+            ));
+        }
         // It was opened non-blocking so that a FIFO could not hang the open; I/O must block (an
         // O_NONBLOCK file makes io_uring answer EAGAIN instead of waiting).
         sys::set_status_flags(&file, 0, libc::O_NONBLOCK)

@@ -22,6 +22,31 @@ use serde::{Deserializer, Serializer};
 /// refusing it keeps arithmetic on deadlines from overflowing.
 pub const MAX_SECS: f64 = 1e9;
 
+/// A duration written as text: a number of seconds, or with a unit (`"250ms"`, `"30s"`,
+/// `"5m"`, `"1h"`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(end);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 30, \"500ms\" or \"5m\""))?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 1e-3,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    duration_from_secs(n * scale)
+}
+
 /// A duration from seconds, refusing what is not a finite, non-negative number of seconds no
 /// larger than [`MAX_SECS`].
 pub fn duration_from_secs(secs: f64) -> Result<Duration, String> {
@@ -93,7 +118,7 @@ pub mod secs {
         type Value = Duration;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a number of seconds")
+            f.write_str("a number of seconds, or a duration such as \"500ms\" or \"5m\"")
         }
 
         fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
@@ -106,6 +131,10 @@ pub mod secs {
 
         fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
             duration_from_secs(v).map_err(E::custom)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse_duration(v).map_err(E::custom)
         }
     }
 }
@@ -146,6 +175,9 @@ pub mod secs_opt {
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
                 secs::SecsVisitor.visit_f64(v).map(Some)
             }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                secs::SecsVisitor.visit_str(v).map(Some)
+            }
         }
         d.deserialize_option(OptVisitor)
     }
@@ -172,7 +204,11 @@ mod tests {
 
     #[test]
     fn sizes_and_durations_read_as_people_write_them() {
-        let s = parse(r#"{"size": "64M", "every": 0.5, "limit": 30}"#).unwrap();
+        let s = parse(r#"{"size": "64M", "every": "500ms", "limit": 30}"#).unwrap();
+        assert_eq!(
+            parse(r#"{"every": "2m"}"#).unwrap().every,
+            Duration::from_secs(120)
+        );
         assert_eq!(s.size, 64 << 20);
         assert_eq!(s.every, Duration::from_millis(500));
         assert_eq!(s.limit, Some(Duration::from_secs(30)));

@@ -295,6 +295,112 @@ fn impossible_sizes_and_self_referencing_replicas_are_refused() {
         &["volume", "create", "../x", "--device", "mem://x?size=1M"],
         "volume name",
     );
+    // A kernel interface is not a disk, and the message does not suggest truncating it.
+    let out = s.cli_raw(&["volume", "create", "m", "--device", "file:///proc/self/mem"]);
+    assert!(
+        text(&out).contains("interface of the kernel") && !text(&out).contains("truncate"),
+        "{}",
+        text(&out)
+    );
     // The daemon is still there, and well.
     assert!(s.cli(&["volume", "list"]).contains("va"));
+}
+
+/// An HS256 token for `claims`, signed with `secret`.
+fn token(secret: &str, claims: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let msg = format!(
+        "{}.{}",
+        b64.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+        b64.encode(claims)
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let sig = ring::hmac::sign(&key, msg.as_bytes());
+    format!("{msg}.{}", b64.encode(sig.as_ref()))
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Open file descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn with_tokens_on_a_token_is_the_only_door_to_token_images() {
+    // STRATA_JWT_SECRET alone turns tokens on, over the local store.
+    let dir = tempfile::tempdir().unwrap();
+    let config = "data_dir = \"{dir}/data\"\n[nbd]\nlisten = [\"127.0.0.1:0\"]\nimages_idle_secs = 1\n[state]\nreconcile_secs = 0.2\n";
+    let s = Strata::start_env(dir, config, &[], &[("STRATA_JWT_SECRET", "the-secret")]);
+    let claims = |id: &str, extra: &str| {
+        format!(
+            r#"{{"image_id":"{id}","image_size":16777216,"page_size_bits":12,"exp":{}{extra}}}"#,
+            now() + 600
+        )
+    };
+    let good = token("the-secret", &claims("door.mvps-image", ""));
+    common::qemu_io(&s.uri(&good), false, &["write -P 0x5a 0 1M"]);
+    // Its plain name is no door.
+    let by_name = common::run_raw("nbdinfo", &[&s.uri("local/door.mvps-image")]);
+    assert!(!by_name.status.success(), "reached a token image by name");
+    // A token that is not valid yet is refused.
+    let early = token(
+        "the-secret",
+        &claims("door.mvps-image", &format!(",\"nbf\":{}", now() + 600)),
+    );
+    let out = common::run_raw("nbdinfo", &[&s.uri(&early)]);
+    assert!(!out.status.success(), "a token used before its nbf");
+    assert!(s.log().contains("not valid before"), "{}", s.log());
+    common::qemu_io(&s.uri(&good), true, &["read -P 0x5a 0 1M"]);
+
+    // Images opened by token are closed once no client uses them: hundreds of token images
+    // one after another do not pile up descriptors.
+    let before = fds(s.pid());
+    for i in 0..200 {
+        let t = token("the-secret", &claims(&format!("t{i}.mvps-image"), ""));
+        common::qemu_io(&s.uri(&t), false, &["write -P 0x11 0 4k"]);
+    }
+    common::wait_until(
+        "the token images to be closed",
+        std::time::Duration::from_secs(120),
+        || fds(s.pid()) < before + 32,
+    );
+}
+
+#[test]
+fn idle_metrics_connections_take_no_descriptors_from_clients() {
+    let s = Strata::start("data_dir = \"{dir}/data\"\n[nbd]\nlisten = [\"127.0.0.1:0\"]\n[[volume]]\nname = \"v\"\nuri = \"mem://v?size=1M\"\n");
+    let before = fds(s.pid());
+    let url = s.metrics_url();
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    // Far more idle connections than the daemon serves at once: the rest wait in the
+    // listen backlog, costing the daemon nothing.
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    assert!(idle.len() >= 100, "{} connections", idle.len());
+    common::wait_until(
+        "the metrics listener to stop accepting",
+        std::time::Duration::from_secs(30),
+        || fds(s.pid()) >= before + 16,
+    );
+    assert!(
+        fds(s.pid()) < before + 40,
+        "{} descriptors for idle scrapers",
+        fds(s.pid()) - before
+    );
+    // NBD clients are served meanwhile.
+    let info = common::run("nbdinfo", &[&s.uri("v")]);
+    assert!(info.contains("export-size: 1048576"), "{info}");
+    drop(idle);
 }

@@ -434,11 +434,16 @@ fn access_tokens_select_images_refuse_bad_ones_and_take_over_by_client_id() {
     let uri = s.uri(SEED_TOKEN);
     assert_eq!(size_of(&uri), 1 << 30, "the seed's token works unchanged");
     qemu_io(&uri, false, &["write -P 0x5a 0 1M"]);
-    // The image it created is an ordinary image of the store.
-    qemu_io(
-        &s.uri("local/TESTIMG-02.mvps-image"),
-        true,
-        &["read -P 0x5a 0 1M"],
+    // The image it created is an image of the store, which only a token opens: its plain
+    // name does not.
+    assert_eq!(
+        image(&images(&s), "local/TESTIMG-02.mvps-image")["size"],
+        1u64 << 30
+    );
+    let by_name = run_raw("nbdinfo", &[&s.uri("local/TESTIMG-02.mvps-image")]);
+    assert!(
+        !by_name.status.success(),
+        "a token image is reachable by name"
     );
 
     let hs = r#"{"alg":"HS256","typ":"JWT"}"#;

@@ -303,6 +303,10 @@ pub struct NbdConfig {
     /// (and an image volume's snapshots as `VOLUME@SNAP`), opened when a client asks.
     #[serde(default = "default_true")]
     pub images: bool,
+    /// Images opened for clients by name or token are closed after this long unused
+    /// (default 60 s).
+    #[serde(default = "default_images_idle", with = "strata_bdev::units::secs")]
+    pub images_idle_secs: std::time::Duration,
     /// The server's own settings, `strata_nbd::ServerConfig` (max_connections,
     /// max_connections_per_peer, max_handshakes, max_handshakes_per_peer,
     /// max_in_flight_bytes, max_in_flight_requests, max_payload, handshake_timeout_secs,
@@ -335,6 +339,10 @@ fn default_shutdown_timeout() -> u64 {
     30
 }
 
+fn default_images_idle() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
+
 impl Default for NbdConfig {
     fn default() -> NbdConfig {
         NbdConfig {
@@ -343,6 +351,7 @@ impl Default for NbdConfig {
             shutdown_timeout_secs: default_shutdown_timeout(),
             tls: None,
             images: true,
+            images_idle_secs: default_images_idle(),
             server: BTreeMap::new(),
         }
     }
@@ -555,8 +564,15 @@ impl Config {
     }
 
     /// The access-token verifier `[jwt]` asks for; its secret is `STRATA_JWT_SECRET` when set.
+    /// `STRATA_JWT_SECRET` alone turns tokens on over the `local` store, as the MVPS engine is
+    /// started with its secret in the environment.
     pub fn jwt(&self) -> anyhow::Result<Option<super::jwt::Jwt>> {
-        let Some(j) = &self.jwt else { return Ok(None) };
+        let Some(j) = &self.jwt else {
+            return Ok(std::env::var("STRATA_JWT_SECRET")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(|s| super::jwt::Jwt::new(s.as_bytes(), "local")));
+        };
         let secret = std::env::var("STRATA_JWT_SECRET")
             .ok()
             .or_else(|| j.secret.clone())

@@ -18,6 +18,9 @@ pub struct Claims {
     pub image_size: u64,
     pub page_size_bits: u32,
     pub exp: u64,
+    /// Not valid before this Unix time.
+    #[serde(default)]
+    pub nbf: Option<u64>,
     #[serde(default)]
     pub client_id: Option<String>,
 }
@@ -29,6 +32,9 @@ impl Jwt {
             store: store.to_string(),
         }
     }
+
+    /// What every image id a token names ends with.
+    pub const IMAGE_SUFFIX: &'static str = ".mvps-image";
 
     /// The store token images live in.
     pub fn store(&self) -> &str {
@@ -74,10 +80,13 @@ impl Jwt {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        if let Some(nbf) = c.nbf.filter(|&nbf| nbf > now) {
+            bail!("access token: not valid before {nbf} (now {now})");
+        }
         if c.exp <= now {
             bail!("access token: expired at {} (now {now})", c.exp);
         }
-        let stem = c.image_id.strip_suffix(".mvps-image").unwrap_or("");
+        let stem = c.image_id.strip_suffix(Self::IMAGE_SUFFIX).unwrap_or("");
         let ok = (1..=64).contains(&stem.len())
             && stem
                 .bytes()
@@ -95,5 +104,64 @@ impl Jwt {
             );
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn token(secret: &[u8], claims: serde_json::Value) -> String {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let h = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let p = b64.encode(claims.to_string());
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let sig = b64.encode(ring::hmac::sign(&key, format!("{h}.{p}").as_bytes()).as_ref());
+        format!("{h}.{p}.{sig}")
+    }
+
+    #[test]
+    fn tokens_are_checked_whole() {
+        let jwt = Jwt::new(b"secret", "local");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({
+                "image_id": "a.mvps-image", "image_size": 1048576, "page_size_bits": 12,
+                "exp": now + 600
+            });
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            c
+        };
+        jwt.verify(&token(b"secret", claims(serde_json::json!({}))))
+            .unwrap();
+        let e = jwt
+            .verify(&token(
+                b"secret",
+                claims(serde_json::json!({"nbf": now + 600})),
+            ))
+            .unwrap_err();
+        assert!(e.to_string().contains("not valid before"), "{e}");
+        jwt.verify(&token(
+            b"secret",
+            claims(serde_json::json!({"nbf": now - 1})),
+        ))
+        .unwrap();
+        let e = jwt
+            .verify(&token(b"other", claims(serde_json::json!({}))))
+            .unwrap_err();
+        assert!(e.to_string().contains("bad signature"), "{e}");
+        let e = jwt
+            .verify(&token(
+                b"secret",
+                claims(serde_json::json!({"exp": now - 1})),
+            ))
+            .unwrap_err();
+        assert!(e.to_string().contains("expired"), "{e}");
     }
 }

@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::manager::{Managed, Manager};
 
+/// Metrics connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+
 /// Escape a label value.
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -360,7 +363,16 @@ pub async fn render(manager: &Manager) -> String {
 
 /// Serve `/metrics` on `listener` until `stop` is cancelled.
 pub async fn serve(manager: Arc<Manager>, listener: TcpListener, stop: CancellationToken) {
+    // Scrapers are few; more connections than this wait in the backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => a,
@@ -372,6 +384,7 @@ pub async fn serve(manager: Arc<Manager>, listener: TcpListener, stop: Cancellat
                     if let Err(e) = answer(&m, stream).await {
                         debug!(error = %e, "metrics request");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {

@@ -97,7 +97,12 @@ impl Daemon {
                 .get(j.store())
                 .map_err(|e| anyhow::anyhow!("[jwt] store: {}", e.chain()))?;
         }
-        let images = Images::new(stores.clone(), jwt, config.nbd.images);
+        let images = Images::new(
+            stores.clone(),
+            jwt,
+            config.nbd.images,
+            config.nbd.images_idle_secs,
+        );
         let server = Server::new(nbd_server_config(&config)?, Vec::new());
         server.set_resolver(images.clone());
         let nbd = Arc::new(NbdExporter::new(server));

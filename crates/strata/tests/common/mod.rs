@@ -42,6 +42,16 @@ impl Strata {
 
     /// Start in an existing directory (to restart on the same data).
     pub fn start_in(dir: tempfile::TempDir, config: &str, args: &[&str]) -> Strata {
+        Strata::start_env(dir, config, args, &[])
+    }
+
+    /// Start in an existing directory with extra environment variables.
+    pub fn start_env(
+        dir: tempfile::TempDir,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Strata {
         let config = config.replace("{dir}", &dir.path().to_string_lossy());
         let config_path = dir.path().join("strata.toml");
         std::fs::write(&config_path, &config).expect("write config");
@@ -58,6 +68,7 @@ impl Strata {
             ])
             .args(args)
             .env("STRATA_LOG", "info,strata_nbd=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).expect("create log"))

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use strata_pagestore::Image;
+use tracing::info;
 
 use super::{ImageDecl, ImageKey, OpError, OpResult, Stores};
 use crate::daemon::jwt::Jwt;
@@ -33,20 +34,31 @@ pub struct ResolvedImage {
 pub struct Images {
     stores: Arc<Stores>,
     open: tokio::sync::Mutex<HashMap<String, Arc<Image>>>,
+    /// Since when each open image no one uses has been so.
+    idle_since: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// Image volumes: volume name → image.
     volumes: std::sync::RwLock<HashMap<String, ImageKey>>,
     jwt: Option<Jwt>,
     serve_images: bool,
+    /// Images opened for clients are closed after this long unused.
+    idle: std::time::Duration,
 }
 
 impl Images {
-    pub fn new(stores: Arc<Stores>, jwt: Option<Jwt>, serve_images: bool) -> Arc<Images> {
+    pub fn new(
+        stores: Arc<Stores>,
+        jwt: Option<Jwt>,
+        serve_images: bool,
+        idle: std::time::Duration,
+    ) -> Arc<Images> {
         Arc::new(Images {
             stores,
             open: tokio::sync::Mutex::new(HashMap::new()),
+            idle_since: std::sync::Mutex::new(HashMap::new()),
             volumes: std::sync::RwLock::new(HashMap::new()),
             jwt,
             serve_images,
+            idle,
         })
     }
 
@@ -228,6 +240,47 @@ impl Images {
         }
     }
 
+    /// Close the images opened for clients (by name, as snapshots, or by token) that no client
+    /// has used for the idle time; they are opened again when asked for. Volumes' images stay
+    /// open.
+    pub async fn close_idle(&self) {
+        let idle = self.idle;
+        let now = std::time::Instant::now();
+        let volumes: std::collections::HashSet<String> = self
+            .volumes
+            .read()
+            .expect("lock poisoned")
+            .values()
+            .map(ToString::to_string)
+            .collect();
+        let closing: Vec<Arc<Image>> = {
+            let mut open = self.open.lock().await;
+            let mut since = self.idle_since.lock().expect("lock poisoned");
+            since.retain(|k, _| open.contains_key(k));
+            let mut expired = Vec::new();
+            for (k, i) in open.iter() {
+                if volumes.contains(k) || Arc::strong_count(i) > 1 {
+                    since.remove(k);
+                } else if now.duration_since(*since.entry(k.clone()).or_insert(now)) >= idle {
+                    expired.push(k.clone());
+                }
+            }
+            expired
+                .iter()
+                .filter_map(|k| {
+                    since.remove(k);
+                    open.remove(k)
+                })
+                .collect()
+        };
+        for i in closing {
+            if let Ok(image) = Arc::try_unwrap(i) {
+                info!(image = %image.name(), "closing an image no client has used for a while");
+                image.close().await;
+            }
+        }
+    }
+
     /// Whether a snapshot is open (exported to a client, or was).
     pub async fn snapshot_open(&self, key: &ImageKey, snap: &str) -> bool {
         self.open
@@ -269,6 +322,9 @@ impl Images {
         if !self.serve_images {
             return Ok(None);
         }
+        // With tokens on, a token is the only way to the images tokens name (their ids end in
+        // `.mvps-image`) in the tokens' store.
+        let token_store = self.jwt.as_ref().map(Jwt::store);
         let (image, snap) = match name.split_once('@') {
             Some((i, s)) => (i, Some(s)),
             None => (name, None),
@@ -279,6 +335,9 @@ impl Images {
         let Ok(key) = self.key(image) else {
             return Ok(None);
         };
+        if token_store == Some(key.store.as_str()) && key.image.ends_with(Jwt::IMAGE_SUFFIX) {
+            return Ok(None);
+        }
         let (image, writable) = match snap {
             Some(s) => (self.snapshot(&key, s).await?, false),
             None => (self.image(&key, None).await?, true),

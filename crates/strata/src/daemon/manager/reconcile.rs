@@ -82,6 +82,7 @@ impl Manager {
         *self.problems.write().expect("lock poisoned") = problems;
         self.heal().await;
         self.mirror_health().await;
+        self.images.close_idle().await;
         Ok(())
     }
 
