@@ -522,9 +522,11 @@ fn access_tokens_select_images_refuse_bad_ones_and_take_over_by_client_id() {
     let mut first = RawNbd::connect(&s.addr, SEED_TOKEN).unwrap();
     assert_eq!(first.write(0, &page(1)), 0);
     let mut second = RawNbd::connect(&s.addr, SEED_TOKEN).unwrap();
-    assert!(
-        first.request(raw::READ, 0, PS as u32, &[]).is_err(),
-        "the first connection is closed"
+    // The takeover starts once the second has negotiated; the first, stopped, closes.
+    wait_until(
+        "the first connection to close",
+        Duration::from_secs(30),
+        || first.request(raw::READ, 0, PS as u32, &[]).is_err(),
     );
     assert_eq!(
         second.read(0, PS as u32),
