@@ -10,7 +10,7 @@
 //!
 //! The children are the program's arguments (hosts substituted with reachable ones). The
 //! schemes it opens are those of [`registry`]: `aio://`, `uring://`, `file://`, `malloc://`,
-//! `mem://`, `iscsi://` and `nbd://`; a scheme added there (`nvmf://`) works here unchanged.
+//! `mem://`, `iscsi://`, `nvmf://` and `nbd://`.
 
 use std::sync::Arc;
 
@@ -25,6 +25,7 @@ fn registry() -> Registry {
     let nbd = Arc::new(strata_nbd::NbdOpener::default());
     r.register("nbd", nbd.clone());
     r.register("nbd+unix", nbd);
+    r.register("nvmf", Arc::new(strata_nvmf::NvmfOpener::default()));
     r
 }
 

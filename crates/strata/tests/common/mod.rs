@@ -56,16 +56,16 @@ impl Strata {
         let config_path = dir.path().join("strata.toml");
         std::fs::write(&config_path, &config).expect("write config");
         let stderr_log = dir.path().join("strata.log");
+        // Free ports for what the configuration leaves at its default (fixed) ports.
+        let mut ports = vec!["--metrics-listen", "127.0.0.1:0"];
+        if !config.contains("[nvmf]") {
+            ports.extend(["--nvmf-listen", "127.0.0.1:0"]);
+        }
         let mut child = Command::new(strata_bin())
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
-            .args([
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--nvmf-listen",
-                "127.0.0.1:0",
-            ])
+            .args(ports)
             .args(args)
             .env("STRATA_LOG", "info,strata_nbd=debug")
             .envs(env.iter().copied())
