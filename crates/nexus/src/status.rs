@@ -65,8 +65,6 @@ impl NexusStatus {
     }
 }
 
-/// A failed control operation on a nexus.
-
 /// A child given to [`Nexus::restore`](crate::Nexus::restore): its name and its device, or why it could not be opened.
 #[derive(Debug)]
 pub struct RestoreChild {
