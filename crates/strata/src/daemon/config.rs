@@ -410,9 +410,10 @@ pub struct NbdConfig {
 impl NbdConfig {
     /// The NBD server's settings (without TLS, which the daemon loads).
     pub fn server_config(&self) -> anyhow::Result<strata_nbd::ServerConfig> {
-        let c: strata_nbd::ServerConfig = toml::Value::Table(self.server.clone().into_iter().collect())
-            .try_into()
-            .map_err(|e| anyhow::anyhow!("[nbd]: {e}"))?;
+        let c: strata_nbd::ServerConfig =
+            toml::Value::Table(self.server.clone().into_iter().collect())
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("[nbd]: {e}"))?;
         c.validate()?;
         Ok(c)
     }
@@ -520,6 +521,7 @@ impl VolumeConfig {
                 Backing::Nexus(NexusDecl {
                     replicas: self.replicas.clone(),
                     settings,
+                    placed: None,
                 }),
                 0,
             ),
@@ -553,6 +555,7 @@ impl VolumeConfig {
             read_only: self.read_only,
             description: self.description.clone(),
             node: String::new(),
+            labels: Default::default(),
         };
         d.validate("")
             .map_err(|e| anyhow::anyhow!("volume {name:?}: {e}"))?;
@@ -772,7 +775,10 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        assert_eq!(c.nbd.server_config().unwrap().max_in_flight_bytes, 128 << 20);
+        assert_eq!(
+            c.nbd.server_config().unwrap().max_in_flight_bytes,
+            128 << 20
+        );
         assert_eq!(c.nbd.tls.unwrap().mode, TlsModeConfig::Optional);
         assert_eq!(
             crate::daemon::manager::expand_uri(

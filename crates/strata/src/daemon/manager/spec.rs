@@ -108,7 +108,11 @@ pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
                 .map_err(|e| format!("{path}: {e}"))?;
         let backing = match (v.device, v.replicas, v.image) {
             (Some(d), None, None) => Backing::Device(d),
-            (None, Some(replicas), None) => Backing::Nexus(NexusDecl { replicas, settings }),
+            (None, Some(replicas), None) => Backing::Nexus(NexusDecl {
+                replicas,
+                settings,
+                placed: None,
+            }),
             (None, None, Some(i)) => Backing::Image(ImageDecl {
                 key: ImageKey::parse(&i).map_err(|e| format!("{path}.image: {e}"))?,
                 page_size: match v.page_size {
@@ -152,6 +156,7 @@ pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
             read_only: v.read_only,
             description: v.description,
             node,
+            labels: Default::default(),
         };
         def.validate(&format!("{path}.")).map_err(|e| e.message)?;
         if !v.snapshots.is_empty() && def.image().is_none() {
@@ -721,11 +726,13 @@ volumes:
             read_only: false,
             description: String::new(),
             node: "n".into(),
+            labels: Default::default(),
         };
         let nexus = |r: &[&str]| {
             Backing::Nexus(NexusDecl {
                 replicas: r.iter().map(|s| s.to_string()).collect(),
                 settings: NexusSettings::default(),
+                placed: None,
             })
         };
         let (c, r) = diff(
