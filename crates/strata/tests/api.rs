@@ -83,7 +83,7 @@ fn spec(name: &str, size: u64, backing: pb::volume_spec::Backing) -> pb::CreateV
 fn nexus(replicas: &[String]) -> pb::volume_spec::Backing {
     pb::volume_spec::Backing::Nexus(pb::NexusSpec {
         replicas: replicas.to_vec(),
-        settings: None,
+        ..Default::default()
     })
 }
 

@@ -34,6 +34,9 @@ pub enum ChildCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Give a volume whose replicas the daemon placed this many replicas (new ones are placed
+    /// and rebuilt; removed ones are deleted).
+    Count { volume: String, count: u32 },
     /// Fault a replica, as a failed I/O would.
     Fault {
         volume: String,
@@ -92,6 +95,14 @@ pub async fn child(target: &Target, cmd: &ChildCommand) -> anyhow::Result<()> {
         } => (
             c.online_child(req(volume, child)).await,
             wait.then(|| (volume, child)),
+        ),
+        ChildCommand::Count { volume, count } => (
+            c.set_replica_count(pb::SetReplicaCountRequest {
+                volume: volume.clone(),
+                count: *count,
+            })
+            .await,
+            None,
         ),
         ChildCommand::Fault {
             volume,

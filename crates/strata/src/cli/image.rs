@@ -19,8 +19,15 @@ pub enum SnapshotCommand {
     /// Take a snapshot of an image (a volume name or STORE/IMAGE): every write acknowledged
     /// before it is in it; nothing is copied.
     Create { image: String, name: String },
-    /// List an image's snapshots with their size and the space only each holds.
-    List { image: String },
+    /// Snapshot several images at one point (crash-consistent together), all named NAME.
+    Group {
+        name: String,
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// List an image's snapshots (every image's, without one) with their size and the space
+    /// only each holds.
+    List { image: Option<String> },
     /// Delete IMAGE@SNAPSHOT. Refused while clones read through it, unless --flatten.
     Delete {
         snapshot: String,
@@ -109,10 +116,28 @@ pub async fn snapshot(target: &Target, cmd: &SnapshotCommand) -> anyhow::Result<
                 )
             })
         }
+        SnapshotCommand::Group { name, images } => {
+            let g = c
+                .create_group_snapshot(pb::CreateGroupSnapshotRequest {
+                    images: images.clone(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&g, |g| {
+                for s in &g.snapshots {
+                    println!(
+                        "snapshot {}@{} taken (version {})",
+                        s.image, s.name, s.version
+                    );
+                }
+            })
+        }
         SnapshotCommand::List { image } => {
             let l = c
                 .list_snapshots(pb::ListSnapshotsRequest {
-                    image: image.clone(),
+                    image: image.clone().unwrap_or_default(),
                 })
                 .await
                 .map_err(api_error)?

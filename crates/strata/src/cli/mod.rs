@@ -2,6 +2,7 @@
 //! its gRPC API, one file per noun. `target.rs` says where the daemon is and how to print.
 
 mod child;
+mod csi;
 mod export;
 mod gc;
 mod image;
@@ -88,6 +89,9 @@ enum Command {
     /// Delete objects no image, snapshot or clone needs (after a grace period), in the
     /// stores of a configuration. Safe while servers run.
     Gc(gc::GcArgs),
+    /// Serve the CSI driver (Kubernetes): the Identity, Controller, GroupController and Node
+    /// services on $CSI_ENDPOINT, over this daemon's API (--endpoint).
+    Csi(csi::CsiArgs),
     /// Print a shell completion script (e.g. `strata completions bash > /etc/bash_completion.d/strata`).
     Completions {
         #[arg(value_enum)]
@@ -171,6 +175,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Diff(args) => spec::apply(t, args, true).await,
             Command::Spec(cmd) => spec::spec(t, cmd).await,
             Command::Gc(args) => gc::gc(t, args).await,
+            Command::Csi(args) => csi::csi(t, args).await,
             Command::Completions { .. } => unreachable!("handled above"),
         }
     });

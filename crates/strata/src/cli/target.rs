@@ -57,6 +57,12 @@ impl Target {
     }
 
     pub async fn channel(&self) -> anyhow::Result<ApiChannel> {
+        let (endpoint, auth) = self.endpoint_and_auth()?;
+        Ok(strata_api::connect_with(&endpoint, &auth).await?)
+    }
+
+    /// The daemon's endpoint and the credentials to reach it.
+    pub fn endpoint_and_auth(&self) -> anyhow::Result<(String, strata_api::ClientAuth)> {
         let token = match (&self.token_file, std::env::var("STRATA_API_TOKEN")) {
             (Some(f), _) => Some(
                 std::fs::read_to_string(f)
@@ -72,7 +78,7 @@ impl Target {
             ca: self.tls_ca.clone(),
             identity: self.tls_cert.clone().zip(self.tls_key.clone()),
         };
-        Ok(strata_api::connect_with(&self.endpoint(), &auth).await?)
+        Ok((self.endpoint(), auth))
     }
 
     pub fn json(&self) -> bool {

@@ -22,6 +22,16 @@ pub enum VolumeCommand {
         /// A replica URI of a nexus volume; repeat for each.
         #[arg(long, conflicts_with = "image")]
         replica: Vec<String>,
+        /// A nexus volume of this many replica files the daemon places in its pools (needs
+        /// --size).
+        #[arg(long, conflicts_with_all = ["replica", "image", "device"])]
+        replicas: Option<u32>,
+        /// Placed replica files get every block allocated up front.
+        #[arg(long, requires = "replicas")]
+        preallocate: bool,
+        /// A label KEY=VALUE; repeat for each.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         /// A page-store image, STORE/IMAGE.
         #[arg(long)]
         image: Option<String>,
@@ -42,6 +52,14 @@ pub enum VolumeCommand {
     },
     /// List the volumes.
     List,
+    /// Set (KEY=VALUE) or remove (--remove KEY) labels of a volume.
+    Label {
+        name: String,
+        #[arg(value_parser = parse_label)]
+        set: Vec<(String, String)>,
+        #[arg(long)]
+        remove: Vec<String>,
+    },
     /// Show one volume.
     Get { name: String },
     /// Stop serving a volume and forget it (its devices keep their data).
@@ -60,6 +78,13 @@ pub enum VolumeCommand {
     },
 }
 
+/// `KEY=VALUE`.
+fn parse_label(s: &str) -> anyhow::Result<(String, String)> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| anyhow::anyhow!("label {s:?}: expected KEY=VALUE"))
+}
+
 pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> {
     let mut c = pb::volumes_client::VolumesClient::new(target.channel().await?);
     let show = |v: &pb::Volume| super::status::print_volume(v);
@@ -69,6 +94,9 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
             size,
             device,
             replica,
+            replicas,
+            preallocate,
+            labels,
             image,
             export,
             no_export,
@@ -78,14 +106,20 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
         } => {
             use pb::volume_spec::Backing;
             let backing = match (device, replica.is_empty(), image) {
+                (None, true, None) if replicas.is_some() => Backing::Nexus(pb::NexusSpec {
+                    replica_count: replicas.unwrap_or(1),
+                    preallocate: *preallocate,
+                    ..Default::default()
+                }),
                 (Some(d), true, None) => Backing::Device(d.clone()),
                 (None, false, None) => Backing::Nexus(pb::NexusSpec {
                     replicas: replica.clone(),
-                    settings: None,
+                    ..Default::default()
                 }),
                 (None, true, Some(i)) => Backing::Image(i.clone()),
                 _ => bail!(
-                    "give one of --device URI, --replica URI (repeated) or --image STORE/IMAGE"
+                    "give one of --device URI, --replica URI (repeated), --replicas N or --image \
+                     STORE/IMAGE"
                 ),
             };
             let size = size.as_deref().map(parse_size).transpose()?.unwrap_or(0);
@@ -103,6 +137,7 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
                         nvmf_hosts: nvmf_host.clone(),
                         read_only: *read_only,
                         description: description.clone(),
+                        labels: labels.iter().cloned().collect(),
                         ..Default::default()
                     }),
                 })
@@ -133,6 +168,18 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
                     );
                 }
             })
+        }
+        VolumeCommand::Label { name, set, remove } => {
+            let v = c
+                .set_volume_labels(pb::SetVolumeLabelsRequest {
+                    name: name.clone(),
+                    set: set.iter().cloned().collect(),
+                    remove: remove.clone(),
+                })
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&v, show)
         }
         VolumeCommand::Get { name } => {
             let v = c

@@ -476,6 +476,7 @@ impl VolumeConfig {
                 Backing::Nexus(NexusDecl {
                     replicas: self.replicas.clone(),
                     settings,
+                    placed: None,
                 }),
                 0,
             ),
@@ -510,6 +511,7 @@ impl VolumeConfig {
             description: self.description.clone(),
             node: String::new(),
             nvmf_hosts: self.nvmf_hosts.clone(),
+            labels: Default::default(),
         };
         d.validate("")
             .map_err(|e| anyhow::anyhow!("volume {name:?}: {e}"))?;

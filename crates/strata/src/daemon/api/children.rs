@@ -49,6 +49,23 @@ impl pb::children_server::Children for Api {
         self.child_reply(v, done)
     }
 
+    async fn set_replica_count(
+        &self,
+        req: Request<pb::SetReplicaCountRequest>,
+    ) -> Reply<pb::ChildResponse> {
+        let r = req.into_inner();
+        required("volume", &r.volume)?;
+        let message = self
+            .manager
+            .set_replica_count(&r.volume, r.count)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ChildResponse {
+            message,
+            child: None,
+        }))
+    }
+
     async fn remove_child(&self, req: Request<pb::ChildRequest>) -> Reply<pb::ChildResponse> {
         let r = req.into_inner();
         let (v, c) = names(&r)?;

@@ -14,7 +14,7 @@ use tonic::Status;
 use super::status;
 use crate::daemon::manager::{
     kind_name, Backing, ImageDecl, ImageInfo, ImageKey, Managed, Manager, NexusDecl, OpError,
-    Protocol, SnapshotInfo, VolumeDecl, DEFAULT_PAGE_SIZE,
+    Placed, Protocol, SnapshotInfo, VolumeDecl, DEFAULT_PAGE_SIZE,
 };
 
 /// A protocol from the wire (unspecified: NBD).
@@ -71,10 +71,21 @@ pub fn decl(s: pb::VolumeSpec) -> Result<VolumeDecl, Status> {
     let backing =
         match s.backing {
             Some(pb::volume_spec::Backing::Device(u)) => Backing::Device(u),
-            Some(pb::volume_spec::Backing::Nexus(n)) => Backing::Nexus(NexusDecl {
-                replicas: n.replicas,
-                settings: settings_from(n.settings)?,
-            }),
+            Some(pb::volume_spec::Backing::Nexus(n)) => {
+                if n.replica_count > 0 && !n.replicas.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "spec.nexus: give replicas (URIs) or replica_count, not both",
+                    ));
+                }
+                Backing::Nexus(NexusDecl {
+                    placed: (n.replica_count > 0).then_some(Placed {
+                        count: n.replica_count,
+                        preallocate: n.preallocate,
+                    }),
+                    replicas: n.replicas,
+                    settings: settings_from(n.settings)?,
+                })
+            }
             Some(pb::volume_spec::Backing::Image(k)) => Backing::Image(ImageDecl {
                 key: ImageKey::parse(&k)
                     .map_err(|e| status(OpError::invalid(format!("spec.image: {e}"))))?,
@@ -106,6 +117,7 @@ pub fn decl(s: pb::VolumeSpec) -> Result<VolumeDecl, Status> {
         description: s.description,
         node: String::new(),
         nvmf_hosts: s.nvmf_hosts,
+        labels: s.labels.into_iter().collect(),
     };
     d.validate("spec.").map_err(status)?;
     Ok(d)
@@ -119,6 +131,8 @@ pub fn spec_msg(d: &VolumeDecl) -> pb::VolumeSpec {
             pb::volume_spec::Backing::Nexus(pb::NexusSpec {
                 replicas: n.replicas.clone(),
                 settings: Some(settings_msg(&n.settings)),
+                replica_count: n.placed.map_or(0, |p| p.count),
+                preallocate: n.placed.is_some_and(|p| p.preallocate),
             }),
             0,
         ),
@@ -138,6 +152,11 @@ pub fn spec_msg(d: &VolumeDecl) -> pb::VolumeSpec {
         node: d.node.clone(),
         page_size,
         nvmf_hosts: d.nvmf_hosts.clone(),
+        labels: d
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 

@@ -112,13 +112,30 @@ impl pb::images_server::Images for Api {
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Reply<pb::ListSnapshotsResponse> {
         let r = req.into_inner();
-        required("image", &r.image)?;
+        let snapshots = if r.image.is_empty() {
+            self.manager.list_all_snapshots().await
+        } else {
+            self.manager.list_snapshots(&r.image).await
+        }
+        .map_err(status)?;
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: snapshots.into_iter().map(snapshot_msg).collect(),
+        }))
+    }
+
+    async fn create_group_snapshot(
+        &self,
+        req: Request<pb::CreateGroupSnapshotRequest>,
+    ) -> Reply<pb::GroupSnapshot> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
         let snapshots = self
             .manager
-            .list_snapshots(&r.image)
+            .create_group_snapshot(&r.images, &r.name)
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::ListSnapshotsResponse {
+        Ok(Response::new(pb::GroupSnapshot {
+            name: r.name,
             snapshots: snapshots.into_iter().map(snapshot_msg).collect(),
         }))
     }

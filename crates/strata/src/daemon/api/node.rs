@@ -24,6 +24,16 @@ impl pb::node_server::Node for Api {
                 .into_iter()
                 .map(|(v, why)| format!("{v}: {why}"))
                 .collect(),
+            pools: m
+                .pool_space()
+                .into_iter()
+                .map(|p| pb::Pool {
+                    name: p.name,
+                    path: p.path.display().to_string(),
+                    total_bytes: p.total_bytes,
+                    free_bytes: p.free_bytes,
+                })
+                .collect(),
         }))
     }
 

@@ -57,6 +57,20 @@ impl pb::volumes_server::Volumes for Api {
         Ok(Response::new(pb::DeleteVolumeResponse { message }))
     }
 
+    async fn set_volume_labels(
+        &self,
+        req: Request<pb::SetVolumeLabelsRequest>,
+    ) -> Reply<pb::Volume> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        let m = self
+            .manager
+            .set_labels(&r.name, r.set.into_iter().collect(), &r.remove)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(volume_msg(&self.manager, &m)))
+    }
+
     async fn resize_volume(&self, req: Request<pb::ResizeVolumeRequest>) -> Reply<pb::Volume> {
         let r = req.into_inner();
         required("name", &r.name)?;

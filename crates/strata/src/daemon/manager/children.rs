@@ -9,7 +9,7 @@ use strata_nexus::{ChildState, Nexus, RebuildKind, RebuildProgress};
 use tracing::info;
 
 use super::open::{open_device, with_size};
-use super::{Backing, Caller, Managed, Manager, OpError, OpKind, OpResult};
+use super::{Backing, Caller, Managed, Manager, OpError, OpKind, OpResult, MAX_PLACED};
 use crate::format::human_bytes;
 
 /// A replica of a nexus volume: its place in the list and its URI.
@@ -77,11 +77,15 @@ impl Manager {
             .map_err(|e| OpError::new(OpKind::Internal, format!("save the nexus record: {e}")))
     }
 
-    /// Record the nexus's replica list in the volume's declaration.
+    /// Record the nexus's replica list (and how many there are of those the daemon placed) in
+    /// the volume's declaration.
     async fn record_replicas(&self, m: &Managed, n: &Nexus) -> OpResult<()> {
         let mut d = m.decl();
         if let Backing::Nexus(decl) = &mut d.backing {
             decl.replicas = n.status().children.into_iter().map(|c| c.name).collect();
+            if let Some(p) = &mut decl.placed {
+                p.count = decl.replicas.len() as u32;
+            }
         }
         self.redeclare(m, d).await
     }
@@ -123,6 +127,88 @@ impl Manager {
         );
         info!("{msg}");
         Ok((c, msg))
+    }
+
+    /// Make a volume whose replicas the daemon placed have `count` replicas: new ones are
+    /// placed and fully rebuilt; removed ones (not online first, then the newest) are deleted.
+    pub async fn set_replica_count(&self, volume: &str, count: u32) -> OpResult<String> {
+        let (m, n) = self.nexus_of(volume)?;
+        let _changing = self.changes.lock().await;
+        let mut d = m.decl();
+        let Backing::Nexus(nd) = &mut d.backing else {
+            return Err(OpError::precondition(format!(
+                "volume {volume:?} is not a nexus"
+            )));
+        };
+        let Some(placed) = nd.placed else {
+            return Err(OpError::precondition(format!(
+                "volume {volume:?} names its replicas by URI: add or remove them one by one \
+                 (`strata child add|remove`)"
+            )));
+        };
+        if !(1..=MAX_PLACED).contains(&count) {
+            return Err(OpError::invalid(format!(
+                "count: {count} is not from 1 to {MAX_PLACED}"
+            )));
+        }
+        self.check_declarable(&m, "the replicas").await?;
+        let kids = n.status().children;
+        let current = kids.len() as u32;
+        let names: Vec<String> = kids.iter().map(|c| c.name.clone()).collect();
+        let msg = if count > current {
+            let size = n.geometry().size;
+            let uris = self.place(volume, size, count - current, placed.preallocate, &names)?;
+            for (i, uri) in uris.iter().enumerate() {
+                let added = match open_device(&self.registry, uri).await {
+                    Ok(dev) => n.add_child(uri.clone(), dev).map_err(OpError::from),
+                    Err(e) => Err(OpError::from(e)),
+                };
+                if let Err(e) = added {
+                    self.unplace(&uris[i..]);
+                    let _ = Self::save_nexus(&n).await;
+                    self.record_replicas(&m, &n).await?;
+                    return Err(e.context(&format!("add a replica to {volume:?}")));
+                }
+            }
+            format!(
+                "volume {volume}: {} replicas placed; full rebuilds of {} started",
+                uris.len(),
+                human_bytes(size)
+            )
+        } else if count < current {
+            // Replicas that are not online go first, then the newest.
+            let mut order: Vec<(bool, usize, String)> = kids
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (
+                        c.state == ChildState::Online,
+                        usize::MAX - i,
+                        c.name.clone(),
+                    )
+                })
+                .collect();
+            order.sort();
+            let mut removed = Vec::new();
+            for (_, _, name) in order.into_iter().take((current - count) as usize) {
+                if let Err(e) = n.remove_child(&name) {
+                    let _ = Self::save_nexus(&n).await;
+                    self.record_replicas(&m, &n).await?;
+                    self.unplace(&removed);
+                    return Err(e.into());
+                }
+                removed.push(name);
+            }
+            Self::save_nexus(&n).await?;
+            self.unplace(&removed);
+            format!("volume {volume}: {} replicas removed", removed.len())
+        } else {
+            format!("volume {volume} has {count} replicas already")
+        };
+        Self::save_nexus(&n).await?;
+        self.record_replicas(&m, &n).await?;
+        info!("{msg}");
+        Ok(msg)
     }
 
     /// Remove a replica (its data stays on the device); refused for the last healthy one.

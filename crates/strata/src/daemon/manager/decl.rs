@@ -2,7 +2,7 @@
 //! convert their own shape into a [`VolumeDecl`] once, at the edge; the manager opens, compares,
 //! stores and reconciles nothing else. The state store keeps it as JSON (`volumes/NAME`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -99,7 +99,24 @@ pub struct NexusDecl {
     /// Device URIs; every write goes to each.
     pub replicas: Vec<String>,
     pub settings: NexusSettings,
+    /// The daemon places the replicas (files in its pools), owns them, and deletes them with
+    /// the volume; `replicas` is empty until they are placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placed: Option<Placed>,
 }
+
+/// Replicas the daemon places (`placement.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    /// How many.
+    pub count: u32,
+    /// Files get every block allocated up front (else sparse).
+    #[serde(default)]
+    pub preallocate: bool,
+}
+
+/// The most replicas the daemon places for one volume.
+pub const MAX_PLACED: u32 = 16;
 
 /// A nexus as the state store has kept it: a list of replicas, or with its settings.
 #[derive(Deserialize)]
@@ -110,6 +127,8 @@ enum NexusWire {
         replicas: Vec<String>,
         #[serde(default)]
         settings: NexusSettings,
+        #[serde(default)]
+        placed: Option<Placed>,
     },
 }
 
@@ -119,8 +138,17 @@ impl From<NexusWire> for NexusDecl {
             NexusWire::Replicas(replicas) => NexusDecl {
                 replicas,
                 settings: NexusSettings::default(),
+                placed: None,
             },
-            NexusWire::Full { replicas, settings } => NexusDecl { replicas, settings },
+            NexusWire::Full {
+                replicas,
+                settings,
+                placed,
+            } => NexusDecl {
+                replicas,
+                settings,
+                placed,
+            },
         }
     }
 }
@@ -154,6 +182,8 @@ pub struct VolumeDecl {
     pub node: String,
     /// NVMe/TCP: host NQNs allowed to connect (empty: any host).
     pub nvmf_hosts: Vec<String>,
+    /// What other programs keep about it (the CSI driver: its name, where it is published).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A volume as the state store keeps it; records written before exports had protocols say
@@ -176,6 +206,8 @@ struct VolumeWire {
     node: String,
     #[serde(default)]
     nvmf_hosts: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 impl From<VolumeWire> for VolumeDecl {
@@ -194,8 +226,32 @@ impl From<VolumeWire> for VolumeDecl {
             description: w.description,
             node: w.node,
             nvmf_hosts: w.nvmf_hosts,
+            labels: w.labels,
         }
     }
+}
+
+/// The most labels a volume has.
+pub const MAX_LABELS: usize = 64;
+
+/// Check a label: a key of 1 to 253 letters, digits, `. _ - /`, a value of at most 1024 bytes.
+pub fn check_label(key: &str, value: &str) -> OpResult<()> {
+    if key.is_empty()
+        || key.len() > 253
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+    {
+        return Err(OpError::invalid(format!(
+            "label {key:?}: a key is 1 to 253 letters, digits, . _ - /"
+        )));
+    }
+    if value.len() > 1024 {
+        return Err(OpError::invalid(format!(
+            "label {key:?}: its value is longer than 1024 bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// Check a volume name: it is an export name, a file name and a state-store key.
@@ -226,6 +282,7 @@ impl VolumeDecl {
             description: String::new(),
             node: String::new(),
             nvmf_hosts: Vec::new(),
+            labels: BTreeMap::new(),
         }
     }
 
@@ -241,6 +298,22 @@ impl VolumeDecl {
         }
         match &self.backing {
             Backing::Device(uri) => check_uri(&format!("{path}device"), uri)?,
+            Backing::Nexus(n) if n.placed.is_some() && n.replicas.is_empty() => {
+                let count = n.placed.map_or(0, |p| p.count);
+                if !(1..=MAX_PLACED).contains(&count) {
+                    return Err(OpError::invalid(format!(
+                        "{path}replica_count: {count} is not from 1 to {MAX_PLACED}"
+                    )));
+                }
+                if self.size == 0 {
+                    return Err(OpError::invalid(format!(
+                        "{path}size: replicas the daemon places need a size"
+                    )));
+                }
+                n.settings
+                    .validate()
+                    .map_err(|e| OpError::invalid(format!("{path}{e}")))?;
+            }
             Backing::Nexus(n) => {
                 if n.replicas.is_empty() {
                     return Err(OpError::invalid(format!(
@@ -274,6 +347,15 @@ impl VolumeDecl {
                     "{path}nvmf_hosts[{i}]: {h:?} is not a host NQN (nqn.…, at most 223 bytes)"
                 )));
             }
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(OpError::invalid(format!(
+                "{path}labels: {} labels, more than {MAX_LABELS}",
+                self.labels.len()
+            )));
+        }
+        for (k, v) in &self.labels {
+            check_label(k, v).map_err(|e| OpError::invalid(format!("{path}labels: {e}")))?;
         }
         Ok(())
     }
@@ -360,6 +442,7 @@ mod tests {
         d.backing = Backing::Nexus(NexusDecl {
             replicas: vec!["mem://a".into(), "mem://a".into()],
             settings: NexusSettings::default(),
+            placed: None,
         });
         assert!(d.validate("").unwrap_err().message.contains("listed twice"));
         d.name = "../x".into();

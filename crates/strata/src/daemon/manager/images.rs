@@ -251,6 +251,69 @@ impl Manager {
         })
     }
 
+    /// Snapshot several images at one point, all named `snapshot` (see
+    /// [`Image::snapshot_group`]).
+    pub async fn create_group_snapshot(
+        &self,
+        names: &[String],
+        snapshot: &str,
+    ) -> OpResult<Vec<SnapshotInfo>> {
+        if names.is_empty() {
+            return Err(OpError::invalid("images: name at least one image"));
+        }
+        strata_pagestore::check_name(snapshot)
+            .map_err(|e| OpError::invalid(format!("name: {}", e.chain())))?;
+        let mut keys = Vec::with_capacity(names.len());
+        let mut images = Vec::with_capacity(names.len());
+        for n in names {
+            let key = self.image_key(n)?;
+            if keys.contains(&key) {
+                return Err(OpError::invalid(format!("images: {key} is named twice")));
+            }
+            images.push(self.images.image(&key, None).await?);
+            keys.push(key);
+        }
+        let recs = Image::snapshot_group(&images, snapshot).await?;
+        Ok(keys
+            .into_iter()
+            .zip(recs)
+            .map(|(image, rec)| SnapshotInfo {
+                image,
+                name: rec.snapshot,
+                version: rec.version,
+                size: rec.image_size,
+                created: rec.created,
+                exclusive_bytes: 0,
+            })
+            .collect())
+    }
+
+    /// The snapshots of every image of every store.
+    pub async fn list_all_snapshots(&self) -> OpResult<Vec<SnapshotInfo>> {
+        let mut out = Vec::new();
+        for store in self.stores.names() {
+            let cat = self.stores.get(&store)?.catalog().await?;
+            for (image, e) in &cat.images {
+                if e.latest.is_none() {
+                    continue;
+                }
+                let key = ImageKey {
+                    store: store.clone(),
+                    image: image.clone(),
+                };
+                out.extend(cat.snapshots(image).into_iter().map(|s| SnapshotInfo {
+                    image: key.clone(),
+                    name: s.name,
+                    version: s.version,
+                    size: s.size,
+                    created: s.created,
+                    exclusive_bytes: s.exclusive_bytes,
+                }));
+            }
+        }
+        Ok(out)
+    }
+
     /// An image's snapshots, with the space only each holds.
     pub async fn list_snapshots(&self, name: &str) -> OpResult<Vec<SnapshotInfo>> {
         let key = self.image_key(name)?;

@@ -16,6 +16,7 @@
 //! | `open.rs` | opening a declaration: a device, a nexus restored from its record, an image |
 //! | `volumes.rs` | create, delete, resize, exports, declarations |
 //! | `children.rs` | a nexus's replicas and rebuilds |
+//! | `placement.rs` | where the replicas the daemon places go (files in its pools) |
 //! | `images.rs` | page-store images: snapshots, clones, resize, flatten, delete |
 //! | `stores.rs` | the page stores ([`Stores`]) |
 //! | `reconcile.rs` | making this node what the state store declares, again and again |
@@ -31,6 +32,7 @@ pub mod gc;
 mod images;
 mod open;
 mod open_images;
+mod placement;
 mod reconcile;
 pub mod spec;
 mod stores;
@@ -39,8 +41,8 @@ mod volumes;
 pub use access::{create_pools, Caller, Pool};
 pub use children::{kind_name, ChildRef};
 pub use decl::{
-    check_volume_name, Backing, ImageDecl, ImageKey, NexusDecl, Protocol, VolumeDecl,
-    DEFAULT_PAGE_SIZE, SECTOR,
+    check_label, check_volume_name, Backing, ImageDecl, ImageKey, NexusDecl, Placed, Protocol,
+    VolumeDecl, DEFAULT_PAGE_SIZE, MAX_LABELS, MAX_PLACED, SECTOR,
 };
 pub use error::{OpError, OpKind, OpResult};
 pub use images::{
@@ -48,6 +50,7 @@ pub use images::{
 };
 pub use open::{expand_uri, Parts};
 pub use open_images::{Images, ResolvedImage};
+pub use placement::PoolSpace;
 pub use stores::{StoreDesc, StoreFactory, Stores};
 
 use std::collections::BTreeMap;

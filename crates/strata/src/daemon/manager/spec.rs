@@ -111,7 +111,11 @@ pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
                 .map_err(|e| format!("{path}: {e}"))?;
         let backing = match (v.device, v.replicas, v.image) {
             (Some(d), None, None) => Backing::Device(d),
-            (None, Some(replicas), None) => Backing::Nexus(NexusDecl { replicas, settings }),
+            (None, Some(replicas), None) => Backing::Nexus(NexusDecl {
+                replicas,
+                settings,
+                placed: None,
+            }),
             (None, None, Some(i)) => Backing::Image(ImageDecl {
                 key: ImageKey::parse(&i).map_err(|e| format!("{path}.image: {e}"))?,
                 page_size: match v.page_size {
@@ -156,6 +160,7 @@ pub fn parse(text: &str, node: &str) -> Result<Vec<Desired>, String> {
             description: v.description,
             node,
             nvmf_hosts: v.nvmf_hosts,
+            labels: Default::default(),
         };
         def.validate(&format!("{path}.")).map_err(|e| e.message)?;
         if !v.snapshots.is_empty() && def.image().is_none() {
@@ -729,11 +734,13 @@ volumes:
             description: String::new(),
             node: "n".into(),
             nvmf_hosts: Vec::new(),
+            labels: Default::default(),
         };
         let nexus = |r: &[&str]| {
             Backing::Nexus(NexusDecl {
                 replicas: r.iter().map(|s| s.to_string()).collect(),
                 settings: NexusSettings::default(),
+                placed: None,
             })
         };
         let (c, r) = diff(

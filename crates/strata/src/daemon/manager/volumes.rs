@@ -1,5 +1,6 @@
 //! Volumes: create, delete, resize, export, and their declarations in the state store.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use strata_bdev::BlockDevice;
@@ -7,7 +8,8 @@ use tracing::info;
 
 use super::images::check_resize;
 use super::{
-    Caller, Managed, Manager, OpError, OpKind, OpResult, Protocol, VolumeDecl, SECTOR, VOLUMES,
+    check_label, Backing, Caller, Managed, Manager, OpError, OpKind, OpResult, Protocol,
+    VolumeDecl, MAX_LABELS, SECTOR, VOLUMES,
 };
 use crate::format::human_bytes;
 
@@ -95,9 +97,27 @@ impl Manager {
                 ),
             ));
         }
-        let m = self.open_managed(&d, false).await?;
+        let placed = match &mut d.backing {
+            Backing::Nexus(n) if n.replicas.is_empty() => {
+                let p = n.placed.unwrap_or(super::Placed {
+                    count: 1,
+                    preallocate: false,
+                });
+                n.replicas = self.place(&d.name, d.size, p.count, p.preallocate, &[])?;
+                n.replicas.clone()
+            }
+            _ => Vec::new(),
+        };
+        let m = match self.open_managed(&d, false).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.unplace(&placed);
+                return Err(e);
+            }
+        };
         if let Err(e) = self.save(&d).await {
-            self.close_volume(m, false).await;
+            self.close_volume(m, !placed.is_empty()).await;
+            self.unplace(&placed);
             return Err(e);
         }
         if let Err(e) = self.insert(m.clone()).await {
@@ -132,6 +152,11 @@ impl Manager {
             .delete(&format!("health/{}.{name}", self.node))
             .await;
         self.close_volume(m, true).await;
+        if let Backing::Nexus(n) = &d.backing {
+            if n.placed.is_some() {
+                self.unplace(&n.replicas);
+            }
+        }
         let mut msg = format!("volume {name} deleted");
         if let Some(key) = image.filter(|_| delete_image) {
             self.delete_image_unlocked(&key).await?;
@@ -179,6 +204,34 @@ impl Manager {
         self.exports.resized(name);
         info!(volume = %name, old, size, "volume resized to {}", human_bytes(size));
         Ok(())
+    }
+
+    /// Set labels of a volume (`set` adds or replaces, then `remove` removes).
+    pub async fn set_labels(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+        remove: &[String],
+    ) -> OpResult<Arc<Managed>> {
+        for (k, v) in &set {
+            check_label(k, v)?;
+        }
+        let _changing = self.changes.lock().await;
+        let m = self.get(name)?;
+        self.check_declarable(&m, "the labels").await?;
+        let mut d = m.decl();
+        d.labels.extend(set);
+        for k in remove {
+            d.labels.remove(k);
+        }
+        if d.labels.len() > MAX_LABELS {
+            return Err(OpError::invalid(format!(
+                "volume {name:?} would have {} labels, more than {MAX_LABELS}",
+                d.labels.len()
+            )));
+        }
+        self.redeclare(&m, d).await?;
+        Ok(m)
     }
 
     /// Export a volume over `protocol`, or stop (clients connected keep their connection
