@@ -398,6 +398,57 @@ type Change = (&'static str, String, String);
 fn diff(path: &str, have: &VolumeDecl, want: &VolumeDecl) -> (Vec<Change>, Vec<(String, String)>) {
     let mut changes = Vec::new();
     let mut refuse = Vec::new();
+    diff_backing(path, have, want, &mut changes, &mut refuse);
+    diff_size(path, have, want, &mut changes, &mut refuse);
+    let name = &want.name;
+    let added: BTreeSet<Protocol> = want.exports.difference(&have.exports).copied().collect();
+    let removed: BTreeSet<Protocol> = have.exports.difference(&want.exports).copied().collect();
+    if !added.is_empty() {
+        changes.push((
+            "export",
+            format!("{path}.exports"),
+            format!("export {name} over {}", protocols(&added)),
+        ));
+    }
+    if !removed.is_empty() {
+        changes.push((
+            "unexport",
+            format!("{path}.exports"),
+            format!(
+                "stop exporting {name} over {} (connected clients keep their connection)",
+                protocols(&removed)
+            ),
+        ));
+    }
+    if have.read_only != want.read_only
+        || have.description != want.description
+        || have.nvmf_hosts != want.nvmf_hosts
+    {
+        changes.push((
+            "update",
+            path.to_string(),
+            format!(
+                "set {name} {} and its description to {:?}",
+                if want.read_only {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+                want.description
+            ),
+        ));
+    }
+    (changes, refuse)
+}
+
+/// Changes and refusals of the backing: what a volume is on.
+fn diff_backing(
+    path: &str,
+    have: &VolumeDecl,
+    want: &VolumeDecl,
+    changes: &mut Vec<Change>,
+    refuse: &mut Vec<(String, String)>,
+) {
     let name = &want.name;
     match (&have.backing, &want.backing) {
         (Backing::Device(a), Backing::Device(b)) if a != b => refuse.push((
@@ -450,6 +501,17 @@ fn diff(path: &str, have: &VolumeDecl, want: &VolumeDecl) -> (Vec<Change>, Vec<(
         )),
         _ => {}
     }
+}
+
+/// Changes and refusals of the size: images grow in place, nothing else is resized by a spec.
+fn diff_size(
+    path: &str,
+    have: &VolumeDecl,
+    want: &VolumeDecl,
+    changes: &mut Vec<Change>,
+    refuse: &mut Vec<(String, String)>,
+) {
+    let name = &want.name;
     if want.size != have.size {
         match &want.backing {
             Backing::Image(_) if want.size > have.size => changes.push((
@@ -478,44 +540,6 @@ fn diff(path: &str, have: &VolumeDecl, want: &VolumeDecl) -> (Vec<Change>, Vec<(
             )),
         }
     }
-    let added: BTreeSet<Protocol> = want.exports.difference(&have.exports).copied().collect();
-    let removed: BTreeSet<Protocol> = have.exports.difference(&want.exports).copied().collect();
-    if !added.is_empty() {
-        changes.push((
-            "export",
-            format!("{path}.exports"),
-            format!("export {name} over {}", protocols(&added)),
-        ));
-    }
-    if !removed.is_empty() {
-        changes.push((
-            "unexport",
-            format!("{path}.exports"),
-            format!(
-                "stop exporting {name} over {} (connected clients keep their connection)",
-                protocols(&removed)
-            ),
-        ));
-    }
-    if have.read_only != want.read_only
-        || have.description != want.description
-        || have.nvmf_hosts != want.nvmf_hosts
-    {
-        changes.push((
-            "update",
-            path.to_string(),
-            format!(
-                "set {name} {} and its description to {:?}",
-                if want.read_only {
-                    "read-only"
-                } else {
-                    "writable"
-                },
-                want.description
-            ),
-        ));
-    }
-    (changes, refuse)
 }
 
 async fn existing_snapshots(manager: &Manager, def: &VolumeDecl) -> BTreeSet<String> {
