@@ -22,6 +22,23 @@ pub struct PoolSpace {
     pub path: PathBuf,
     pub total_bytes: u64,
     pub free_bytes: u64,
+    /// Allocated by the files directly in the pool's directory (the replicas placed there).
+    pub used_bytes: u64,
+}
+
+/// The bytes allocated to the regular files directly in `dir` (sparse files count what they
+/// hold, not their size).
+fn used(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks() * 512)
+        .sum()
 }
 
 /// Total and free bytes of the filesystem holding `path`.
@@ -62,6 +79,7 @@ impl Manager {
                     .or_else(|| p.path.parent().and_then(space))
                     .unwrap_or((0, 0));
                 PoolSpace {
+                    used_bytes: used(&p.path),
                     name: p.name,
                     path: p.path,
                     total_bytes,

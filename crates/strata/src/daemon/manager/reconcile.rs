@@ -34,6 +34,16 @@ impl Manager {
     /// try again to bring back faulted replicas (with backoff). What cannot be done is logged
     /// and kept in [`Manager::problems`]; the rest goes on.
     pub async fn reconcile(&self) -> OpResult<()> {
+        if !self.is_member() {
+            return Err(super::OpError::new(
+                super::OpKind::Unavailable,
+                format!(
+                    "node {:?} is not registered in the state store {} yet",
+                    self.node,
+                    self.state.describe()
+                ),
+            ));
+        }
         let _changing = self.changes.lock().await;
         self.reconcile_stores().await?;
         let records = self.records().await?;
