@@ -190,6 +190,30 @@ impl Cluster {
         self.nodes.insert(name.to_string(), s);
     }
 
+    /// Poll `cond` until it holds; after `limit`, fail with every node's log.
+    fn wait(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + limit;
+        while !cond() {
+            if std::time::Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|(n, s)| {
+                        let log = s.log();
+                        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                        format!("--- node {n}:\n{}", tail.join("\n"))
+                    })
+                    .collect();
+                panic!(
+                    "timed out after {limit:?} waiting for {what}\n{}",
+                    logs.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn node(&self, name: &str) -> &Strata {
         &self.nodes[name]
     }
@@ -361,4 +385,134 @@ fn nodes_register_under_leases_are_listed_alive_or_dead_and_a_taken_name_is_refu
                 && alive(cluster.node("a")) == ["a", "c"]
         },
     );
+}
+
+/// The nexus's children as `strata volume get` shows them: (URI, state).
+fn children(s: &Strata, volume: &str) -> Vec<(String, String)> {
+    json(s, &["volume", "get", volume])["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["uri"].as_str().unwrap().to_string(),
+                c["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The files in a node's pool.
+fn pool_files(s: &Strata) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(s.path("pool"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// fio (nbd engine) in the client's namespace: random writes verified with crc32c; no errors.
+fn fio_verify_in(net: &Net, host: &str, uri: &str) {
+    let out = net.run_in(
+        host,
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=32M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--verify_state_save=0",
+            "--output-format=terse",
+            "--terse-version=3",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio on {uri}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Terse v3: field 5 is the error count.
+    let fields: Vec<&str> = stdout.lines().last().unwrap_or("").split(';').collect();
+    assert!(fields.len() > 5, "{stdout}");
+    assert_eq!(fields[4], "0", "fio reported errors on {uri}: {stdout}");
+}
+
+#[test]
+fn replicas_by_count_go_to_three_nodes_and_fio_verifies_through_the_nexus() {
+    let cluster = Cluster::start(2);
+    let a = cluster.node("a");
+    wait_until("three live nodes", Duration::from_secs(30), || {
+        alive(cluster.node("a")) == ["a", "b", "c"]
+    });
+    a.cli(&["volume", "create", "v", "--replicas", "3", "--size", "64M"]);
+
+    // One replica on each node: a file in a's pool, and b's and c's over NVMe/TCP.
+    let uris: Vec<String> = children(a, "v").into_iter().map(|(u, _)| u).collect();
+    assert_eq!(uris.len(), 3, "{uris:?}");
+    let a_pool = a.path("pool").canonicalize().unwrap();
+    assert!(
+        uris.iter().any(|u| [a_pool.clone(), a.path("pool")]
+            .iter()
+            .any(|p| u.starts_with(&format!("aio://{}/", p.display())))),
+        "{uris:?}"
+    );
+    for node in ["b", "c"] {
+        let prefix = format!("nvmf://{}:4420/", cluster.net.host(node).ip);
+        assert!(
+            uris.iter().any(|u| u.starts_with(&prefix)),
+            "no replica on {node}: {uris:?}"
+        );
+    }
+    // b and c each hold theirs in their pool, exported over NVMe/TCP only.
+    for node in ["b", "c"] {
+        wait_until(
+            &format!("{node} to hold a replica file"),
+            Duration::from_secs(30),
+            || pool_files(cluster.node(node)).len() == 1,
+        );
+    }
+    cluster.wait("every replica online", Duration::from_secs(60), || {
+        children(cluster.node("a"), "v")
+            .iter()
+            .all(|(_, state)| state == "online")
+    });
+
+    // fio verify from the client's namespace through the nexus on a.
+    let uri = format!("nbd://{}:10809/v", cluster.net.host("a").ip);
+    fio_verify_in(&cluster.net, "client", &uri);
+
+    // The three replicas hold the same bytes.
+    let out = a.cli_raw(&["volume", "get", "v"]);
+    assert!(out.status.success());
+    let files: Vec<std::path::PathBuf> = ["a", "b", "c"]
+        .iter()
+        .map(|n| pool_files(cluster.node(n))[0].clone())
+        .collect();
+    let first = std::fs::read(&files[0]).unwrap();
+    for f in &files[1..] {
+        assert!(
+            std::fs::read(f).unwrap()[..64 << 20] == first[..64 << 20],
+            "{} differs from {}",
+            f.display(),
+            files[0].display()
+        );
+    }
+
+    // Deleting the volume removes every replica, on every node.
+    a.cli(&["volume", "delete", "v"]);
+    for node in ["a", "b", "c"] {
+        wait_until(
+            &format!("{node}'s replica to be deleted"),
+            Duration::from_secs(30),
+            || pool_files(cluster.node(node)).is_empty(),
+        );
+    }
 }

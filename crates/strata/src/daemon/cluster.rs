@@ -40,6 +40,9 @@ pub struct ClusterSettings {
     /// Labels: topology (`zone = "a"`, `rack = "r1"`) and anything else placement may use.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The label replicas of one volume are spread across: distinct values first.
+    #[serde(default = "default_topology_key")]
+    pub topology_key: String,
     /// How long the node's name outlives its last renewal: a dead node is seen dead this long
     /// after it stopped.
     #[serde(
@@ -48,6 +51,10 @@ pub struct ClusterSettings {
         default = "default_lease"
     )]
     pub lease: Duration,
+}
+
+fn default_topology_key() -> String {
+    "zone".to_string()
 }
 
 fn default_lease() -> Duration {
@@ -59,6 +66,7 @@ impl Default for ClusterSettings {
         ClusterSettings {
             advertise: None,
             labels: BTreeMap::new(),
+            topology_key: default_topology_key(),
             lease: default_lease(),
         }
     }

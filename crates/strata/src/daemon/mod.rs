@@ -138,6 +138,7 @@ impl Daemon {
         );
         // The node name first: a daemon must not open another live daemon's volumes. A store
         // that cannot be reached now is asked again by the membership task.
+        manager.set_topology_key(&config.cluster.topology_key);
         let membership = cluster::Membership::new(manager.clone(), config.cluster.clone());
         match membership.join_at_start().await {
             Ok(()) => {}

@@ -131,6 +131,8 @@ pub struct Manager {
     pub data_dir: PathBuf,
     /// Where remote callers may put local devices.
     pools: Vec<Pool>,
+    /// The node label replicas are spread across (`[cluster] topology_key`; `zone` unless set).
+    topology_key: std::sync::OnceLock<String>,
     pub registry: Arc<Registry>,
     pub stores: Arc<Stores>,
     pub images: Arc<Images>,
@@ -169,6 +171,7 @@ impl Manager {
             node,
             data_dir,
             pools,
+            topology_key: std::sync::OnceLock::new(),
             registry,
             stores: images.stores(),
             images,
@@ -182,6 +185,16 @@ impl Manager {
             health: Mutex::new(BTreeMap::new()),
             member: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Set the node label replicas are spread across (once, at start).
+    pub fn set_topology_key(&self, key: &str) {
+        let _ = self.topology_key.set(key.to_string());
+    }
+
+    /// The node label replicas are spread across.
+    pub fn topology_key(&self) -> &str {
+        self.topology_key.get().map_or("zone", String::as_str)
     }
 
     /// Record whether this daemon holds its node name (see `daemon/cluster.rs`).

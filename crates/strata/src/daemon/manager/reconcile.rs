@@ -87,7 +87,19 @@ impl Manager {
             .collect();
         for m in gone {
             info!(volume = %m.name, "volume is no longer declared for this node; closing it");
+            // A replica placed here for a nexus elsewhere goes with its declaration.
+            let d = m.decl();
+            let placed_file = match (
+                &d.backing,
+                d.labels.contains_key(super::placement::REPLICA_OF),
+            ) {
+                (Backing::Device(uri), true) => Some(uri.clone()),
+                _ => None,
+            };
             self.close_volume(m, false).await;
+            if let Some(uri) = placed_file {
+                self.unplace(&[uri]);
+            }
         }
         *self.problems.write().expect("lock poisoned") = problems;
         self.heal().await;
