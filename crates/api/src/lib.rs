@@ -17,7 +17,8 @@ pub mod v1 {
     tonic::include_proto!("strata.v1");
 }
 
-/// A client of etcd's v3 KV service (the subset in `proto/etcd/kv.proto`), for the state store.
+/// A client of etcd's v3 KV and Lease services (the subset in `proto/etcd/kv.proto`), for the
+/// state store.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod etcd {
     tonic::include_proto!("etcdserverpb");

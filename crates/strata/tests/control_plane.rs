@@ -6,10 +6,10 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, qemu_io, require, run, run_raw, wait_until, Strata};
+use common::{qemu_io, require, run, run_raw, wait_until, Etcd, Strata};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -270,76 +270,6 @@ fn a_spec_converges_reapplies_as_a_no_op_and_refuses_what_is_unsafe() {
         completion.contains("strata") && completion.contains("apply"),
         "{completion}"
     );
-}
-
-/// An etcd server on loopback, in its own directory; killed when dropped.
-struct Etcd {
-    child: Option<Child>,
-    client: u16,
-    peer: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Etcd {
-    fn start(dir: &std::path::Path) -> Etcd {
-        let mut e = Etcd {
-            child: None,
-            client: free_port(),
-            peer: free_port(),
-            dir: dir.to_path_buf(),
-        };
-        e.restart();
-        e
-    }
-
-    fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client)
-    }
-
-    fn restart(&mut self) {
-        require("etcd");
-        let client = format!("http://127.0.0.1:{}", self.client);
-        let peer = format!("http://127.0.0.1:{}", self.peer);
-        let child = Command::new("etcd")
-            .args(["--name", "strata-test"])
-            .arg("--data-dir")
-            .arg(self.dir.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("strata-test={peer}")])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join("etcd.log")).unwrap())
-            .spawn()
-            .expect("start etcd");
-        self.child = Some(child);
-        let health = format!("127.0.0.1:{}", self.client);
-        wait_until("etcd to answer", Duration::from_secs(60), || {
-            common::http_get(&health, "/health").is_some_and(|b| b.contains("true"))
-        });
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 #[test]

@@ -53,7 +53,7 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Show the running daemon's volumes, their replicas and rebuilds.
     Status(status::StatusArgs),
-    /// The daemon: what it is, its state store, its I/O counters.
+    /// The daemon: what it is, its state store, its I/O counters; the cluster's nodes.
     #[command(subcommand)]
     Node(status::NodeCommand),
     /// Create, list, show, delete or resize volumes.

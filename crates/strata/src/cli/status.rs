@@ -142,6 +142,8 @@ pub enum NodeCommand {
         /// Only this volume.
         volume: Option<String>,
     },
+    /// Every node registered in the shared state store, alive or not, with its pools.
+    List,
 }
 
 pub async fn node(target: &Target, cmd: &NodeCommand) -> anyhow::Result<()> {
@@ -173,6 +175,47 @@ pub async fn node(target: &Target, cmd: &NodeCommand) -> anyhow::Result<()> {
                 );
                 for p in &i.problems {
                     println!("problem: {p}");
+                }
+            })
+        }
+        NodeCommand::List => {
+            let r = c
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(api_error)?
+                .into_inner();
+            target.print(&r, |r| {
+                println!(
+                    "{:<16} {:<6} {:<24} {:<24} LABELS",
+                    "NODE", "STATE", "NBD", "NVMF"
+                );
+                for n in &r.nodes {
+                    let first = |p: &str| {
+                        n.addresses
+                            .get(p)
+                            .and_then(|l| l.addresses.first().cloned())
+                            .unwrap_or_else(|| "-".into())
+                    };
+                    let labels: Vec<String> =
+                        n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!(
+                        "{:<16} {:<6} {:<24} {:<24} {}",
+                        n.name,
+                        if n.alive { "alive" } else { "DEAD" },
+                        first("nbd"),
+                        first("nvmf"),
+                        labels.join(",")
+                    );
+                    for p in &n.pools {
+                        println!(
+                            "  pool {}: {} used, {} free of {} ({})",
+                            p.name,
+                            human_bytes(p.used_bytes),
+                            human_bytes(p.free_bytes),
+                            human_bytes(p.total_bytes),
+                            p.path
+                        );
+                    }
                 }
             })
         }

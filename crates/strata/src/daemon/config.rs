@@ -86,6 +86,9 @@ pub struct Config {
     /// Directories where volumes made through the API's TCP listeners may put local devices.
     #[serde(default, rename = "pool")]
     pub pools: Vec<super::manager::Pool>,
+    /// `[cluster]`: this node's labels, advertised host and registration lease.
+    #[serde(default)]
+    pub cluster: super::cluster::ClusterSettings,
 }
 
 /// `[metrics]`: where `GET /metrics` (Prometheus text format) is served.
@@ -653,6 +656,7 @@ impl Config {
             jwt: None,
             gc: GcSettings::default(),
             pools: Vec::new(),
+            cluster: Default::default(),
         }
     }
 
@@ -676,6 +680,7 @@ impl Config {
             st.store_config(Path::new("/"))?;
         }
         self.api.validate()?;
+        self.cluster.validate()?;
         if !(self.state.reconcile_secs >= 0.05 && self.state.reconcile_secs <= 3600.0) {
             bail!("[state] reconcile_secs must be between 0.05 and 3600");
         }

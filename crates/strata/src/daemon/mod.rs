@@ -9,10 +9,12 @@
 //!                      ├─► exports/ (one Exporter per protocol) ◄─┘    └─► state.rs (file | etcd)
 //!                      ├─► api/ (gRPC, one file per service) ──► Manager
 //!                      ├─► metrics.rs (GET /metrics) ──────────► Manager
+//!                      ├─► cluster.rs (the node's name under a lease, its record)
 //!                      └─► listeners.rs (TCP, unix, systemd, TLS, signals)
 //! ```
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod exports;
 mod jwt;
@@ -58,6 +60,7 @@ pub struct Listening {
 #[derive(Debug)]
 pub struct Daemon {
     manager: Arc<Manager>,
+    membership: Arc<cluster::Membership>,
     nbd: Arc<NbdExporter>,
     nvmf: Arc<NvmfExporter>,
     vhost_user: Arc<VhostUserExporter>,
@@ -133,8 +136,20 @@ impl Daemon {
             Exports::new(vec![nbd.clone(), nvmf.clone(), vhost_user.clone()]),
             state,
         );
+        // The node name first: a daemon must not open another live daemon's volumes. A store
+        // that cannot be reached now is asked again by the membership task.
+        manager.set_topology_key(&config.cluster.topology_key);
+        let membership = cluster::Membership::new(manager.clone(), config.cluster.clone());
+        match membership.join_at_start().await {
+            Ok(()) => {}
+            Err(e @ cluster::JoinError::Taken { .. }) => return Err(e.into()),
+            Err(e) => {
+                warn!(error = %anyhow::Error::from(e), "cannot register the node yet; serving the configured volumes and retrying");
+            }
+        }
         let mut daemon = Daemon {
             manager: manager.clone(),
+            membership: membership.clone(),
             nbd,
             nvmf,
             vhost_user,
@@ -163,11 +178,18 @@ impl Daemon {
         daemon.listen_nvmf(&config).await?;
         let every = Duration::from_secs_f64(config.state.reconcile_secs);
         daemon.spawn("reconcile", manager.clone().run(every, daemon.stop.clone()));
+        daemon.listen_api(&config).await?;
+        membership.set_addresses(&daemon.listening);
+        if manager.is_member() {
+            if let Err(e) = membership.publish().await {
+                warn!(error = %e, "cannot write the node's record yet; retrying");
+            }
+        }
+        daemon.spawn("membership", membership.run(daemon.stop.clone()));
         if !config.gc.interval.is_zero() {
             let gc = manager::gc::scheduled(stores, config.gc.clone(), daemon.stop.clone());
             daemon.spawn("gc", gc);
         }
-        daemon.listen_api(&config).await?;
         daemon.listen_metrics(&config).await?;
         Ok(daemon)
     }
@@ -344,6 +366,7 @@ impl Daemon {
             }
         }
         let failed = !self.manager.flush_all().await.is_empty();
+        self.membership.leave().await;
         for path in &self.sockets {
             let _ = std::fs::remove_file(path);
         }

@@ -3,8 +3,15 @@
 //!
 //! Keys are `/`-separated paths of names made of `[A-Za-z0-9._-]` (`volumes/db`, `spec`);
 //! values are opaque bytes (JSON in practice). Every write is durable when it returns.
+//!
+//! Besides plain keys, a store holds *leased* keys: created only if absent, and gone when their
+//! holder stops renewing the lease (a node's liveness). In etcd they are etcd's leases; the
+//! file store serves one daemon, so its leased keys live in that daemon's memory and end with it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -21,6 +28,10 @@ pub enum StateError {
 
 pub type StateResult<T> = Result<T, StateError>;
 
+/// A lease: the keys created under it exist while it is renewed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseId(pub i64);
+
 /// A small durable key-value store.
 #[async_trait]
 pub trait StateStore: Send + Sync + std::fmt::Debug {
@@ -35,6 +46,18 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     async fn list(&self, prefix: &str) -> StateResult<Vec<(String, Vec<u8>)>>;
     /// Whether it can be reached now (cheap; used to report health).
     async fn available(&self) -> bool;
+    /// Create `key` holding `value` under a new lease of `ttl`, unless `key` exists: the lease,
+    /// or the value already there (nothing changed, no lease left behind).
+    async fn create_leased(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> StateResult<Result<LeaseId, Vec<u8>>>;
+    /// Renew a lease; `false` once it has expired (its keys are gone).
+    async fn keep_alive(&self, lease: LeaseId) -> StateResult<bool>;
+    /// End a lease now, deleting its keys.
+    async fn revoke(&self, lease: LeaseId) -> StateResult<()>;
 }
 
 /// Check a key's syntax, so that keys map onto file names safely.
@@ -63,6 +86,8 @@ pub fn check_key(key: &str) -> Result<(), String> {
 #[derive(Debug)]
 pub struct FileStateStore {
     dir: PathBuf,
+    /// Leased keys, by key: (lease, value). They live as long as this process.
+    leased: Mutex<BTreeMap<String, (LeaseId, Vec<u8>)>>,
 }
 
 impl FileStateStore {
@@ -70,6 +95,7 @@ impl FileStateStore {
         std::fs::create_dir_all(dir)?;
         Ok(FileStateStore {
             dir: dir.to_path_buf(),
+            leased: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -98,6 +124,9 @@ impl StateStore for FileStateStore {
 
     async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
         let path = self.path(key)?;
+        if let Some((_, v)) = self.leased.lock().expect("lock poisoned").get(key) {
+            return Ok(Some(v.clone()));
+        }
         match tokio::fs::read(&path).await {
             Ok(v) => Ok(Some(v)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -165,11 +194,51 @@ impl StateStore for FileStateStore {
                 out.push((key, v));
             }
         }
+        let leased = self.leased.lock().expect("lock poisoned");
+        for (key, (_, v)) in leased.iter() {
+            let direct = key
+                .strip_prefix(dir_key)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|rest| !rest.contains('/'));
+            if direct && !out.iter().any(|(k, _)| k == key) {
+                out.push((key.clone(), v.clone()));
+            }
+        }
+        out.sort();
         Ok(out)
     }
 
     async fn available(&self) -> bool {
         true
+    }
+
+    async fn create_leased(
+        &self,
+        key: &str,
+        value: &[u8],
+        _ttl: Duration,
+    ) -> StateResult<Result<LeaseId, Vec<u8>>> {
+        self.path(key)?;
+        let mut leased = self.leased.lock().expect("lock poisoned");
+        if let Some((_, v)) = leased.get(key) {
+            return Ok(Err(v.clone()));
+        }
+        let id = LeaseId(leased.values().map(|(l, _)| l.0).max().unwrap_or(0) + 1);
+        leased.insert(key.to_string(), (id, value.to_vec()));
+        Ok(Ok(id))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> StateResult<bool> {
+        let leased = self.leased.lock().expect("lock poisoned");
+        Ok(leased.values().any(|(l, _)| *l == lease))
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> StateResult<()> {
+        self.leased
+            .lock()
+            .expect("lock poisoned")
+            .retain(|_, (l, _)| *l != lease);
+        Ok(())
     }
 }
 
@@ -184,6 +253,7 @@ pub struct EtcdStateStore {
     endpoints: Vec<String>,
     prefix: String,
     kv: strata_api::etcd::kv_client::KvClient<tonic::transport::Channel>,
+    lease: strata_api::etcd::lease_client::LeaseClient<tonic::transport::Channel>,
 }
 
 impl EtcdStateStore {
@@ -221,7 +291,8 @@ impl EtcdStateStore {
         Ok(EtcdStateStore {
             endpoints,
             prefix: format!("/{prefix}/"),
-            kv: strata_api::etcd::kv_client::KvClient::new(channel),
+            kv: strata_api::etcd::kv_client::KvClient::new(channel.clone()),
+            lease: strata_api::etcd::lease_client::LeaseClient::new(channel),
         })
     }
 
@@ -358,6 +429,121 @@ impl StateStore for EtcdStateStore {
         });
         matches!(tokio::time::timeout(ETCD_TIMEOUT, probe).await, Ok(Ok(_)))
     }
+
+    async fn create_leased(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> StateResult<Result<LeaseId, Vec<u8>>> {
+        use strata_api::etcd::{
+            compare, request_op, response_op, Compare, LeaseGrantRequest, PutRequest, RangeRequest,
+            RequestOp, TxnRequest,
+        };
+        let full = self.full(key)?;
+        let granted = self
+            .lease
+            .clone()
+            .lease_grant(LeaseGrantRequest {
+                ttl: ttl.as_secs().max(1) as i64,
+                id: 0,
+            })
+            .await
+            .map_err(|s| self.fail(&format!("grant a lease for {key}"), s))?
+            .into_inner();
+        if !granted.error.is_empty() {
+            return Err(StateError::Failed {
+                store: self.describe(),
+                reason: format!("grant a lease for {key}: {}", granted.error),
+            });
+        }
+        let lease = LeaseId(granted.id);
+        // Created only if absent: its create revision is 0 while it does not exist.
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Create as i32,
+                key: full.clone(),
+                range_end: Vec::new(),
+                target_union: Some(compare::TargetUnion::CreateRevision(0)),
+            }],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: full.clone(),
+                    value: value.to_vec(),
+                    lease: lease.0,
+                })),
+            }],
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: full,
+                    ..Default::default()
+                })),
+            }],
+        };
+        let r = match self.kv.clone().txn(txn).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                let _ = self.revoke(lease).await;
+                return Err(self.fail(&format!("create {key}"), s));
+            }
+        };
+        if r.succeeded {
+            return Ok(Ok(lease));
+        }
+        let _ = self.revoke(lease).await;
+        let held = r
+            .responses
+            .into_iter()
+            .find_map(|op| match op.response {
+                Some(response_op::Response::ResponseRange(range)) => {
+                    range.kvs.into_iter().next().map(|kv| kv.value)
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        Ok(Err(held))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> StateResult<bool> {
+        use strata_api::etcd::LeaseKeepAliveRequest;
+        // One request on a stream of its own: renewals are seconds apart.
+        let request = tokio_stream::once(LeaseKeepAliveRequest { id: lease.0 });
+        let mut answers = self
+            .lease
+            .clone()
+            .lease_keep_alive(request)
+            .await
+            .map_err(|s| self.fail("renew the node lease", s))?
+            .into_inner();
+        match tokio::time::timeout(ETCD_TIMEOUT, answers.message()).await {
+            Ok(Ok(Some(a))) => Ok(a.ttl > 0),
+            Ok(Ok(None)) => Err(StateError::Unavailable {
+                store: self.describe(),
+                reason: "renew the node lease: no answer".into(),
+            }),
+            Ok(Err(s)) => Err(self.fail("renew the node lease", s)),
+            Err(_) => Err(StateError::Unavailable {
+                store: self.describe(),
+                reason: "renew the node lease: timed out".into(),
+            }),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> StateResult<()> {
+        use strata_api::etcd::LeaseRevokeRequest;
+        match self
+            .lease
+            .clone()
+            .lease_revoke(LeaseRevokeRequest { id: lease.0 })
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already expired: what revoking would do is done.
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(self.fail("revoke a lease", s)),
+        }
+    }
 }
 
 /// The state store a `[state] store` setting names: `file` (the default, under the data
@@ -413,6 +599,37 @@ mod tests {
         assert_eq!(s.get("spec").await.unwrap(), Some(b"x".to_vec()));
         assert!(s.put("../escape", b"").await.is_err());
         assert!(s.put("volumes/", b"").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn file_store_leased_keys_are_created_once_and_end_with_their_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStateStore::open(dir.path()).unwrap();
+        let ttl = Duration::from_secs(5);
+        let lease = s
+            .create_leased("alive/a", b"one", ttl)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            s.create_leased("alive/a", b"two", ttl).await.unwrap(),
+            Err(b"one".to_vec())
+        );
+        s.put("alive/x/deeper", b"").await.unwrap();
+        assert_eq!(
+            s.list("alive/").await.unwrap(),
+            vec![("alive/a".to_string(), b"one".to_vec())]
+        );
+        assert_eq!(s.get("alive/a").await.unwrap(), Some(b"one".to_vec()));
+        assert!(s.keep_alive(lease).await.unwrap());
+        s.revoke(lease).await.unwrap();
+        assert!(!s.keep_alive(lease).await.unwrap());
+        assert_eq!(s.get("alive/a").await.unwrap(), None);
+        assert!(s
+            .create_leased("alive/a", b"three", ttl)
+            .await
+            .unwrap()
+            .is_ok());
     }
 
     #[test]

@@ -52,6 +52,17 @@ impl Strata {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Strata {
+        Strata::start_wrapped(dir, config, &[], args, env)
+    }
+
+    /// Start through a wrapper command that execs its arguments (`ip netns exec NS`).
+    pub fn start_wrapped(
+        dir: tempfile::TempDir,
+        config: &str,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Strata {
         let config = config.replace("{dir}", &dir.path().to_string_lossy());
         let config_path = dir.path().join("strata.toml");
         std::fs::write(&config_path, &config).expect("write config");
@@ -61,7 +72,15 @@ impl Strata {
         if !config.contains("[nvmf]") {
             ports.extend(["--nvmf-listen", "127.0.0.1:0"]);
         }
-        let mut child = Command::new(strata_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(strata_bin());
+                c
+            }
+            None => Command::new(strata_bin()),
+        };
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -390,6 +409,85 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
             "timed out after {limit:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An etcd server in its own directory, listening on `host`; killed when dropped.
+pub struct Etcd {
+    child: Option<Child>,
+    host: String,
+    client: u16,
+    peer: u16,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    /// On loopback.
+    pub fn start(dir: &Path) -> Etcd {
+        Etcd::start_on("127.0.0.1", dir)
+    }
+
+    /// On `host` (an address of this network namespace).
+    pub fn start_on(host: &str, dir: &Path) -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            host: host.to_string(),
+            client: free_port(),
+            peer: free_port(),
+            dir: dir.to_path_buf(),
+        };
+        e.restart();
+        e
+    }
+
+    /// `HOST:PORT` of its client listener.
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}", self.host, self.client)
+    }
+
+    pub fn restart(&mut self) {
+        require("etcd");
+        let client = format!("http://{}:{}", self.host, self.client);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .args(["--name", "strata-test"])
+            .arg("--data-dir")
+            .arg(self.dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("strata-test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("etcd.log")).expect("create etcd.log"))
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        let health = self.endpoint();
+        wait_until("etcd to answer", Duration::from_secs(60), || {
+            http_get(&health, "/health").is_some_and(|b| b.contains("true"))
+        });
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

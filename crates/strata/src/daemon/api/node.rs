@@ -1,4 +1,4 @@
-//! The Node service: what this daemon is, and its volumes' I/O counters.
+//! The Node service: what this daemon is, its volumes' I/O counters, and the cluster's nodes.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -32,9 +32,45 @@ impl pb::node_server::Node for Api {
                     path: p.path.display().to_string(),
                     total_bytes: p.total_bytes,
                     free_bytes: p.free_bytes,
+                    used_bytes: p.used_bytes,
                 })
                 .collect(),
         }))
+    }
+
+    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Reply<pb::ListNodesResponse> {
+        let nodes = self.manager.nodes().await.map_err(status)?;
+        let nodes = nodes
+            .into_iter()
+            .map(|n| {
+                let r = n.record;
+                pb::ClusterNode {
+                    name: r.name,
+                    alive: n.alive,
+                    addresses: r
+                        .addresses
+                        .into_iter()
+                        .map(|(proto, addresses)| (proto, pb::AddressList { addresses }))
+                        .collect(),
+                    protocols: r.protocols,
+                    labels: r.labels.into_iter().collect(),
+                    pools: r
+                        .pools
+                        .into_iter()
+                        .map(|p| pb::Pool {
+                            name: p.name,
+                            path: p.path,
+                            total_bytes: p.total_bytes,
+                            free_bytes: p.free_bytes,
+                            used_bytes: p.used_bytes,
+                        })
+                        .collect(),
+                    version: r.version,
+                    updated_unix_secs: r.updated_unix_secs,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
     async fn get_stats(&self, req: Request<pb::GetStatsRequest>) -> Reply<pb::NodeStats> {

@@ -14,7 +14,7 @@ mod nvmf;
 mod vhost_user;
 
 pub use nbd::NbdExporter;
-pub use nvmf::{nqn, NvmfExporter};
+pub use nvmf::{nqn, NvmfExporter, NQN_PREFIX};
 pub use vhost_user::VhostUserExporter;
 
 use std::collections::BTreeSet;

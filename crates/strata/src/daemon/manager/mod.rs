@@ -17,6 +17,7 @@
 //! | `volumes.rs` | create, delete, resize, exports, declarations |
 //! | `children.rs` | a nexus's replicas and rebuilds |
 //! | `placement.rs` | where the replicas the daemon places go (files in its pools) |
+//! | `nodes.rs` | the cluster's nodes as the state store shows them |
 //! | `images.rs` | page-store images: snapshots, clones, resize, flatten, delete |
 //! | `stores.rs` | the page stores ([`Stores`]) |
 //! | `reconcile.rs` | making this node what the state store declares, again and again |
@@ -30,6 +31,7 @@ mod decl;
 mod error;
 pub mod gc;
 mod images;
+pub mod nodes;
 mod open;
 mod open_images;
 mod placement;
@@ -129,6 +131,8 @@ pub struct Manager {
     pub data_dir: PathBuf,
     /// Where remote callers may put local devices.
     pools: Vec<Pool>,
+    /// The node label replicas are spread across (`[cluster] topology_key`; `zone` unless set).
+    topology_key: std::sync::OnceLock<String>,
     pub registry: Arc<Registry>,
     pub stores: Arc<Stores>,
     pub images: Arc<Images>,
@@ -144,6 +148,9 @@ pub struct Manager {
     retry: Mutex<BTreeMap<(String, String), (Instant, Duration)>>,
     /// The child health last mirrored to the state store, by volume.
     health: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Whether this daemon holds its node name in the state store; until it does,
+    /// reconciliation opens nothing (another daemon may be serving this node's volumes).
+    member: std::sync::atomic::AtomicBool,
 }
 
 const VOLUMES: &str = "volumes/";
@@ -164,6 +171,7 @@ impl Manager {
             node,
             data_dir,
             pools,
+            topology_key: std::sync::OnceLock::new(),
             registry,
             stores: images.stores(),
             images,
@@ -175,7 +183,29 @@ impl Manager {
             problems: RwLock::new(BTreeMap::new()),
             retry: Mutex::new(BTreeMap::new()),
             health: Mutex::new(BTreeMap::new()),
+            member: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Set the node label replicas are spread across (once, at start).
+    pub fn set_topology_key(&self, key: &str) {
+        let _ = self.topology_key.set(key.to_string());
+    }
+
+    /// The node label replicas are spread across.
+    pub fn topology_key(&self) -> &str {
+        self.topology_key.get().map_or("zone", String::as_str)
+    }
+
+    /// Record whether this daemon holds its node name (see `daemon/cluster.rs`).
+    pub fn set_member(&self, member: bool) {
+        self.member
+            .store(member, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this daemon holds its node name.
+    pub fn is_member(&self) -> bool {
+        self.member.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// What the last reconciliation could not do: `(volume, why)`.

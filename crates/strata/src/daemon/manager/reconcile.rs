@@ -34,6 +34,16 @@ impl Manager {
     /// try again to bring back faulted replicas (with backoff). What cannot be done is logged
     /// and kept in [`Manager::problems`]; the rest goes on.
     pub async fn reconcile(&self) -> OpResult<()> {
+        if !self.is_member() {
+            return Err(super::OpError::new(
+                super::OpKind::Unavailable,
+                format!(
+                    "node {:?} is not registered in the state store {} yet",
+                    self.node,
+                    self.state.describe()
+                ),
+            ));
+        }
         let _changing = self.changes.lock().await;
         self.reconcile_stores().await?;
         let records = self.records().await?;
@@ -77,7 +87,19 @@ impl Manager {
             .collect();
         for m in gone {
             info!(volume = %m.name, "volume is no longer declared for this node; closing it");
+            // A replica placed here for a nexus elsewhere goes with its declaration.
+            let d = m.decl();
+            let placed_file = match (
+                &d.backing,
+                d.labels.contains_key(super::placement::REPLICA_OF),
+            ) {
+                (Backing::Device(uri), true) => Some(uri.clone()),
+                _ => None,
+            };
             self.close_volume(m, false).await;
+            if let Some(uri) = placed_file {
+                self.unplace(&[uri]);
+            }
         }
         *self.problems.write().expect("lock poisoned") = problems;
         self.heal().await;

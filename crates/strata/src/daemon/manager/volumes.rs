@@ -103,7 +103,9 @@ impl Manager {
                     count: 1,
                     preallocate: false,
                 });
-                n.replicas = self.place(&d.name, d.size, p.count, p.preallocate, &[])?;
+                n.replicas = self
+                    .place_volume(&d.name, d.size, p, self.topology_key())
+                    .await?;
                 n.replicas.clone()
             }
             _ => Vec::new(),
@@ -111,13 +113,13 @@ impl Manager {
         let m = match self.open_managed(&d, false).await {
             Ok(m) => m,
             Err(e) => {
-                self.unplace(&placed);
+                self.unplace_all(&placed).await;
                 return Err(e);
             }
         };
         if let Err(e) = self.save(&d).await {
             self.close_volume(m, !placed.is_empty()).await;
-            self.unplace(&placed);
+            self.unplace_all(&placed).await;
             return Err(e);
         }
         if let Err(e) = self.insert(m.clone()).await {
@@ -154,7 +156,7 @@ impl Manager {
         self.close_volume(m, true).await;
         if let Backing::Nexus(n) = &d.backing {
             if n.placed.is_some() {
-                self.unplace(&n.replicas);
+                self.unplace_all(&n.replicas).await;
             }
         }
         let mut msg = format!("volume {name} deleted");
