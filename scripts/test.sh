@@ -67,6 +67,13 @@ if ! command -v s3s-fs >/dev/null 2>&1; then
   cargo install s3s-fs@0.14.1 --features binary --locked
 fi
 
+# The CSI driver's conformance test runs the kubernetes-csi project's csi-sanity, built with Go
+# into target/tools/bin (where the tests look for it).
+if [ ! -x target/tools/bin/csi-sanity ]; then
+  echo "installing test tools: csi-sanity v5.4.0"
+  GOBIN="$PWD/target/tools/bin" go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.4.0
+fi
+
 # The metrics test checks the exposition with the Prometheus project's own Python parser.
 if ! python3 -c 'import prometheus_client' 2>/dev/null; then
   echo "installing test tools: prometheus-client (Python)"
