@@ -170,11 +170,16 @@ pub struct Driver {
     pub node: String,
 }
 
-/// The daemon's configuration: NBD on a free port, a directory store `local`, two pools.
+/// The daemon's configuration: NBD and NVMe/TCP on free ports, no metrics listener, a directory
+/// store `local`, three pools.
 pub const CONFIG: &str = r#"
 data_dir = "{dir}/data"
 [nbd]
 listen = ["127.0.0.1:0"]
+[nvmf]
+listen = ["127.0.0.1:0"]
+[metrics]
+listen = []
 [api]
 node_name = "csi-node"
 [[store]]
