@@ -428,3 +428,93 @@ async fn a_replicated_and_an_image_volume_live_and_leave_nothing() {
     );
     drop(d);
 }
+
+/// CreateVolume → ControllerPublish → NodeStage (attach, mkfs, mount) → NodePublish for one
+/// 1 GiB volume (an image, then a 3-replica volume), then for 20 image volumes at once (their calls concurrent, as 20 pods scheduled together
+/// make them); the times are printed for docs/BENCHMARKS.md, not asserted. Every volume ends
+/// up mounted and writable, and everything is undone after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_to_mounted_one_and_twenty_volumes() {
+    for p in ["nbdfuse", "losetup", "mkfs.ext4", "blkid", "fusermount3"] {
+        common::require(p);
+    }
+    let d = tokio::task::spawn_blocking(|| Driver::start(&["--max-volumes-per-node", "32"]))
+        .await
+        .expect("start");
+    let dir = d.dir.path().to_path_buf();
+    let c = Csi::connect(&d).await;
+    let image = || params(&[("store", "local"), ("protocol", "nbd")]);
+
+    async fn create_and_mount(
+        mut c: Csi,
+        name: String,
+        parameters: HashMap<String, String>,
+    ) -> (csi::Volume, Paths, std::time::Duration) {
+        let start = std::time::Instant::now();
+        let v = c.create(&name, 1024 * MIB, parameters, None).await;
+        let p = c.attach(&v).await;
+        let took = start.elapsed();
+        std::fs::write(p.target.join("hello"), name.as_bytes()).expect("write to the volume");
+        (v, p, took)
+    }
+    let clone = |c: &Csi| Csi {
+        controller: c.controller.clone(),
+        node: c.node.clone(),
+        node_id: c.node_id.clone(),
+        dir: c.dir.clone(),
+    };
+
+    let mut c = c;
+    let (v, p, one) = create_and_mount(clone(&c), "bench-one".into(), image()).await;
+    c.detach(&v.volume_id, &p).await;
+    c.delete(&v.volume_id).await;
+    let replicated = params(&[("replicas", "3"), ("protocol", "nbd")]);
+    let (v, p, one_nexus) = create_and_mount(clone(&c), "bench-nexus".into(), replicated).await;
+    c.detach(&v.volume_id, &p).await;
+    c.delete(&v.volume_id).await;
+
+    let start = std::time::Instant::now();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            tokio::spawn(create_and_mount(
+                clone(&c),
+                format!("bench-{i:02}"),
+                image(),
+            ))
+        })
+        .collect();
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.expect("a volume task"));
+    }
+    let all = start.elapsed();
+    let mut each: Vec<f64> = done.iter().map(|(_, _, t)| t.as_secs_f64()).collect();
+    each.sort_by(f64::total_cmp);
+    eprintln!(
+        "CreateVolume → mounted, 1 GiB: an image volume alone {:.2} s, a 3-replica volume \
+         alone {:.2} s; 20 image volumes at once: all in {:.2} s, each median {:.2} s, \
+         slowest {:.2} s",
+        one.as_secs_f64(),
+        one_nexus.as_secs_f64(),
+        all.as_secs_f64(),
+        each[each.len() / 2],
+        each[each.len() - 1]
+    );
+    for (v, p, _) in &done {
+        assert_eq!(
+            std::fs::read_to_string(p.target.join("hello")).expect("read back"),
+            v.volume_id
+        );
+        c.detach(&v.volume_id, p).await;
+        c.delete(&v.volume_id).await;
+    }
+    let d = tokio::task::spawn_blocking(move || {
+        assert!(d.volumes().is_empty(), "volumes left: {:?}", d.volumes());
+        d
+    })
+    .await
+    .expect("list volumes");
+    assert!(common::mounts_under(&dir).is_empty());
+    assert!(common::loops_under(&dir).is_empty());
+    drop(d);
+}
