@@ -74,6 +74,16 @@ if [ ! -x target/tools/bin/csi-sanity ]; then
   GOBIN="$PWD/target/tools/bin" go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.4.0
 fi
 
+# The Kubernetes manifests are checked against the Kubernetes schemas (kubernetes-validate
+# ships them, so no network is needed when the tests run).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "installing test tools: kubernetes-validate (Python)"
+  python3 -m pip --version >/dev/null 2>&1 ||
+    DEBIAN_FRONTEND=noninteractive ${sudo:-} apt-get install -y -qq --no-install-recommends python3-pip
+  python3 -m pip install -q kubernetes-validate==1.37.0 ||
+    python3 -m pip install -q --break-system-packages kubernetes-validate==1.37.0
+fi
+
 # The metrics test checks the exposition with the Prometheus project's own Python parser.
 if ! python3 -c 'import prometheus_client' 2>/dev/null; then
   echo "installing test tools: prometheus-client (Python)"
