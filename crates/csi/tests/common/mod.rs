@@ -25,8 +25,14 @@ pub fn strata_bin() -> PathBuf {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
             cmd.args(["build", "-q", "-p", "strata", "--bin", "strata"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
+            // target/debug is the dev profile's; every other profile's directory is its name
+            // (release, ci).
+            let profile = profile_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("a profile directory");
+            if profile != "debug" {
+                cmd.args(["--profile", profile]);
             }
             let target_dir = profile_dir.parent().expect("target directory");
             let status = cmd
