@@ -291,6 +291,24 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         self.csi.take();
+        // A test that failed midway leaves what it staged: undo it, so that nothing of it
+        // outlives the test (mounts first, deepest first, then loop devices, then nbdfuse).
+        let dir = self.dir.path();
+        let mut mounts = mounts_under(dir);
+        mounts.reverse();
+        let (fuse, fs): (Vec<String>, Vec<String>) =
+            mounts.into_iter().partition(|m| m.contains("/csi-state/"));
+        for m in fs {
+            let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+        for l in loops_under(dir) {
+            let _ = Command::new("losetup")
+                .args(["-d", &format!("/dev/{l}")])
+                .status();
+        }
+        for m in fuse {
+            let _ = Command::new("fusermount3").args(["-u", "-z", &m]).status();
+        }
     }
 }
 
