@@ -67,6 +67,23 @@ if ! command -v s3s-fs >/dev/null 2>&1; then
   cargo install s3s-fs@0.14.1 --features binary --locked
 fi
 
+# The CSI driver's conformance test runs the kubernetes-csi project's csi-sanity, built with Go
+# into target/tools/bin (where the tests look for it).
+if [ ! -x target/tools/bin/csi-sanity ]; then
+  echo "installing test tools: csi-sanity v5.4.0"
+  GOBIN="$PWD/target/tools/bin" go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.4.0
+fi
+
+# The Kubernetes manifests are checked against the Kubernetes schemas (kubernetes-validate
+# ships them, so no network is needed when the tests run).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "installing test tools: kubernetes-validate (Python)"
+  python3 -m pip --version >/dev/null 2>&1 ||
+    DEBIAN_FRONTEND=noninteractive ${sudo:-} apt-get install -y -qq --no-install-recommends python3-pip
+  python3 -m pip install -q kubernetes-validate==1.37.0 ||
+    python3 -m pip install -q --break-system-packages kubernetes-validate==1.37.0
+fi
+
 # The metrics test checks the exposition with the Prometheus project's own Python parser.
 if ! python3 -c 'import prometheus_client' 2>/dev/null; then
   echo "installing test tools: prometheus-client (Python)"

@@ -237,7 +237,16 @@ async fn attach_nbdfuse(
     let loop_dev = match loop_of(&file) {
         Some(l) => l,
         None => {
-            let mut args: Vec<&std::ffi::OsStr> = vec!["--find".as_ref(), "--show".as_ref()];
+            // 4 KiB sectors: the loop device then sends nbdfuse only whole, aligned 4 KiB
+            // blocks. A page-store image's export advertises a 4 KiB minimum block size and
+            // libnbd refuses smaller requests (ext4's 1 KiB superblock write on a small
+            // volume would fail); mkfs then picks 4 KiB file-system blocks too.
+            let mut args: Vec<&std::ffi::OsStr> = vec![
+                "--find".as_ref(),
+                "--show".as_ref(),
+                "--sector-size".as_ref(),
+                "4096".as_ref(),
+            ];
             if read_only {
                 args.push("--read-only".as_ref());
             }

@@ -263,7 +263,11 @@ impl Node {
         self.save(&staged)?;
         std::fs::create_dir_all(&staging)
             .map_err(|e| internal(&format!("create {}", staging.display()), e))?;
-        if !Self::shows(&staging, &device)? {
+        let mounted = Self::shows(&staging, &device)?;
+        if !mounted && !read_only {
+            self.grow_unmounted(&r.volume_id, &device).await?;
+        }
+        if !mounted {
             let mut opts: Vec<String> = mount.map(|m| m.mount_flags.clone()).unwrap_or_default();
             if read_only {
                 opts.push("ro".into());
@@ -298,6 +302,24 @@ impl Node {
             }
         }
         info!(volume = %r.volume_id, staging = %staging.display(), device = %device.display(), "staged");
+        Ok(())
+    }
+
+    /// Grow an unmounted ext file system to its device when the volume grew while it was not
+    /// staged. Growing it before the mount needs no more than the device (a mounted ext4 grows
+    /// through an ioctl that needs `CAP_SYS_RESOURCE`, which a container may lack).
+    async fn grow_unmounted(&self, volume: &str, device: &Path) -> Result<(), Status> {
+        let Some(fs_size) = system::ext_fs_size_of(device)? else {
+            return Ok(());
+        };
+        let device_size = system::size_of(device)?;
+        if device_size <= fs_size {
+            return Ok(());
+        }
+        system::e2fsck(device).await?;
+        run("resize2fs", &[device.as_os_str()]).await?;
+        info!(volume, device = %device.display(), from = fs_size, to = device_size,
+            "file system grown before mounting");
         Ok(())
     }
 

@@ -194,10 +194,82 @@ pub async fn fs_type_of(device: &Path) -> Result<Option<String>, Status> {
     }
 }
 
+/// The size in bytes of the ext2/3/4 file system whose superblock is `sb` (the 1024 bytes at
+/// offset 1024 of the device), or `None` when it is not one.
+pub fn ext_fs_size(sb: &[u8]) -> Option<u64> {
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(sb.get(at..at + 4)?.try_into().ok()?))
+    };
+    let magic = u16::from_le_bytes(sb.get(0x38..0x3a)?.try_into().ok()?);
+    if magic != 0xef53 {
+        return None;
+    }
+    let log_block = u32_at(0x18)?;
+    if log_block > 6 {
+        return None;
+    }
+    let mut blocks = u64::from(u32_at(0x04)?);
+    /// `INCOMPAT_64BIT`: the block count's high half is in `s_blocks_count_hi`.
+    const INCOMPAT_64BIT: u32 = 0x80;
+    if u32_at(0x60)? & INCOMPAT_64BIT != 0 {
+        blocks |= u64::from(u32_at(0x150)?) << 32;
+    }
+    blocks.checked_mul(1024u64 << log_block)
+}
+
+/// The size of the ext2/3/4 file system on `device`, if it holds one.
+pub fn ext_fs_size_of(device: &Path) -> Result<Option<u64>, Status> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(device)
+        .map_err(|e| Status::internal(format!("open {}: {e}", device.display())))?;
+    let mut sb = [0u8; 1024];
+    f.read_exact_at(&mut sb, 1024).map_err(|e| {
+        Status::internal(format!("read the superblock of {}: {e}", device.display()))
+    })?;
+    Ok(ext_fs_size(&sb))
+}
+
+/// Check an unmounted ext file system (`e2fsck -f -p`: exit 1 means it fixed something, which
+/// is fine).
+pub async fn e2fsck(device: &Path) -> Result<(), Status> {
+    let out = tokio::process::Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(device)
+        .output()
+        .await
+        .map_err(|e| Status::internal(format!("run e2fsck: {e}")))?;
+    match out.status.code() {
+        Some(0 | 1) => Ok(()),
+        _ => Err(Status::internal(format!(
+            "e2fsck -f -p {}: {} {}{}",
+            device.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn ext_superblocks_give_their_size() {
+        let mut sb = vec![0u8; 1024];
+        assert_eq!(ext_fs_size(&sb), None);
+        sb[0x38..0x3a].copy_from_slice(&0xef53u16.to_le_bytes());
+        sb[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes()); // 4 KiB blocks
+        sb[0x04..0x08].copy_from_slice(&16384u32.to_le_bytes());
+        assert_eq!(ext_fs_size(&sb), Some(64 << 20));
+        // The high half counts only with the 64-bit feature.
+        sb[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(ext_fs_size(&sb), Some(64 << 20));
+        sb[0x60..0x64].copy_from_slice(&0x80u32.to_le_bytes());
+        assert_eq!(ext_fs_size(&sb), Some(((1u64 << 32) + 16384) * 4096));
+        assert_eq!(ext_fs_size(&sb[..100]), None);
+    }
 
     #[test]
     fn mountinfo_lines_parse() {
