@@ -77,20 +77,20 @@ struct Entry {
 #[derive(Debug)]
 pub(crate) struct Activity {
     epoch: Instant,
-    /// Milliseconds from `epoch` since which nothing is in flight; [`BUSY`] while something is.
+    /// Microseconds from `epoch` since which nothing is in flight; [`BUSY`] while something is.
     idle_since: AtomicU64,
 }
 
 const BUSY: u64 = u64::MAX;
 
 impl Activity {
-    fn millis(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    fn micros(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
     }
 
     /// Record that the connection now has (or no longer has) requests in flight.
     pub fn set_busy(&self, busy: bool) {
-        let v = if busy { BUSY } else { self.millis() };
+        let v = if busy { BUSY } else { self.micros() };
         self.idle_since.store(v, Ordering::Relaxed);
     }
 
@@ -98,7 +98,7 @@ impl Activity {
     fn idle_for(&self) -> Option<Duration> {
         match self.idle_since.load(Ordering::Relaxed) {
             BUSY => None,
-            since => Some(Duration::from_millis(self.millis().saturating_sub(since))),
+            since => Some(Duration::from_micros(self.micros().saturating_sub(since))),
         }
     }
 }
@@ -298,7 +298,8 @@ impl Slots {
             .filter(|(_, e)| !e.negotiating && mine(e))
             .filter_map(|(&id, e)| e.activity.idle_for().map(|d| (d, id)))
             .filter(|(d, _)| *d >= self.limits.idle_timeout)
-            .max()
+            // Equally idle: the older connection (lower id) gives way.
+            .max_by_key(|&(d, id)| (d, std::cmp::Reverse(id)))
             .map(|(_, id)| id);
         idle.or_else(|| {
             peer?;
