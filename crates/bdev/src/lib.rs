@@ -14,7 +14,8 @@
 //! This crate also holds the memory device ([`MemDevice`], `mem://`), the fault-injecting
 //! wrapper ([`FaultDevice`]) and, behind the `conformance` feature, the suite every device runs.
 //! What the protocol crates share beside the trait lives here too: [`wire`] (the queue of
-//! replies a target writes with vectored writes), [`call`] (how a remote device names a call
+//! replies a target writes with vectored writes), [`field`] (integers at byte offsets, big- and
+//! little-endian), [`call`] (how a remote device names a call
 //! in its errors), [`units`] (sizes and durations in settings) and the URI helpers
 //! ([`DeviceUri::take_secs`], [`tcp_address`]).
 
@@ -22,6 +23,7 @@ pub mod call;
 mod device;
 mod error;
 pub mod fault;
+pub mod field;
 mod mem;
 pub mod stats;
 pub mod units;
