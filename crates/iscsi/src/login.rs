@@ -302,7 +302,20 @@ where
         max_cmd_sn: 1,
     };
 
-    // Security negotiation.
+    let h = security(&mut x, params).await?;
+    operational(&mut x, params, h).await
+}
+
+/// Security negotiation (CHAP, or none), until the target moves on to operational negotiation
+/// or straight to the full feature phase; the last response.
+async fn security<R, W>(
+    x: &mut Exchange<'_, R, W>,
+    params: &LoginParams,
+) -> Result<LoginResponse, LoginError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut first = vec![
         pair("InitiatorName", &params.initiator),
         pair("SessionType", "Normal"),
@@ -388,8 +401,20 @@ where
             .await?;
         h = next;
     }
+    Ok(h)
+}
 
-    // Operational negotiation.
+/// Operational negotiation after the security stage's last response `h`: the session's
+/// parameters.
+async fn operational<R, W>(
+    x: &mut Exchange<'_, R, W>,
+    params: &LoginParams,
+    h: LoginResponse,
+) -> Result<Negotiated, LoginError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut neg = Negotiated {
         digests: Digests::default(),
         max_xmit_data_segment: 8192,

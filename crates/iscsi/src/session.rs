@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use strata_bdev::field::be32;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -28,8 +29,8 @@ use tracing::{debug, warn};
 
 use crate::codec::scsi::{self, Sense};
 use crate::codec::{
-    async_event, sn_le, sn_lt, tmf, DataOut, Digests, Header, LogoutRequest, NopOut, Reject,
-    ScsiCommand, TaskMgmtRequest, RESERVED_TAG,
+    async_event, sn_le, sn_lt, tmf, AsyncMessage, DataIn, DataOut, Digests, Header, LogoutRequest,
+    NopOut, R2t, Reject, ScsiCommand, TaskMgmtRequest, RESERVED_TAG,
 };
 use crate::connection::{write_pdus, ConnError, Encoded, PduReader};
 use crate::login::Negotiated;
@@ -459,15 +460,16 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     w: &mut W,
     rx: &mut mpsc::UnboundedReceiver<Out>,
 ) -> std::io::Result<()> {
-    let digests = s.neg.digests;
-    let max_seg = (s.neg.max_xmit_data_segment as usize).max(512);
-    let mut cmd_sn = s.neg.cmd_sn;
-    // Commands waiting for the CmdSN window to open, in order.
-    let mut blocked: VecDeque<Out> = VecDeque::new();
-    let mut batch: Vec<Encoded> = Vec::new();
-    let mut sent: Vec<(u32, u32)> = Vec::new();
+    let mut wr = Writer {
+        digests: s.neg.digests,
+        max_seg: (s.neg.max_xmit_data_segment as usize).max(512),
+        cmd_sn: s.neg.cmd_sn,
+        blocked: VecDeque::new(),
+        batch: Vec::new(),
+        sent: Vec::new(),
+    };
     loop {
-        let first = if blocked.is_empty() {
+        let first = if wr.blocked.is_empty() {
             match rx.recv().await {
                 Some(o) => Some(o),
                 None => return Ok(()),
@@ -492,142 +494,175 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         let exp_stat_sn = s.exp_stat_sn.load(Ordering::Acquire);
         // Blocked commands go first, in order, as far as the window allows.
-        let mut queue: Vec<Out> = Vec::with_capacity(blocked.len() + items.len());
-        queue.extend(blocked.drain(..));
+        let mut queue: Vec<Out> = Vec::with_capacity(wr.blocked.len() + items.len());
+        queue.extend(wr.blocked.drain(..));
         queue.extend(items);
         for item in queue {
-            match item {
-                Out::Command {
-                    itt,
-                    mut header,
-                    immediate_data,
-                    unsolicited,
-                } => {
-                    let max = s.max_cmd_sn.load(Ordering::Acquire);
-                    if !blocked.is_empty() || !sn_le(cmd_sn, max) {
-                        blocked.push_back(Out::Command {
-                            itt,
-                            header,
-                            immediate_data,
-                            unsolicited,
-                        });
-                        continue;
-                    }
-                    header.cmd_sn = cmd_sn;
-                    header.exp_stat_sn = exp_stat_sn;
-                    sent.push((itt, cmd_sn));
-                    cmd_sn = cmd_sn.wrapping_add(1);
-                    let offset = immediate_data.len() as u32;
-                    let lun = header.lun;
-                    batch.push(Encoded::new(
-                        &Header::ScsiCommand(header),
-                        immediate_data,
-                        digests,
-                    ));
-                    data_out(
-                        &mut batch,
-                        DataOut {
-                            final_: false,
-                            lun,
-                            itt,
-                            ttt: RESERVED_TAG,
-                            exp_stat_sn,
-                            data_sn: 0,
-                            buffer_offset: offset,
-                        },
-                        unsolicited,
-                        max_seg,
-                        digests,
-                    );
-                }
-                Out::Burst {
-                    itt,
-                    lun,
-                    ttt,
-                    offset,
-                    data,
-                } => data_out(
-                    &mut batch,
-                    DataOut {
-                        final_: false,
-                        lun,
-                        itt,
-                        ttt,
-                        exp_stat_sn,
-                        data_sn: 0,
-                        buffer_offset: offset,
-                    },
-                    data,
-                    max_seg,
-                    digests,
-                ),
-                Out::Nop { itt, ttt } => batch.push(Encoded::new(
-                    &Header::NopOut(NopOut {
-                        immediate: true,
-                        lun: 0,
-                        itt,
-                        ttt,
-                        cmd_sn,
-                        exp_stat_sn,
-                    }),
-                    Bytes::new(),
-                    digests,
-                )),
-                Out::Abort {
-                    itt,
-                    lun,
-                    referenced,
-                } => {
-                    let ref_cmd_sn = s
-                        .tasks
-                        .lock()
-                        .expect("lock poisoned")
-                        .map
-                        .get(&referenced)
-                        .and_then(|t| t.cmd_sn)
-                        .unwrap_or(cmd_sn);
-                    batch.push(Encoded::new(
-                        &Header::TaskMgmtRequest(TaskMgmtRequest {
-                            immediate: true,
-                            function: tmf::ABORT_TASK,
-                            lun,
-                            itt,
-                            referenced_tag: referenced,
-                            cmd_sn,
-                            exp_stat_sn,
-                            ref_cmd_sn,
-                            exp_data_sn: 0,
-                        }),
-                        Bytes::new(),
-                        digests,
-                    ))
-                }
-                Out::Logout { itt } => batch.push(Encoded::new(
-                    &Header::LogoutRequest(LogoutRequest {
-                        immediate: true,
-                        reason: 0,
-                        itt,
-                        cid: 0,
-                        cmd_sn,
-                        exp_stat_sn,
-                    }),
-                    Bytes::new(),
-                    digests,
-                )),
-            }
+            wr.encode(s, item, exp_stat_sn);
         }
-        if !sent.is_empty() {
+        if !wr.sent.is_empty() {
             let mut t = s.tasks.lock().expect("lock poisoned");
-            for (itt, sn) in sent.drain(..) {
+            for (itt, sn) in wr.sent.drain(..) {
                 if let Some(task) = t.map.get_mut(&itt) {
                     task.cmd_sn = Some(sn);
                 }
             }
         }
-        if !batch.is_empty() {
-            write_pdus(w, &batch).await?;
-            batch.clear();
+        if !wr.batch.is_empty() {
+            write_pdus(w, &wr.batch).await?;
+            wr.batch.clear();
         }
+    }
+}
+
+/// What the writer keeps from one batch of PDUs to the next.
+struct Writer {
+    digests: Digests,
+    /// Data bytes in one PDU at most.
+    max_seg: usize,
+    /// The CmdSN of the next command.
+    cmd_sn: u32,
+    /// Commands waiting for the CmdSN window to open, in order.
+    blocked: VecDeque<Out>,
+    /// PDUs encoded for the next write.
+    batch: Vec<Encoded>,
+    /// Commands in the batch, with their CmdSN.
+    sent: Vec<(u32, u32)>,
+}
+
+impl Writer {
+    /// Encode `item` into the batch (a command the window does not admit yet waits).
+    fn encode(&mut self, s: &Session, item: Out, exp_stat_sn: u32) {
+        match item {
+            Out::Command {
+                itt,
+                header,
+                immediate_data,
+                unsolicited,
+            } => self.command(s, itt, header, immediate_data, unsolicited, exp_stat_sn),
+            Out::Burst {
+                itt,
+                lun,
+                ttt,
+                offset,
+                data,
+            } => data_out(
+                &mut self.batch,
+                DataOut {
+                    final_: false,
+                    lun,
+                    itt,
+                    ttt,
+                    exp_stat_sn,
+                    data_sn: 0,
+                    buffer_offset: offset,
+                },
+                data,
+                self.max_seg,
+                self.digests,
+            ),
+            Out::Nop { itt, ttt } => self.batch.push(Encoded::new(
+                &Header::NopOut(NopOut {
+                    immediate: true,
+                    lun: 0,
+                    itt,
+                    ttt,
+                    cmd_sn: self.cmd_sn,
+                    exp_stat_sn,
+                }),
+                Bytes::new(),
+                self.digests,
+            )),
+            Out::Abort {
+                itt,
+                lun,
+                referenced,
+            } => {
+                let ref_cmd_sn = s
+                    .tasks
+                    .lock()
+                    .expect("lock poisoned")
+                    .map
+                    .get(&referenced)
+                    .and_then(|t| t.cmd_sn)
+                    .unwrap_or(self.cmd_sn);
+                self.batch.push(Encoded::new(
+                    &Header::TaskMgmtRequest(TaskMgmtRequest {
+                        immediate: true,
+                        function: tmf::ABORT_TASK,
+                        lun,
+                        itt,
+                        referenced_tag: referenced,
+                        cmd_sn: self.cmd_sn,
+                        exp_stat_sn,
+                        ref_cmd_sn,
+                        exp_data_sn: 0,
+                    }),
+                    Bytes::new(),
+                    self.digests,
+                ))
+            }
+            Out::Logout { itt } => self.batch.push(Encoded::new(
+                &Header::LogoutRequest(LogoutRequest {
+                    immediate: true,
+                    reason: 0,
+                    itt,
+                    cid: 0,
+                    cmd_sn: self.cmd_sn,
+                    exp_stat_sn,
+                }),
+                Bytes::new(),
+                self.digests,
+            )),
+        }
+    }
+
+    /// A SCSI command and its unsolicited Data-Out, if the CmdSN window admits it.
+    fn command(
+        &mut self,
+        s: &Session,
+        itt: u32,
+        mut header: ScsiCommand,
+        immediate_data: Bytes,
+        unsolicited: Bytes,
+        exp_stat_sn: u32,
+    ) {
+        let max = s.max_cmd_sn.load(Ordering::Acquire);
+        if !self.blocked.is_empty() || !sn_le(self.cmd_sn, max) {
+            self.blocked.push_back(Out::Command {
+                itt,
+                header,
+                immediate_data,
+                unsolicited,
+            });
+            return;
+        }
+        header.cmd_sn = self.cmd_sn;
+        header.exp_stat_sn = exp_stat_sn;
+        self.sent.push((itt, self.cmd_sn));
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        let offset = immediate_data.len() as u32;
+        let lun = header.lun;
+        self.batch.push(Encoded::new(
+            &Header::ScsiCommand(header),
+            immediate_data,
+            self.digests,
+        ));
+        data_out(
+            &mut self.batch,
+            DataOut {
+                final_: false,
+                lun,
+                itt,
+                ttt: RESERVED_TAG,
+                exp_stat_sn,
+                data_sn: 0,
+                buffer_offset: offset,
+            },
+            unsolicited,
+            self.max_seg,
+            self.digests,
+        );
     }
 }
 
@@ -678,60 +713,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         s.track(&head.header);
         let len = head.lengths.data;
         match head.header {
-            Header::DataIn(h) => {
-                // Take the destination out of the task so no lock is held while reading.
-                let taken = {
-                    let mut t = s.tasks.lock().expect("lock poisoned");
-                    match t.map.get_mut(&h.itt).map(|t| &mut t.kind) {
-                        Some(Kind::Scsi { read, expected, .. }) => {
-                            if h.buffer_offset as usize != read.len() {
-                                return Err(violation(format!(
-                                    "Data-In at offset {} for task {:#x}, expected {}",
-                                    h.buffer_offset,
-                                    h.itt,
-                                    read.len()
-                                )));
-                            }
-                            if read.len() + len > *expected {
-                                return Err(violation(format!(
-                                    "Data-In of {len} bytes at offset {} for task {:#x} goes \
-                                     past its {expected} bytes",
-                                    h.buffer_offset, h.itt
-                                )));
-                            }
-                            Some(std::mem::take(read))
-                        }
-                        Some(Kind::Control) => {
-                            return Err(violation(format!(
-                                "Data-In for task {:#x}, which reads nothing",
-                                h.itt
-                            )))
-                        }
-                        None => None,
-                    }
-                };
-                match taken {
-                    Some(mut buf) => {
-                        r.read_data_append(&mut buf, len).await?;
-                        let mut t = s.tasks.lock().expect("lock poisoned");
-                        if let Some(Task {
-                            kind: Kind::Scsi { read, .. },
-                            ..
-                        }) = t.map.get_mut(&h.itt)
-                        {
-                            *read = buf;
-                        }
-                    }
-                    // A task that timed out: its data goes nowhere.
-                    None => r.skip_data(len).await?,
-                }
-                if h.has_status {
-                    if !h.final_ {
-                        return Err(violation("Data-In with status but without the F bit"));
-                    }
-                    finish_scsi(s, h.itt, h.status, Bytes::new());
-                }
-            }
+            Header::DataIn(h) => on_data_in(s, r, h, len).await?,
             Header::ScsiResponse(h) => {
                 let data = r.read_data(len).await?;
                 if h.response != 0 {
@@ -748,35 +730,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Header::R2t(h) => {
                 r.skip_data(len).await?;
-                let found = {
-                    let t = s.tasks.lock().expect("lock poisoned");
-                    match t.map.get(&h.itt).map(|t| &t.kind) {
-                        Some(Kind::Scsi { write, lun, .. }) => Some((write.clone(), *lun)),
-                        Some(Kind::Control) => {
-                            return Err(violation(format!(
-                                "R2T for task {:#x}, which writes nothing",
-                                h.itt
-                            )))
-                        }
-                        None => None,
-                    }
-                };
-                if let Some((write, lun)) = found {
-                    let (at, n) = (h.buffer_offset as usize, h.desired_len as usize);
-                    if n == 0 || at.checked_add(n).is_none_or(|end| end > write.len()) {
-                        return Err(violation(format!(
-                            "R2T for {n} bytes at offset {at} of a {}-byte write",
-                            write.len()
-                        )));
-                    }
-                    let _ = s.out.send(Out::Burst {
-                        itt: h.itt,
-                        lun,
-                        ttt: h.ttt,
-                        offset: h.buffer_offset,
-                        data: write.slice(at..at + n),
-                    });
-                }
+                on_r2t(s, h)?;
             }
             Header::NopIn(h) => {
                 r.skip_data(len).await?;
@@ -805,40 +759,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Header::AsyncMessage(h) => {
                 let data = r.read_data(len).await?;
-                match h.event {
-                    async_event::SCSI => {
-                        let sense =
-                            scsi::sense_of_response(&data).and_then(|b| Sense::decode(b).ok());
-                        if let Some(sense) = sense {
-                            if (sense.asc, sense.ascq) == (0x2a, 0x09) {
-                                s.capacity_changed.store(true, Ordering::Release);
-                            }
-                            debug!(device = %s.name, %sense, "asynchronous event from the target");
-                        }
-                    }
-                    async_event::LOGOUT_REQUESTED => {
-                        return Ok("the target asked for a logout".into());
-                    }
-                    async_event::DROP_CONNECTION | async_event::DROP_SESSION => {
-                        return Ok(format!(
-                            "the target is dropping the connection (will accept a new one in {} s)",
-                            h.param2
-                        ));
-                    }
-                    async_event::NEGOTIATE => {
-                        return Ok("the target asked for renegotiation".into());
-                    }
-                    other => {
-                        debug!(device = %s.name, event = other, "ignored asynchronous event");
-                    }
+                if let Some(why) = on_async_event(s, &h, &data) {
+                    return Ok(why);
                 }
             }
             Header::Reject(h) => {
                 let data = r.read_data(len).await?;
-                let itt = data
-                    .get(16..20)
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                    .unwrap_or(RESERVED_TAG);
+                let itt = data.get(16..20).map(|b| be32(b, 0)).unwrap_or(RESERVED_TAG);
                 let why = format!(
                     "the target rejected the PDU: {} (reason {:#04x})",
                     Reject::reason_name(h.reason),
@@ -860,6 +787,133 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
     }
+}
+
+/// Data-In: append its data to the task's buffer, and finish the task on a status.
+async fn on_data_in<R: AsyncRead + Unpin>(
+    s: &Session,
+    r: &mut PduReader<R>,
+    h: DataIn,
+    len: usize,
+) -> Result<(), ConnError> {
+    // Take the destination out of the task so no lock is held while reading.
+    let taken = {
+        let mut t = s.tasks.lock().expect("lock poisoned");
+        match t.map.get_mut(&h.itt).map(|t| &mut t.kind) {
+            Some(Kind::Scsi { read, expected, .. }) => {
+                if h.buffer_offset as usize != read.len() {
+                    return Err(violation(format!(
+                        "Data-In at offset {} for task {:#x}, expected {}",
+                        h.buffer_offset,
+                        h.itt,
+                        read.len()
+                    )));
+                }
+                if read.len() + len > *expected {
+                    return Err(violation(format!(
+                        "Data-In of {len} bytes at offset {} for task {:#x} goes \
+                             past its {expected} bytes",
+                        h.buffer_offset, h.itt
+                    )));
+                }
+                Some(std::mem::take(read))
+            }
+            Some(Kind::Control) => {
+                return Err(violation(format!(
+                    "Data-In for task {:#x}, which reads nothing",
+                    h.itt
+                )))
+            }
+            None => None,
+        }
+    };
+    match taken {
+        Some(mut buf) => {
+            r.read_data_append(&mut buf, len).await?;
+            let mut t = s.tasks.lock().expect("lock poisoned");
+            if let Some(Task {
+                kind: Kind::Scsi { read, .. },
+                ..
+            }) = t.map.get_mut(&h.itt)
+            {
+                *read = buf;
+            }
+        }
+        // A task that timed out: its data goes nowhere.
+        None => r.skip_data(len).await?,
+    }
+    if h.has_status {
+        if !h.final_ {
+            return Err(violation("Data-In with status but without the F bit"));
+        }
+        finish_scsi(s, h.itt, h.status, Bytes::new());
+    }
+    Ok(())
+}
+
+/// R2T: send the Data-Out burst the target asks for.
+fn on_r2t(s: &Session, h: R2t) -> Result<(), ConnError> {
+    let found = {
+        let t = s.tasks.lock().expect("lock poisoned");
+        match t.map.get(&h.itt).map(|t| &t.kind) {
+            Some(Kind::Scsi { write, lun, .. }) => Some((write.clone(), *lun)),
+            Some(Kind::Control) => {
+                return Err(violation(format!(
+                    "R2T for task {:#x}, which writes nothing",
+                    h.itt
+                )))
+            }
+            None => None,
+        }
+    };
+    if let Some((write, lun)) = found {
+        let (at, n) = (h.buffer_offset as usize, h.desired_len as usize);
+        if n == 0 || at.checked_add(n).is_none_or(|end| end > write.len()) {
+            return Err(violation(format!(
+                "R2T for {n} bytes at offset {at} of a {}-byte write",
+                write.len()
+            )));
+        }
+        let _ = s.out.send(Out::Burst {
+            itt: h.itt,
+            lun,
+            ttt: h.ttt,
+            offset: h.buffer_offset,
+            data: write.slice(at..at + n),
+        });
+    }
+    Ok(())
+}
+
+/// An asynchronous message; `Some(why)` when it ends the connection.
+fn on_async_event(s: &Session, h: &AsyncMessage, data: &[u8]) -> Option<String> {
+    match h.event {
+        async_event::SCSI => {
+            let sense = scsi::sense_of_response(data).and_then(|b| Sense::decode(b).ok());
+            if let Some(sense) = sense {
+                if (sense.asc, sense.ascq) == (0x2a, 0x09) {
+                    s.capacity_changed.store(true, Ordering::Release);
+                }
+                debug!(device = %s.name, %sense, "asynchronous event from the target");
+            }
+        }
+        async_event::LOGOUT_REQUESTED => {
+            return Some("the target asked for a logout".into());
+        }
+        async_event::DROP_CONNECTION | async_event::DROP_SESSION => {
+            return Some(format!(
+                "the target is dropping the connection (will accept a new one in {} s)",
+                h.param2
+            ));
+        }
+        async_event::NEGOTIATE => {
+            return Some("the target asked for renegotiation".into());
+        }
+        other => {
+            debug!(device = %s.name, event = other, "ignored asynchronous event");
+        }
+    }
+    None
 }
 
 impl Session {
