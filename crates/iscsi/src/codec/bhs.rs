@@ -323,7 +323,8 @@ fn decode_request(b: &[u8; BHS_LEN]) -> Result<Header, CodecError> {
     })
 }
 
-/// The header of a target PDU (operation codes from 0x20).
+/// The header of a target PDU (operation codes from 0x20): the answers to commands and
+/// negotiations here, the others in [`decode_transfer`].
 fn decode_response(b: &[u8; BHS_LEN]) -> Result<Header, CodecError> {
     let op = b[0] & 0x3f;
     let f = b[1] & 0x80 != 0;
@@ -400,6 +401,17 @@ fn decode_response(b: &[u8; BHS_LEN]) -> Result<Header, CodecError> {
                 max_cmd_sn,
             })
         }
+        _ => return decode_transfer(b),
+    })
+}
+
+/// The header of a target PDU that is not an answer to a command or a negotiation: Data-In,
+/// Logout Response, R2T, Async Message, Reject.
+fn decode_transfer(b: &[u8; BHS_LEN]) -> Result<Header, CodecError> {
+    let op = b[0] & 0x3f;
+    let f = b[1] & 0x80 != 0;
+    let seq = || (be32(b, 24), be32(b, 28), be32(b, 32));
+    Ok(match op {
         opcode::DATA_IN => {
             let (stat_sn, exp_cmd_sn, max_cmd_sn) = seq();
             Header::DataIn(DataIn {

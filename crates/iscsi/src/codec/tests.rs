@@ -14,7 +14,9 @@ fn header() -> impl Strategy<Value = Header> {
             .into_iter()
             .chain(session_headers())
             .chain(status_headers())
-            .chain(transfer_headers()),
+            .chain(negotiation_headers())
+            .chain(transfer_headers())
+            .chain(event_headers()),
     )
 }
 
@@ -216,7 +218,7 @@ fn session_headers() -> Vec<BoxedStrategy<Header>> {
     ]
 }
 
-/// The headers of a target's answers: NOP-In, SCSI Response, Task Management, Login and Text responses.
+/// The headers of a target's answers to commands: NOP-In, SCSI Response, Task Management response.
 fn status_headers() -> Vec<BoxedStrategy<Header>> {
     let nop_in = (any::<u64>(), any::<u32>(), any::<u32>(), sequence()).prop_map(
         |(lun, itt, ttt, (stat_sn, exp_cmd_sn, max_cmd_sn))| {
@@ -271,6 +273,11 @@ fn status_headers() -> Vec<BoxedStrategy<Header>> {
             })
         },
     );
+    vec![nop_in.boxed(), response.boxed(), tmf_resp.boxed()]
+}
+
+/// The headers of a target's Login and Text responses.
+fn negotiation_headers() -> Vec<BoxedStrategy<Header>> {
     let login_resp = (
         (
             any::<bool>(),
@@ -334,16 +341,10 @@ fn status_headers() -> Vec<BoxedStrategy<Header>> {
                 })
             },
         );
-    vec![
-        nop_in.boxed(),
-        response.boxed(),
-        tmf_resp.boxed(),
-        login_resp.boxed(),
-        text_resp.boxed(),
-    ]
+    vec![login_resp.boxed(), text_resp.boxed()]
 }
 
-/// The other headers a target sends: Data-In, Logout Response, R2T, Async Message, Reject.
+/// The headers of a target's data transfers and logout: Data-In, Logout Response, R2T.
 fn transfer_headers() -> Vec<BoxedStrategy<Header>> {
     let data_in = (
         (
@@ -422,6 +423,11 @@ fn transfer_headers() -> Vec<BoxedStrategy<Header>> {
                 })
             },
         );
+    vec![data_in.boxed(), logout_resp.boxed(), r2t.boxed()]
+}
+
+/// The headers a target sends unasked: Async Message, Reject.
+fn event_headers() -> Vec<BoxedStrategy<Header>> {
     let async_msg = (
         (any::<u64>(), sequence()),
         (
@@ -458,13 +464,7 @@ fn transfer_headers() -> Vec<BoxedStrategy<Header>> {
             })
         },
     );
-    vec![
-        data_in.boxed(),
-        logout_resp.boxed(),
-        r2t.boxed(),
-        async_msg.boxed(),
-        reject.boxed(),
-    ]
+    vec![async_msg.boxed(), reject.boxed()]
 }
 
 fn digests() -> impl Strategy<Value = Digests> {
