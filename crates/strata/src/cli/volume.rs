@@ -152,22 +152,7 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
                 .await
                 .map_err(api_error)?
                 .into_inner();
-            target.print(&l.volumes, |vols| {
-                println!(
-                    "{:<20} {:<7} {:>10} {:<9} EXPORTS",
-                    "VOLUME", "KIND", "SIZE", "STATE"
-                );
-                for v in vols {
-                    println!(
-                        "{:<20} {:<7} {:>10} {:<9} {}",
-                        v.spec.as_ref().map_or("", |s| s.name.as_str()),
-                        v.kind,
-                        human_bytes(v.size),
-                        v.state,
-                        v.exports.join(" ")
-                    );
-                }
-            })
+            target.print(&l.volumes, |vols| print_volumes(vols))
         }
         VolumeCommand::Label { name, set, remove } => {
             let v = c
@@ -212,6 +197,24 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
                 .into_inner();
             target.print(&v, show)
         }
+    }
+}
+
+/// The volume table of `strata volume list`.
+fn print_volumes(vols: &[pb::Volume]) {
+    println!(
+        "{:<20} {:<7} {:>10} {:<9} EXPORTS",
+        "VOLUME", "KIND", "SIZE", "STATE"
+    );
+    for v in vols {
+        println!(
+            "{:<20} {:<7} {:>10} {:<9} {}",
+            v.spec.as_ref().map_or("", |s| s.name.as_str()),
+            v.kind,
+            human_bytes(v.size),
+            v.state,
+            v.exports.join(" ")
+        );
     }
 }
 
