@@ -56,7 +56,8 @@ where
     concurrency(make(SIZE).await).await;
 }
 
-fn pattern(seed: u64, len: usize) -> Bytes {
+/// `len` pseudo-random bytes, the same for the same `seed`: data a test writes and checks.
+pub fn pattern(seed: u64, len: usize) -> Bytes {
     let mut v = vec![0u8; len];
     SmallRng::seed_from_u64(seed).fill_bytes(&mut v);
     Bytes::from(v)

@@ -13,14 +13,22 @@
 //!
 //! This crate also holds the memory device ([`MemDevice`], `mem://`), the fault-injecting
 //! wrapper ([`FaultDevice`]) and, behind the `conformance` feature, the suite every device runs.
+//! What the protocol crates share beside the trait lives here too: [`wire`] (the queue of
+//! replies a target writes with vectored writes), [`field`] (integers at byte offsets, big- and
+//! little-endian), [`call`] (how a remote device names a call
+//! in its errors), [`units`] (sizes and durations in settings) and the URI helpers
+//! ([`DeviceUri::take_secs`], [`tcp_address`]).
 
+pub mod call;
 mod device;
 mod error;
 pub mod fault;
+pub mod field;
 mod mem;
 pub mod stats;
 pub mod units;
 mod uri;
+pub mod wire;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -34,4 +42,4 @@ pub use error::{Error, ErrorKind, Result};
 pub use fault::{FaultDevice, FaultHandle};
 pub use mem::{MemDevice, MemOpener};
 pub use stats::{IoStats, StatsDevice};
-pub use uri::{parse_size, DeviceUri, Opener, Registry};
+pub use uri::{parse_secs, parse_size, tcp_address, DeviceUri, Opener, Registry};

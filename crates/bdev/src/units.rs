@@ -1,6 +1,7 @@
 //! Serde helpers for settings that people write by hand: sizes as a number of bytes or with a
-//! binary unit (`"64M"`), durations as seconds (`30`, `0.5`). Every crate's settings struct uses
-//! them, so a size or a duration reads the same in every section of a configuration file.
+//! binary unit (`"64M"`), durations as seconds (`30`, `0.5`) or with a unit (`"500ms"`, `"5m"`).
+//! Every crate's settings struct uses them, so a size or a duration reads the same in every
+//! section of a configuration file.
 //!
 //! ```
 //! #[derive(serde::Deserialize)]

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -111,6 +112,20 @@ impl DeviceUri {
             .transpose()
     }
 
+    /// Remove `key` and parse it as a number of seconds (`30`, `2.5`) above 0, or also 0 when
+    /// `zero_ok` (a limit of 0 meaning none, for instance).
+    pub fn take_secs(&mut self, key: &str, zero_ok: bool) -> Result<Option<Duration>> {
+        let Some(v) = self.take(key) else {
+            return Ok(None);
+        };
+        parse_secs(&v, zero_ok).map(Some).ok_or_else(|| {
+            self.invalid(&format!(
+                "{key}={v:?}: expected a number of seconds{}",
+                if zero_ok { "" } else { " above 0" }
+            ))
+        })
+    }
+
     /// Fail if any query key was not taken; `known` lists the keys the backend accepts.
     pub fn finish(&self, known: &[&str]) -> Result<()> {
         match self.query.first() {
@@ -160,6 +175,62 @@ fn percent_decode(s: &str) -> std::result::Result<String, String> {
         }
     }
     String::from_utf8(out).map_err(|_| "percent escapes do not form UTF-8".to_string())
+}
+
+/// A number of seconds as a URI writes it (`30`, `2.5`): above 0, or also 0 when `zero_ok`.
+pub fn parse_secs(text: &str, zero_ok: bool) -> Option<Duration> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 || (zero_ok && *s == 0.0))
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+}
+
+/// `host:port` for a TCP connection from a URI authority: `HOST`, `HOST:PORT`, `[IPV6]` or
+/// `[IPV6]:PORT`, the port `default_port` when it is missing. An IPv6 address must be written in
+/// brackets (`ipv6_example` shows how, in the message). A missing host is `localhost`, or the
+/// error `missing_host` when that is given.
+pub fn tcp_address(
+    authority: &str,
+    default_port: u16,
+    ipv6_example: &str,
+    missing_host: Option<&str>,
+) -> std::result::Result<String, String> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (h, after) = rest
+            .split_once(']')
+            .ok_or("an IPv6 address misses its closing ]")?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or("expected :PORT after the IPv6 address")?,
+            ),
+        };
+        (format!("[{h}]"), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, _)) if h.contains(':') => {
+                return Err(format!(
+                    "write IPv6 addresses in brackets, e.g. {ipv6_example}"
+                ))
+            }
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    let host = match (host.as_str(), missing_host) {
+        ("" | "[]", Some(why)) => return Err(why.to_string()),
+        ("", None) => "localhost".to_string(),
+        _ => host,
+    };
+    let port = match port {
+        None | Some("") => default_port,
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("port {p:?} is not a number from 0 to 65535"))?,
+    };
+    Ok(format!("{host}:{port}"))
 }
 
 /// Parse a size: a number with an optional binary unit (K, M, G, T, P; optionally followed by
@@ -287,6 +358,53 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unit"));
+    }
+
+    #[test]
+    fn seconds() {
+        let mut u = DeviceUri::parse("nbd://h/e?timeout=2.5&kato=0&t=0&x=soon").unwrap();
+        assert_eq!(
+            u.take_secs("timeout", false).unwrap(),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(u.take_secs("kato", true).unwrap(), Some(Duration::ZERO));
+        let e = u.take_secs("t", false).unwrap_err().to_string();
+        assert!(
+            e.contains("t=\"0\": expected a number of seconds above 0"),
+            "{e}"
+        );
+        let e = u.take_secs("x", true).unwrap_err().to_string();
+        assert!(
+            e.ends_with("x=\"soon\": expected a number of seconds"),
+            "{e}"
+        );
+        assert_eq!(u.take_secs("absent", false).unwrap(), None);
+        assert_eq!(parse_secs(" 3 ", false), Some(Duration::from_secs(3)));
+        assert_eq!(parse_secs("-1", true), None);
+        assert_eq!(parse_secs("1e300", false), None);
+    }
+
+    #[test]
+    fn tcp_addresses() {
+        let nbd = |a: &str| tcp_address(a, 10809, "nbd://[::1]:10809/EXPORT", None);
+        assert_eq!(nbd("").unwrap(), "localhost:10809");
+        assert_eq!(nbd("h").unwrap(), "h:10809");
+        assert_eq!(nbd("h:99").unwrap(), "h:99");
+        assert_eq!(nbd("h:").unwrap(), "h:10809");
+        assert_eq!(nbd(":7").unwrap(), "localhost:7");
+        assert_eq!(nbd("[::1]").unwrap(), "[::1]:10809");
+        assert_eq!(nbd("[::1]:7").unwrap(), "[::1]:7");
+        assert!(nbd("::1")
+            .unwrap_err()
+            .contains("e.g. nbd://[::1]:10809/EXPORT"));
+        assert!(nbd("h:99999").unwrap_err().contains("port \"99999\""));
+        assert!(nbd("[::1").unwrap_err().contains("closing ]"));
+        assert!(nbd("[::1]x").unwrap_err().contains(":PORT"));
+        let need = |a: &str| tcp_address(a, 4420, "nvmf://[::1]:4420/NQN", Some("no host"));
+        assert_eq!(need("h").unwrap(), "h:4420");
+        for missing in ["", ":4420", "[]", "[]:1", ":99999"] {
+            assert_eq!(need(missing).unwrap_err(), "no host", "{missing}");
+        }
     }
 
     #[test]

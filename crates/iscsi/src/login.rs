@@ -152,6 +152,25 @@ struct Exchange<'a, R, W> {
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<'_, R, W> {
+    /// A login request in stage `csg` with next stage `nsg`, asking to move on to it
+    /// (`transit`, the T bit) or not, and saying whether more of its text follows (the C bit).
+    fn request(&self, csg: u8, nsg: u8, transit: bool, continue_: bool) -> LoginRequest {
+        LoginRequest {
+            transit,
+            continue_,
+            csg,
+            nsg,
+            version_max: 0,
+            version_min: 0,
+            isid: self.params.isid,
+            tsih: self.tsih,
+            itt: self.itt,
+            cid: 0,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        }
+    }
+
     /// Send one login request (split if the text is long) and gather the whole response.
     async fn round(
         &mut self,
@@ -169,20 +188,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<'_, R, W> {
         let mut resp = None;
         for (i, chunk) in chunks.iter().enumerate() {
             let more = i + 1 < chunks.len();
-            let h = LoginRequest {
-                transit: nsg.is_some() && !more,
-                continue_: more,
-                csg,
-                nsg: nsg.unwrap_or(0),
-                version_max: 0,
-                version_min: 0,
-                isid: self.params.isid,
-                tsih: self.tsih,
-                itt: self.itt,
-                cid: 0,
-                cmd_sn: self.cmd_sn,
-                exp_stat_sn: self.exp_stat_sn,
-            };
+            let h = self.request(csg, nsg.unwrap_or(0), nsg.is_some() && !more, more);
             write_frame(
                 self.w,
                 &Frame::new(Header::LoginRequest(h), Bytes::copy_from_slice(chunk)),
@@ -204,20 +210,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<'_, R, W> {
             if data.len() > MAX_LOGIN_TEXT {
                 return Err(negotiation("the login response text is too long"));
             }
-            let req = LoginRequest {
-                transit: false,
-                continue_: false,
-                csg,
-                nsg: 0,
-                version_max: 0,
-                version_min: 0,
-                isid: self.params.isid,
-                tsih: self.tsih,
-                itt: self.itt,
-                cid: 0,
-                cmd_sn: self.cmd_sn,
-                exp_stat_sn: self.exp_stat_sn,
-            };
+            let req = self.request(csg, 0, false, false);
             write_frame(
                 self.w,
                 &Frame::new(Header::LoginRequest(req), Bytes::new()),
@@ -302,7 +295,20 @@ where
         max_cmd_sn: 1,
     };
 
-    // Security negotiation.
+    let h = security(&mut x, params).await?;
+    operational(&mut x, params, h).await
+}
+
+/// Security negotiation (CHAP, or none), until the target moves on to operational negotiation
+/// or straight to the full feature phase; the last response.
+async fn security<R, W>(
+    x: &mut Exchange<'_, R, W>,
+    params: &LoginParams,
+) -> Result<LoginResponse, LoginError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut first = vec![
         pair("InitiatorName", &params.initiator),
         pair("SessionType", "Normal"),
@@ -388,8 +394,20 @@ where
             .await?;
         h = next;
     }
+    Ok(h)
+}
 
-    // Operational negotiation.
+/// Operational negotiation after the security stage's last response `h`: the session's
+/// parameters.
+async fn operational<R, W>(
+    x: &mut Exchange<'_, R, W>,
+    params: &LoginParams,
+    h: LoginResponse,
+) -> Result<Negotiated, LoginError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut neg = Negotiated {
         digests: Digests::default(),
         max_xmit_data_segment: 8192,

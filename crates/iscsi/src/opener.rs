@@ -1,10 +1,11 @@
 //! `iscsi://HOST[:PORT]/IQN[/LUN]?…`: the URI form of an [`IscsiDevice`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use strata_bdev::{BlockDevice, DeviceUri, Error, ErrorKind, Opener, Registry, Result};
+use strata_bdev::{
+    parse_secs, tcp_address, BlockDevice, DeviceUri, Error, ErrorKind, Opener, Registry, Result,
+};
 
 use crate::host::{IscsiDevice, IscsiOptions, Portal, DEFAULT_PORT};
 use crate::login::Chap;
@@ -58,7 +59,13 @@ impl IscsiOpener {
         if uri.scheme != "iscsi" {
             return Err(invalid("the iSCSI initiator opens iscsi:// URIs"));
         }
-        let address = tcp_address(&uri.authority).map_err(|why| invalid(&why))?;
+        let address = tcp_address(
+            &uri.authority,
+            DEFAULT_PORT,
+            "iscsi://[::1]/IQN",
+            Some("the host is missing: iscsi://HOST[:PORT]/IQN[/LUN]"),
+        )
+        .map_err(|why| invalid(&why))?;
         let path = uri.path.trim_start_matches('/');
         let mut parts = path.splitn(2, '/');
         let target = parts.next().unwrap_or_default().to_string();
@@ -99,12 +106,7 @@ impl IscsiOpener {
             }
         }
         if let Some(v) = uri.take("timeout") {
-            o.timeout = v
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|s| *s > 0.0)
-                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            o.timeout = parse_secs(&v, false)
                 .ok_or_else(|| invalid(&format!("timeout={v:?}: expected seconds above 0")))?;
         }
         if let Some(v) = uri.take("initiator") {
@@ -158,44 +160,11 @@ pub fn redact(uri: &str) -> String {
     format!("{base}?{}", query.join("&"))
 }
 
-/// `host:port` from a URI authority (port 3260 by default; IPv6 in brackets).
-fn tcp_address(authority: &str) -> std::result::Result<String, String> {
-    if authority.is_empty() {
-        return Err("the host is missing: iscsi://HOST[:PORT]/IQN[/LUN]".into());
-    }
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (h, after) = rest
-            .split_once(']')
-            .ok_or("an IPv6 address misses its closing ]")?;
-        let port = match after {
-            "" => None,
-            p => Some(
-                p.strip_prefix(':')
-                    .ok_or("expected :PORT after the IPv6 address")?,
-            ),
-        };
-        (format!("[{h}]"), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, _)) if h.contains(':') => {
-                return Err("write IPv6 addresses in brackets, e.g. iscsi://[::1]/IQN".into())
-            }
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
-    let port = match port {
-        None | Some("") => DEFAULT_PORT,
-        Some(p) => p
-            .parse::<u16>()
-            .map_err(|_| format!("port {p:?} is not a number from 0 to 65535"))?,
-    };
-    Ok(format!("{host}:{port}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::time::Duration;
 
     fn parse(uri: &str) -> Result<(Portal, IscsiOptions)> {
         IscsiOpener::default().parse(&mut DeviceUri::parse(uri)?)

@@ -1,9 +1,12 @@
 //! The nexus under the conformance suite, injected faults, rebuilds and random interleavings.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_bdev::conformance::{run, Expect};
+use common::{mem, state, write, MIB};
+use strata_bdev::conformance::{pattern, run, Expect};
 use strata_bdev::fault::{Action, Op, Rule};
 use strata_bdev::{
     BlockDevice, Bytes, ErrorKind, FaultDevice, FaultHandle, MemDevice, WriteOpts, ZeroOpts,
@@ -11,12 +14,6 @@ use strata_bdev::{
 use strata_nexus::{
     ChildState, Nexus, NexusError, NexusSettings, RebuildKind, RebuildOutcome, RebuildState,
 };
-
-const MIB: u64 = 1 << 20;
-
-fn mem(name: &str, size: u64) -> Arc<MemDevice> {
-    Arc::new(MemDevice::new(name, size))
-}
 
 /// A nexus over `n` memory children wrapped in fault injectors.
 struct Rig {
@@ -44,33 +41,8 @@ fn rig(n: usize, size: u64, settings: NexusSettings) -> Rig {
     }
 }
 
-fn pattern(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Bytes::from(
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>(),
-    )
-}
-
 async fn contents(d: &dyn BlockDevice, size: u64) -> Bytes {
     d.read_at(0, size as usize).await.expect("read a child")
-}
-
-fn state(nexus: &Nexus, child: &str) -> ChildState {
-    nexus.status().child(child).expect("child").state.clone()
-}
-
-async fn write(nexus: &Nexus, offset: u64, data: Bytes) {
-    nexus
-        .write_at(offset, data, WriteOpts::default())
-        .await
-        .expect("write through the nexus");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

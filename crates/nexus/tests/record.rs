@@ -2,10 +2,13 @@
 //! or copies stale data.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use common::{mem, state, write, MIB};
 use futures_util::FutureExt;
 use strata_bdev::fault::{Op, Rule};
 use strata_bdev::{
@@ -16,8 +19,6 @@ use strata_nexus::{
     RebuildOutcome, RecordedState, RestoreChild,
 };
 use tokio::sync::{Notify, RwLock};
-
-const MIB: u64 = 1 << 20;
 
 /// A ledger in memory that can be held shut (saves wait) or made to fail.
 #[derive(Default)]
@@ -63,10 +64,6 @@ fn child(name: &str, state: RecordedState, dirty: Option<Vec<(u64, u64)>>) -> Ch
     }
 }
 
-fn mem(name: &str, size: u64) -> Arc<MemDevice> {
-    Arc::new(MemDevice::new(name, size))
-}
-
 fn present(name: &str, dev: Arc<dyn BlockDevice>) -> RestoreChild {
     RestoreChild {
         name: name.into(),
@@ -90,17 +87,6 @@ fn settings() -> NexusSettings {
 
 fn fill(byte: u8, len: usize) -> Bytes {
     Bytes::from(vec![byte; len])
-}
-
-fn state(nexus: &Nexus, child: &str) -> ChildState {
-    nexus.status().child(child).expect("child").state.clone()
-}
-
-async fn write(nexus: &Nexus, offset: u64, data: Bytes) {
-    nexus
-        .write_at(offset, data, WriteOpts::default())
-        .await
-        .expect("write through the nexus");
 }
 
 /// A new recorded nexus over memory children `a` and `b` (b through a fault injector), with b's

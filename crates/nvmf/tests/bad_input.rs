@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use common::*;
+use strata_bdev::conformance::pattern;
 use strata_bdev::{BlockDevice, BlockDeviceExt, WriteOpts};
 use strata_nvmf::codec::pdu::{encode_capsule_cmd, encode_data_header, CMD_HLEN};
 use strata_nvmf::codec::{

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::*;
+use strata_bdev::conformance::pattern;
 use strata_bdev::{
     BlockDevice, Bytes, Capabilities, ErrorKind, Geometry, MemDevice, Registry, Result, WriteOpts,
 };

@@ -253,7 +253,7 @@ fn the_linux_kernel_and_strata_nvme_tcp_both_ways() {
             .await
             .expect("connect with digests");
         for (i, len) in [(0u64, 4096usize), (1, 65536), (2, 3 << 20)] {
-            let data = common::pattern(i, len);
+            let data = strata_bdev::conformance::pattern(i, len);
             dev.write_at(i * (4 * MIB), data.clone(), WriteOpts::default())
                 .await
                 .expect("write with digests");

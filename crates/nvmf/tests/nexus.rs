@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use strata_bdev::conformance::pattern;
 use strata_bdev::{BlockDevice, WriteOpts};
 use strata_nexus::{ChildState, Nexus, NexusSettings, RebuildOutcome};
 use strata_nvmf::{HostOptions, Subsystem, TargetSettings};

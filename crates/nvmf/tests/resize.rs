@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use strata_bdev::conformance::pattern;
 use strata_bdev::{BlockDevice, WriteOpts};
 use strata_nvmf::codec::{aen, cns, feature, log_id, Command, Digests, IdentifyNamespace};
 use strata_nvmf::{HostOptions, TargetSettings};

@@ -34,11 +34,15 @@
 //! binaries build it once). Errors say what is missing and how to get it (`scripts/test.sh`
 //! installs qemu); nothing is skipped.
 //!
+//! [`host`] starts the programs a test runs beside the VM (qemu-nbd, qemu-storage-daemon) and
+//! stops them when the test drops them.
+//!
 //! Set `STRATA_VM_CONSOLE=1` to copy the guest's console to stderr as it arrives.
 
 pub mod console;
 pub mod cpio;
 pub mod elf;
+pub mod host;
 pub mod image;
 pub mod nvme;
 mod nvmet;

@@ -6,25 +6,16 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use strata_testkit::host::{HostProcess, QEMU_UTILS};
 use strata_testkit::vm::{Vm, VmConfig};
 use strata_testkit::{free_port, pattern, wait_for_port};
 
 const SHORT: Duration = Duration::from_secs(60);
 const LONG: Duration = Duration::from_secs(300);
 const DISK_SIZE: u64 = 1 << 30;
-
-/// A host process killed when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn kernel_nbd_client_against_a_host_server() {
@@ -34,15 +25,14 @@ fn kernel_nbd_client_against_a_host_server() {
         .and_then(|file| file.set_len(DISK_SIZE))
         .expect("create a sparse 1 GiB disk file");
     let port = free_port().expect("a free port");
-    let server = Server(
+    let server = HostProcess::spawn(
         Command::new("qemu-nbd")
             .args(["--format=raw", "--persistent", "--bind=127.0.0.1"])
             .arg(format!("--port={port}"))
-            .arg(&disk)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start qemu-nbd (qemu-utils: scripts/test.sh installs it)"),
-    );
+            .arg(&disk),
+        QEMU_UTILS,
+    )
+    .expect("start qemu-nbd");
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     wait_for_port(addr, SHORT).expect("qemu-nbd listens");
 

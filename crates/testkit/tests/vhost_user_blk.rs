@@ -5,25 +5,15 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use strata_testkit::host::storage_daemon;
 use strata_testkit::pattern;
 use strata_testkit::vm::{VhostUserBlk, Vm, VmConfig};
 
 const SHORT: Duration = Duration::from_secs(60);
 const LONG: Duration = Duration::from_secs(300);
 const DISK_SIZE: u64 = 64 << 20;
-
-/// A host process killed when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn vhost_user_blk_disk() {
@@ -33,34 +23,8 @@ fn vhost_user_blk_disk() {
         .and_then(|file| file.set_len(DISK_SIZE))
         .expect("create a 64 MiB disk file");
     let socket = dir.path().join("vhost-user-blk.sock");
-    let mut server = Server(
-        Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=disk0,filename={}",
-                disk.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=export0,node-name=disk0,writable=on,num-queues=2,\
-                 addr.type=unix,addr.path={}",
-                socket.display()
-            ))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start qemu-storage-daemon (qemu-utils: scripts/test.sh installs it)"),
-    );
-    let deadline = Instant::now() + SHORT;
-    while !socket.exists() {
-        if let Ok(Some(status)) = server.0.try_wait() {
-            panic!("qemu-storage-daemon exited ({status})");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "qemu-storage-daemon made no socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let server =
+        storage_daemon(&disk, &socket, false, SHORT).expect("qemu-storage-daemon serves the disk");
 
     let config = VmConfig {
         memory_mib: 512,

@@ -695,7 +695,7 @@ fn a_front_end_that_comes_back_finds_its_data() {
     // The export restarts (as after a daemon restart): the socket is back, the data too.
     h.stop("vol");
     assert!(
-        !common::is_socket(&h.socket("vol")),
+        !strata_testkit::host::is_socket(&h.socket("vol")),
         "the socket is removed"
     );
     let _export = h.serve("vol", device.clone(), false);

@@ -14,13 +14,13 @@ mod common;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{wait_until, Growable, Harness};
 use strata_bdev::BlockDevice;
 use strata_bdev_file::{FileDevice, FileOptions};
+use strata_testkit::host::storage_daemon;
 use strata_testkit::pattern;
 use strata_testkit::vm::{VhostUserBlk, Vm, VmConfig};
 use strata_vhost_user_blk::VhostUserSettings;
@@ -28,48 +28,6 @@ use strata_vhost_user_blk::VhostUserSettings;
 const SHORT: Duration = Duration::from_secs(60);
 const LONG: Duration = Duration::from_secs(600);
 const DISK_SIZE: u64 = 64 << 20;
-
-/// qemu-storage-daemon, killed when dropped.
-struct StorageDaemon(Child);
-
-impl Drop for StorageDaemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn storage_daemon(file: &Path, socket: &Path) -> StorageDaemon {
-    let mut daemon = StorageDaemon(
-        Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=disk0,filename={},discard=unmap",
-                file.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=export0,node-name=disk0,writable=on,num-queues=2,\
-                 addr.type=unix,addr.path={}",
-                socket.display()
-            ))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start qemu-storage-daemon (qemu-utils: scripts/test.sh installs it)"),
-    );
-    let deadline = Instant::now() + SHORT;
-    while !common::is_socket(socket) {
-        if let Ok(Some(status)) = daemon.0.try_wait() {
-            panic!("qemu-storage-daemon exited ({status})");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "qemu-storage-daemon made no socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    daemon
-}
 
 fn sparse_file(path: &Path, size: u64) {
     File::create(path)
@@ -201,7 +159,8 @@ fn guests_use_vhost_user_disks() {
     let qsd_path = dir.join("qsd.img");
     sparse_file(&qsd_path, DISK_SIZE);
     let qsd_socket = dir.join("qsd.sock");
-    let _qsd = storage_daemon(&qsd_path, &qsd_socket);
+    let _qsd = storage_daemon(&qsd_path, &qsd_socket, true, SHORT)
+        .expect("qemu-storage-daemon serves the reference disk");
 
     let read_file = |path: std::path::PathBuf| -> Box<dyn Fn(u64, usize) -> Vec<u8>> {
         Box::new(move |offset, len| {

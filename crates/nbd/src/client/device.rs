@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use strata_bdev::call::Op;
 use strata_bdev::{
     check_io, read_only_error, write_zeroes_by_writing, BlockDevice, Capabilities, Error,
     ErrorKind, Extent, Geometry, Result, WriteOpts, ZeroOpts,
@@ -536,7 +537,7 @@ impl BlockDevice for NbdDevice {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.run(Op::new("flush", 0, 0), self.flush_inner()).await
+        self.run(Op::whole("flush"), self.flush_inner()).await
     }
 
     async fn trim(&self, offset: u64, len: u64, opts: WriteOpts) -> Result<()> {
@@ -614,34 +615,6 @@ impl BlockDevice for NbdDevice {
             self.effect_pieces(cmd::CACHE, 0, offset, len, false),
         )
         .await
-    }
-}
-
-/// What a call was, for its error message.
-#[derive(Debug, Clone, Copy)]
-struct Op {
-    verb: &'static str,
-    offset: u64,
-    len: u64,
-}
-
-impl Op {
-    fn new(verb: &'static str, offset: u64, len: u64) -> Op {
-        Op { verb, offset, len }
-    }
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.verb == "flush" {
-            f.write_str("flush")
-        } else {
-            write!(
-                f,
-                "{} {} bytes at offset {}",
-                self.verb, self.len, self.offset
-            )
-        }
     }
 }
 

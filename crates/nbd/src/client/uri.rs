@@ -2,12 +2,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use strata_bdev::{BlockDevice, DeviceUri, Opener, Result};
+use strata_bdev::{tcp_address, BlockDevice, DeviceUri, Opener, Result};
 
 use super::{ClientOptions, NbdDevice, Target, DEFAULT_PORT};
+
+/// How an IPv6 host is written in an `nbd://` URI.
+const NBD_IPV6: &str = "nbd://[::1]:10809/EXPORT";
 
 /// Opens `nbd://HOST[:PORT]/EXPORT` and `nbd+unix:///EXPORT?socket=PATH` (the NBD project's URI
 /// standard; the export is the path after the first `/`, and may be empty for the server's
@@ -27,7 +29,10 @@ impl NbdOpener {
     /// The target, export and options `uri` names, consuming its query keys.
     pub fn parse(&self, uri: &mut DeviceUri) -> Result<(Target, String, ClientOptions)> {
         let target = match uri.scheme.as_str() {
-            "nbd" => Target::Tcp(tcp_address(&uri.authority).map_err(|why| uri.invalid(&why))?),
+            "nbd" => Target::Tcp(
+                tcp_address(&uri.authority, DEFAULT_PORT, NBD_IPV6, None)
+                    .map_err(|why| uri.invalid(&why))?,
+            ),
             "nbd+unix" => {
                 if !uri.authority.is_empty() {
                     return Err(uri.invalid(
@@ -51,10 +56,10 @@ impl NbdOpener {
         };
         let export = uri.path.strip_prefix('/').unwrap_or(&uri.path).to_string();
         let mut options = self.options.clone();
-        if let Some(t) = take_seconds(uri, "timeout")? {
+        if let Some(t) = uri.take_secs("timeout", false)? {
             options.request_timeout = Some(t);
         }
-        if let Some(t) = take_seconds(uri, "connect_timeout")? {
+        if let Some(t) = uri.take_secs("connect_timeout", false)? {
             options.connect_timeout = t;
         }
         let known: &[&str] = if matches!(target, Target::Unix(_)) {
@@ -77,80 +82,11 @@ impl Opener for NbdOpener {
     }
 }
 
-fn take_seconds(uri: &mut DeviceUri, key: &str) -> Result<Option<Duration>> {
-    let Some(v) = uri.take(key) else {
-        return Ok(None);
-    };
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|s| *s > 0.0)
-        .and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .map(Some)
-        .ok_or_else(|| {
-            uri.invalid(&format!(
-                "{key}={v:?}: expected a number of seconds above 0"
-            ))
-        })
-}
-
-/// `host:port` from a URI authority: the host defaults to localhost, the port to 10809; IPv6
-/// addresses are written in brackets.
-fn tcp_address(authority: &str) -> std::result::Result<String, String> {
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (h, after) = rest
-            .split_once(']')
-            .ok_or("an IPv6 address misses its closing ]")?;
-        let port = match after {
-            "" => None,
-            p => Some(
-                p.strip_prefix(':')
-                    .ok_or("expected :PORT after the IPv6 address")?,
-            ),
-        };
-        (format!("[{h}]"), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, _)) if h.contains(':') => {
-                return Err(
-                    "write IPv6 addresses in brackets, e.g. nbd://[::1]:10809/EXPORT".into(),
-                )
-            }
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
-    let port = match port {
-        None | Some("") => DEFAULT_PORT,
-        Some(p) => p
-            .parse::<u16>()
-            .map_err(|_| format!("port {p:?} is not a number from 0 to 65535"))?,
-    };
-    let host = if host.is_empty() {
-        "localhost".to_string()
-    } else {
-        host
-    };
-    Ok(format!("{host}:{port}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn tcp_addresses() {
-        assert_eq!(tcp_address("").unwrap(), "localhost:10809");
-        assert_eq!(tcp_address("h").unwrap(), "h:10809");
-        assert_eq!(tcp_address("h:99").unwrap(), "h:99");
-        assert_eq!(tcp_address("h:").unwrap(), "h:10809");
-        assert_eq!(tcp_address("[::1]").unwrap(), "[::1]:10809");
-        assert_eq!(tcp_address("[::1]:7").unwrap(), "[::1]:7");
-        assert!(tcp_address("::1").is_err());
-        assert!(tcp_address("h:99999").is_err());
-        assert!(tcp_address("[::1").is_err());
-        assert!(tcp_address("[::1]x").is_err());
-    }
+    use std::time::Duration;
 
     #[test]
     fn uris() {

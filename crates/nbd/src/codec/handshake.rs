@@ -2,6 +2,8 @@
 
 use bytes::{BufMut, BytesMut};
 
+use strata_bdev::field::{be16, be32, be64};
+
 use super::*;
 
 /// The server's greeting: `NBDMAGIC IHAVEOPT flags`.
@@ -14,20 +16,20 @@ pub fn encode_greeting(buf: &mut BytesMut, flags: u16) {
 /// Parse the server's 18-byte greeting; returns its handshake flags.
 pub fn decode_greeting(b: &[u8]) -> Result<u16, ProtocolError> {
     need("greeting", b, 18)?;
-    let magic = be_u64(b, 0);
+    let magic = be64(b, 0);
     if magic != NBD_MAGIC {
         return Err(ProtocolError::BadMagic {
             expected: NBD_MAGIC,
             found: magic,
         });
     }
-    let style = be_u64(b, 8);
+    let style = be64(b, 8);
     if style != IHAVEOPT {
         return Err(ProtocolError::Invalid(format!(
             "server speaks oldstyle or an unknown style ({style:#x}); only newstyle is supported"
         )));
     }
-    Ok(be_u16(b, 16))
+    Ok(be16(b, 16))
 }
 
 /// The header of an option the client sends: `IHAVEOPT option length`.
@@ -40,7 +42,7 @@ pub struct OptionHeader {
 /// Parse a 16-byte option header.
 pub fn decode_option_header(b: &[u8]) -> Result<OptionHeader, ProtocolError> {
     need("option header", b, OPTION_HEADER_LEN)?;
-    let magic = be_u64(b, 0);
+    let magic = be64(b, 0);
     if magic != IHAVEOPT {
         return Err(ProtocolError::BadMagic {
             expected: IHAVEOPT,
@@ -48,8 +50,8 @@ pub fn decode_option_header(b: &[u8]) -> Result<OptionHeader, ProtocolError> {
         });
     }
     Ok(OptionHeader {
-        option: be_u32(b, 8),
-        len: be_u32(b, 12),
+        option: be32(b, 8),
+        len: be32(b, 12),
     })
 }
 
@@ -154,7 +156,7 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, ProtocolEr
 
 fn parse_info_request(b: &[u8]) -> Result<InfoRequest, ProtocolError> {
     need("NBD_OPT_GO/INFO data", b, 6)?;
-    let name_len = be_u32(b, 0) as usize;
+    let name_len = be32(b, 0) as usize;
     if name_len > b.len() - 6 {
         return Err(ProtocolError::Invalid(format!(
             "export name length {name_len} exceeds the option's data ({} bytes)",
@@ -163,20 +165,20 @@ fn parse_info_request(b: &[u8]) -> Result<InfoRequest, ProtocolError> {
     }
     let name = string("export name", &b[4..4 + name_len])?;
     let rest = &b[4 + name_len..];
-    let n = be_u16(rest, 0) as usize;
+    let n = be16(rest, 0) as usize;
     if rest.len() != 2 + 2 * n {
         return Err(ProtocolError::Invalid(format!(
             "NBD_OPT_GO/INFO lists {n} information requests but carries {} bytes for them",
             rest.len() - 2
         )));
     }
-    let requests = (0..n).map(|i| be_u16(rest, 2 + 2 * i)).collect();
+    let requests = (0..n).map(|i| be16(rest, 2 + 2 * i)).collect();
     Ok(InfoRequest { name, requests })
 }
 
 fn parse_meta_request(b: &[u8]) -> Result<MetaRequest, ProtocolError> {
     need("meta context data", b, 8)?;
-    let name_len = be_u32(b, 0) as usize;
+    let name_len = be32(b, 0) as usize;
     if name_len > b.len() - 8 {
         return Err(ProtocolError::Invalid(format!(
             "export name length {name_len} exceeds the option's data ({} bytes)",
@@ -185,12 +187,12 @@ fn parse_meta_request(b: &[u8]) -> Result<MetaRequest, ProtocolError> {
     }
     let export = string("export name", &b[4..4 + name_len])?;
     let mut at = 4 + name_len;
-    let n = be_u32(b, at) as usize;
+    let n = be32(b, at) as usize;
     at += 4;
     let mut queries = Vec::new();
     for _ in 0..n {
         need("meta context query", &b[at..], 4)?;
-        let len = be_u32(b, at) as usize;
+        let len = be32(b, at) as usize;
         at += 4;
         if len > b.len() - at {
             return Err(ProtocolError::Invalid(format!(
@@ -254,7 +256,7 @@ pub struct OptionReplyHeader {
 /// Parse a 20-byte option reply header.
 pub fn decode_option_reply_header(b: &[u8]) -> Result<OptionReplyHeader, ProtocolError> {
     need("option reply header", b, OPTION_REPLY_HEADER_LEN)?;
-    let magic = be_u64(b, 0);
+    let magic = be64(b, 0);
     if magic != OPT_REPLY_MAGIC {
         return Err(ProtocolError::BadMagic {
             expected: OPT_REPLY_MAGIC,
@@ -262,9 +264,9 @@ pub fn decode_option_reply_header(b: &[u8]) -> Result<OptionReplyHeader, Protoco
         });
     }
     Ok(OptionReplyHeader {
-        option: be_u32(b, 8),
-        reply_type: be_u32(b, 12),
-        len: be_u32(b, 16),
+        option: be32(b, 8),
+        reply_type: be32(b, 12),
+        len: be32(b, 16),
     })
 }
 
@@ -326,12 +328,12 @@ pub enum Info {
 pub fn parse_info(b: &[u8]) -> Result<Info, ProtocolError> {
     need("NBD_REP_INFO", b, 2)?;
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    Ok(match be_u16(b, 0) {
+    Ok(match be16(b, 0) {
         info::EXPORT => {
             need("NBD_INFO_EXPORT", b, 12)?;
             Info::Export {
-                size: be_u64(b, 2),
-                flags: be_u16(b, 10),
+                size: be64(b, 2),
+                flags: be16(b, 10),
             }
         }
         info::NAME => Info::Name(text(&b[2..])),
@@ -339,9 +341,9 @@ pub fn parse_info(b: &[u8]) -> Result<Info, ProtocolError> {
         info::BLOCK_SIZE => {
             need("NBD_INFO_BLOCK_SIZE", b, 14)?;
             Info::BlockSize(BlockSizes {
-                minimum: be_u32(b, 2),
-                preferred: be_u32(b, 6),
-                maximum: be_u32(b, 10),
+                minimum: be32(b, 2),
+                preferred: be32(b, 6),
+                maximum: be32(b, 10),
             })
         }
         other => Info::Unknown(other),
@@ -368,5 +370,5 @@ pub fn encode_export_name_reply(buf: &mut BytesMut, size: u64, flags: u16, no_ze
 /// Parse the data of `NBD_REP_META_CONTEXT`: the context id and its name.
 pub fn parse_rep_meta_context(b: &[u8]) -> Result<(u32, String), ProtocolError> {
     need("NBD_REP_META_CONTEXT", b, 4)?;
-    Ok((be_u32(b, 0), string("meta context name", &b[4..])?))
+    Ok((be32(b, 0), string("meta context name", &b[4..])?))
 }

@@ -198,18 +198,6 @@ pub enum ProtocolError {
     },
 }
 
-pub(crate) fn be_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-pub(crate) fn be_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-pub(crate) fn be_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
 pub(crate) fn need(what: &'static str, b: &[u8], n: usize) -> Result<(), ProtocolError> {
     if b.len() < n {
         Err(ProtocolError::Truncated {

@@ -2,6 +2,8 @@
 
 use bytes::{BufMut, BytesMut};
 
+use strata_bdev::field::{be16, be32, be64};
+
 use super::*;
 
 /// A transmission request header (the write payload follows it on the wire).
@@ -17,7 +19,7 @@ pub struct Request {
 /// Parse a 28-byte request header.
 pub fn decode_request(b: &[u8]) -> Result<Request, ProtocolError> {
     need("request", b, REQUEST_LEN)?;
-    let magic = be_u32(b, 0);
+    let magic = be32(b, 0);
     if magic != REQUEST_MAGIC {
         return Err(ProtocolError::BadMagic {
             expected: REQUEST_MAGIC.into(),
@@ -25,11 +27,11 @@ pub fn decode_request(b: &[u8]) -> Result<Request, ProtocolError> {
         });
     }
     Ok(Request {
-        flags: be_u16(b, 4),
-        command: be_u16(b, 6),
-        cookie: be_u64(b, 8),
-        offset: be_u64(b, 16),
-        length: be_u32(b, 24),
+        flags: be16(b, 4),
+        command: be16(b, 6),
+        cookie: be64(b, 8),
+        offset: be64(b, 16),
+        length: be32(b, 24),
     })
 }
 
@@ -110,20 +112,20 @@ pub fn decode_reply_header(b: &[u8]) -> Result<Option<(ReplyHeader, usize)>, Pro
     if b.len() < 4 {
         return Ok(None);
     }
-    match be_u32(b, 0) {
+    match be32(b, 0) {
         SIMPLE_REPLY_MAGIC if b.len() >= SIMPLE_REPLY_LEN => Ok(Some((
             ReplyHeader::Simple {
-                error: be_u32(b, 4),
-                cookie: be_u64(b, 8),
+                error: be32(b, 4),
+                cookie: be64(b, 8),
             },
             SIMPLE_REPLY_LEN,
         ))),
         STRUCTURED_REPLY_MAGIC if b.len() >= STRUCTURED_REPLY_LEN => Ok(Some((
             ReplyHeader::Chunk {
-                flags: be_u16(b, 4),
-                chunk_type: be_u16(b, 6),
-                cookie: be_u64(b, 8),
-                length: be_u32(b, 16),
+                flags: be16(b, 4),
+                chunk_type: be16(b, 6),
+                cookie: be64(b, 8),
+                length: be32(b, 16),
             },
             STRUCTURED_REPLY_LEN,
         ))),
@@ -138,10 +140,10 @@ pub fn decode_reply_header(b: &[u8]) -> Result<Option<(ReplyHeader, usize)>, Pro
 /// Parse the payload of an error chunk: the error and its message.
 pub fn parse_error_chunk(b: &[u8]) -> Result<(u32, String), ProtocolError> {
     need("error chunk", b, 6)?;
-    let len = be_u16(b, 4) as usize;
+    let len = be16(b, 4) as usize;
     need("error chunk message", &b[6..], len)?;
     Ok((
-        be_u32(b, 0),
+        be32(b, 0),
         String::from_utf8_lossy(&b[6..6 + len]).into_owned(),
     ))
 }
@@ -165,7 +167,7 @@ pub fn reply_header_len(b: &[u8]) -> Result<Option<usize>, ProtocolError> {
     if b.len() < 4 {
         return Ok(None);
     }
-    match be_u32(b, 0) {
+    match be32(b, 0) {
         SIMPLE_REPLY_MAGIC => Ok(Some(SIMPLE_REPLY_LEN)),
         STRUCTURED_REPLY_MAGIC => Ok(Some(STRUCTURED_REPLY_LEN)),
         other => Err(ProtocolError::BadMagic {
@@ -183,15 +185,15 @@ pub fn parse_offset_hole(b: &[u8]) -> Result<(u64, u32), ProtocolError> {
             b.len()
         )));
     }
-    Ok((be_u64(b, 0), be_u32(b, 8)))
+    Ok((be64(b, 0), be32(b, 8)))
 }
 
 /// Parse the payload of an `NBD_REPLY_TYPE_ERROR_OFFSET` chunk: error, message and offset.
 pub fn parse_error_offset_chunk(b: &[u8]) -> Result<(u32, String, u64), ProtocolError> {
     let (error, message) = parse_error_chunk(b)?;
-    let at = 6 + be_u16(b, 4) as usize;
+    let at = 6 + be16(b, 4) as usize;
     need("NBD_REPLY_TYPE_ERROR_OFFSET", b, at + 8)?;
-    Ok((error, message, be_u64(b, at)))
+    Ok((error, message, be64(b, at)))
 }
 
 /// One descriptor of an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk.
@@ -213,9 +215,9 @@ pub fn parse_block_status_chunk(b: &[u8]) -> Result<(u32, Vec<BlockDescriptor>),
     let descriptors = b[4..]
         .chunks_exact(8)
         .map(|d| BlockDescriptor {
-            length: be_u32(d, 0),
-            flags: be_u32(d, 4),
+            length: be32(d, 0),
+            flags: be32(d, 4),
         })
         .collect();
-    Ok((be_u32(b, 0), descriptors))
+    Ok((be32(b, 0), descriptors))
 }

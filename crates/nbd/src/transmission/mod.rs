@@ -30,9 +30,7 @@
 //! The connection publishes what it holds (requests and bytes in flight, whether its reading is
 //! paused) to the server's counters, and whether it is idle to its slot.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,8 +38,9 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use strata_bdev::wire::{self, Frame, Outbox};
 use strata_bdev::Transaction;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
@@ -56,8 +55,6 @@ pub(crate) use requests::{Heavy, BASE_ALLOCATION_ID, HEAVY_PARALLEL};
 
 /// The least free space offered to each socket read.
 const READ_CHUNK: usize = 256 << 10;
-/// Buffers gathered into one vectored write at most.
-const MAX_SLICES: usize = 64;
 /// Loop rounds before the task yields to others even if it could go on.
 const MAX_ROUNDS: usize = 64;
 /// What a request without a payload charges to the byte budget: its share of what the
@@ -107,16 +104,16 @@ pub(crate) struct Control {
 
 /// An encoded reply and the in-flight budget it releases once written.
 struct Reply {
-    header: Bytes,
-    data: Bytes,
+    /// The header, then the data (possibly none).
+    parts: [Bytes; 2],
     charge: usize,
     /// For a request run in order (a transaction's): whether a transaction is open after it.
     serial: Option<bool>,
 }
 
-impl Reply {
-    fn len(&self) -> usize {
-        self.header.len() + self.data.len()
+impl Frame for Reply {
+    fn parts(&self) -> &[Bytes] {
+        &self.parts
     }
 }
 
@@ -135,7 +132,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut conn = Conn {
-        vectored: stream.is_write_vectored(),
+        out: Outbox::new(stream.is_write_vectored()),
         stream,
         ctx,
         budget: Budget {
@@ -147,9 +144,6 @@ where
         inbuf: BytesMut::with_capacity(READ_CHUNK),
         discard: 0,
         requests: FuturesUnordered::new(),
-        out: VecDeque::new(),
-        written: 0,
-        unflushed: false,
         reading: true,
         shutdown: Box::pin(control.stop.cancelled_owned()),
         abandon: Box::pin(control.abandon.cancelled_owned()),
@@ -174,10 +168,7 @@ where
                 conn.dropped
             ),
         )),
-        Ok(()) => match conn.stream.shutdown().await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotConnected => Err(e),
-            _ => Ok(()),
-        },
+        Ok(()) => wire::shutdown(&mut conn.stream).await,
         Err(e) => Err(e),
     }
 }
@@ -193,7 +184,6 @@ struct Published {
 
 struct Conn<S> {
     stream: S,
-    vectored: bool,
     ctx: Arc<Ctx>,
     budget: Budget,
     /// Bytes charged by requests whose replies are not yet written.
@@ -204,10 +194,8 @@ struct Conn<S> {
     /// Bytes of a refused oversized write's payload still to skip.
     discard: usize,
     requests: FuturesUnordered<RequestFuture>,
-    out: VecDeque<Reply>,
-    /// Bytes of `out.front()` already written.
-    written: usize,
-    unflushed: bool,
+    /// Replies ready to be written.
+    out: Outbox<Reply>,
     reading: bool,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     abandon: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -267,25 +255,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 if self.gave_up {
                     self.drop_reply(&reply);
                 } else {
-                    self.out.push_back(reply);
+                    self.out.push(reply);
                 }
                 progress = true;
             }
-            // Write what is ready, as one batch.
-            if !self.out.is_empty() {
-                match self.poll_write(cx) {
-                    Poll::Ready(Ok(())) => progress = true,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {}
-                }
-            }
-            if self.out.is_empty() && self.unflushed {
-                match Pin::new(&mut self.stream).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => self.unflushed = false,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {}
-                }
-            }
+            // Write what is ready, as one batch; each reply written gives back its charge.
+            let (mut freed, mut replies) = (0, 0);
+            progress |= self.out.poll_send(&mut self.stream, cx, |done| {
+                freed += done.charge;
+                replies += 1;
+            })?;
+            self.in_flight -= freed;
+            self.requests_in_flight -= replies;
             // Read only for the next request: what the buffer holds is at most one read beyond
             // what the budget lets the connection take.
             if self.reading && self.has_budget() && !self.parked && self.wants_input() {
@@ -302,7 +283,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Poll::Pending => {}
                 }
             }
-            if !self.reading && self.requests.is_empty() && self.out.is_empty() && !self.unflushed {
+            if !self.reading && self.requests.is_empty() && self.out.is_idle() {
                 return Poll::Ready(Ok(()));
             }
             if !progress {
@@ -328,9 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         );
         self.reading = false;
         self.gave_up = true;
-        self.written = 0;
-        self.unflushed = false;
-        for r in std::mem::take(&mut self.out) {
+        for r in self.out.take_all() {
             self.drop_reply(&r);
         }
     }
@@ -472,8 +451,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 );
                 self.requests_in_flight += 1;
                 self.in_flight += REQUEST_COST;
-                self.out
-                    .push_back(encode(&self.ctx, &req, Err(f), REQUEST_COST));
+                self.out.push(encode(&self.ctx, &req, Err(f), REQUEST_COST));
                 return Ok(true);
             }
             let need = codec::REQUEST_LEN + req.length as usize;
@@ -516,57 +494,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             encode(&ctx, &req, result, charge)
         }));
         Ok(true)
-    }
-
-    /// Write as much of the ready replies as the socket takes now.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let mut n = 0;
-        let mut skip = self.written;
-        for r in &self.out {
-            for part in [&r.header, &r.data] {
-                if skip >= part.len() {
-                    skip -= part.len();
-                    continue;
-                }
-                if n < MAX_SLICES {
-                    slices[n] = IoSlice::new(&part[skip..]);
-                    n += 1;
-                }
-                skip = 0;
-            }
-            if n >= MAX_SLICES || !self.vectored {
-                break;
-            }
-        }
-        let result = if self.vectored {
-            Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n])
-        } else {
-            Pin::new(&mut self.stream).poll_write(cx, &slices[0])
-        };
-        let mut wrote = match result {
-            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-            Poll::Ready(Ok(w)) => w,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        };
-        self.unflushed = true;
-        while wrote > 0 {
-            let front = self
-                .out
-                .front()
-                .expect("bytes were written from a queued reply");
-            let left = front.len() - self.written;
-            if wrote < left {
-                self.written += wrote;
-                break;
-            }
-            wrote -= left;
-            self.written = 0;
-            let done = self.out.pop_front().expect("front exists");
-            self.release(done.charge);
-        }
-        Poll::Ready(Ok(()))
     }
 }
 

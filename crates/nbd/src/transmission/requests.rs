@@ -160,8 +160,7 @@ pub(super) fn encode(
         }
     }
     Reply {
-        header: h.freeze(),
-        data,
+        parts: [h.freeze(), data],
         charge,
         serial: None,
     }

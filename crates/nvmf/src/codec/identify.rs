@@ -2,7 +2,10 @@
 //! identification descriptors. Each structure is 4096 bytes on the wire; the fields Strata sets
 //! or reads are named, the rest are zero.
 
-use super::command::{put_str, IDENTIFY_LEN};
+use strata_bdev::field::{le16, le32, le64};
+
+use super::command::IDENTIFY_LEN;
+use super::fabrics::put_str;
 
 /// Data that is too short to decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,20 +26,6 @@ pub(crate) fn need(what: &'static str, b: &[u8], need: usize) -> Result<(), Shor
     } else {
         Ok(())
     }
-}
-
-pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
 
 /// An ASCII field padded with spaces (serial, model, firmware revision).

@@ -1,7 +1,9 @@
 //! Log pages: error information, SMART / health, changed namespace list and the discovery log.
 
-use super::command::put_str;
-use super::identify::{le16, le64, need, ShortData};
+use strata_bdev::field::{le16, le64};
+
+use super::fabrics::put_str;
+use super::identify::{need, ShortData};
 
 /// One error information log entry is this long; Strata reports none (all-zero entries).
 pub const ERROR_ENTRY_LEN: usize = 64;

@@ -4,20 +4,25 @@
 //! - [`pdu`]: the transport's PDUs (ICReq/ICResp, CapsuleCmd/CapsuleResp, H2CData, C2HData,
 //!   R2T, H2CTermReq/C2HTermReq), CRC32C digests, and the length checks a receiver makes
 //!   before trusting a PDU.
-//! - [`command`]: submission and completion entries, statuses, fabrics, admin and I/O commands.
+//! - [`command`]: submission and completion entries, statuses, admin and I/O commands.
+//! - [`fabrics`]: Connect, Property Get/Set and Disconnect.
 //! - [`identify`]: Identify data (controller, namespace, namespace lists and descriptors).
 //! - [`log`]: log pages (error, SMART / health, changed namespaces, discovery).
 
 pub mod command;
+pub mod fabrics;
 pub mod identify;
 pub mod log;
 pub mod pdu;
 
 pub use command::{
-    admin_opcode, aen, cattr, cns, connect_offset, fctype, feature, io_opcode, log_id, property,
-    sct, sgl_id, AdminCommand, BlockRange, Command, Completion, Connect, ConnectData,
-    ConnectDataError, Direction, DsmRange, Fabrics, IoCommand, Sgl, Status, CONNECT_DATA_LEN,
-    DSM_RANGE_LEN, IDENTIFY_LEN, MAX_NQN_LEN,
+    admin_opcode, aen, cns, fctype, feature, io_opcode, log_id, sct, sgl_id, AdminCommand,
+    BlockRange, Command, Completion, Direction, DsmRange, IoCommand, Sgl, Status, DSM_RANGE_LEN,
+    IDENTIFY_LEN,
+};
+pub use fabrics::{
+    cattr, connect_offset, property, Connect, ConnectData, ConnectDataError, Fabrics,
+    CONNECT_DATA_LEN, MAX_NQN_LEN,
 };
 pub use identify::{
     decode_ns_descriptors, decode_ns_list, encode_ns_descriptors, encode_ns_list,

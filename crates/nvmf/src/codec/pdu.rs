@@ -11,6 +11,7 @@
 //! ```
 
 use bytes::BufMut;
+use strata_bdev::field::{le16, le32};
 
 use super::command::{Command, Completion};
 
@@ -359,16 +360,6 @@ fn accepted_by(role: Role, t: u8) -> bool {
     }
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(x)
-}
-
 /// Decode the header of the PDU at the start of `buf`.
 ///
 /// `digests` is `None` until the connection is initialized (only ICReq/ICResp are valid then,
@@ -386,6 +377,44 @@ pub fn decode_header(
         return Ok(None);
     }
     let ch = CommonHeader::decode(buf);
+    let f = check_framing(&ch, role, digests, limits)?;
+    if buf.len() < f.header_len {
+        return Ok(None);
+    }
+    if f.dg.header {
+        let computed = crc32c::crc32c(&buf[..f.hlen]);
+        let received = le32(buf, f.hlen);
+        if computed != received {
+            return Err(PduError::HeaderDigest { received, computed });
+        }
+    }
+    let layout = data_layout(&ch, &f)?;
+    let h = decode_fields(buf, ch.pdu_type, &layout, limits)?;
+    Ok(Some((h, layout)))
+}
+
+/// How a PDU is framed, as its common header says and the connection allows.
+struct Framing {
+    /// The header's length without its digest.
+    hlen: usize,
+    /// The header's length with its digest.
+    header_len: usize,
+    /// The digests the PDU carries.
+    dg: Digests,
+    /// The whole PDU (PLEN).
+    plen: usize,
+    /// The PDU type may carry data (not an ICReq/ICResp or termination request).
+    carries_data: bool,
+}
+
+/// Check the common header against the receiver's role and the connection's state, and its
+/// lengths against the limits, before anything more is read.
+fn check_framing(
+    ch: &CommonHeader,
+    role: Role,
+    digests: Option<Digests>,
+    limits: Limits,
+) -> Result<Framing, PduError> {
     let t = ch.pdu_type;
     let Some(hlen) = expected_hlen(t).filter(|_| accepted_by(role, t)) else {
         return Err(PduError::field(
@@ -480,16 +509,18 @@ pub fn decode_header(
             format!("PLEN {plen} is not valid for {}", pdu_type::name(t)),
         ));
     }
-    if buf.len() < header_len {
-        return Ok(None);
-    }
-    if dg.header {
-        let computed = crc32c::crc32c(&buf[..hlen]);
-        let received = le32(buf, hlen);
-        if computed != received {
-            return Err(PduError::HeaderDigest { received, computed });
-        }
-    }
+    Ok(Framing {
+        hlen,
+        header_len,
+        dg,
+        plen,
+        carries_data: !is_ic && !is_term,
+    })
+}
+
+/// Where the data of a PDU framed as `f` lies, checked against its PDO and digest flag.
+fn data_layout(ch: &CommonHeader, f: &Framing) -> Result<Layout, PduError> {
+    let (header_len, plen, dg) = (f.header_len, f.plen, f.dg);
     let mut layout = Layout {
         header_len,
         data_offset: 0,
@@ -497,8 +528,7 @@ pub fn decode_header(
         data_digest: false,
         total: plen,
     };
-    let has_data = plen > header_len && !is_ic && !is_term;
-    if has_data {
+    if plen > header_len && f.carries_data {
         let pdo = usize::from(ch.pdo);
         if pdo < header_len || pdo > plen {
             return Err(PduError::field(
@@ -524,7 +554,17 @@ pub fn decode_header(
         layout.data_len = data_len;
         layout.data_digest = dg.data;
     }
-    let h = match t {
+    Ok(layout)
+}
+
+/// The type-specific fields of a PDU of type `t` whose header is at the start of `buf`.
+fn decode_fields(
+    buf: &[u8],
+    t: u8,
+    layout: &Layout,
+    limits: Limits,
+) -> Result<PduHeader, PduError> {
+    Ok(match t {
         pdu_type::IC_REQ => {
             let digests = Digests::from_bits(buf[11]);
             PduHeader::IcReq(IcReq {
@@ -559,7 +599,7 @@ pub fn decode_header(
                 datao: le32(buf, 12),
                 datal: le32(buf, 16),
             };
-            if !has_data || d.datal as usize != layout.data_len {
+            if layout.data_len == 0 || d.datal as usize != layout.data_len {
                 return Err(PduError::field(
                     16,
                     format!(
@@ -587,8 +627,7 @@ pub fn decode_header(
             r2tl: le32(buf, 16),
         }),
         _ => unreachable!("the type was checked against the known ones"),
-    };
-    Ok(Some((h, layout)))
+    })
 }
 
 /// A whole PDU: its header and, when it has them, its data (checked against its digest) or,

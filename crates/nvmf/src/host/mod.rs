@@ -21,6 +21,9 @@
 
 mod queue;
 mod session;
+mod uri;
+
+pub use uri::NvmfOpener;
 
 use std::fmt;
 use std::future::Future;
@@ -31,9 +34,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::try_join_all;
+use strata_bdev::call::Op;
 use strata_bdev::{
-    check_io, read_only_error, write_zeroes_by_writing, BlockDevice, Capabilities, DeviceUri,
-    Error, ErrorKind, Geometry, Opener, Result, WriteOpts, ZeroOpts,
+    check_io, read_only_error, write_zeroes_by_writing, BlockDevice, Capabilities, Error,
+    ErrorKind, Geometry, Result, WriteOpts, ZeroOpts,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -42,7 +46,7 @@ use tracing::{info, warn};
 
 use self::queue::{Failed, Payload};
 use self::session::{NsInfo, Session, SetupError};
-use crate::codec::{io_opcode, Command, Digests, DsmRange, Status, DEFAULT_PORT};
+use crate::codec::{io_opcode, Command, Digests, DsmRange, Status};
 use crate::target::format_uuid;
 
 /// Host settings; [`HostOptions::default`] holds the documented defaults.
@@ -602,7 +606,7 @@ impl BlockDevice for NvmfDevice {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.run(Op::new("flush", 0, 0), flush_on).await
+        self.run(Op::whole("flush"), flush_on).await
     }
 
     async fn trim(&self, offset: u64, len: u64, opts: WriteOpts) -> Result<()> {
@@ -764,267 +768,9 @@ fn status_error(op: &Op, name: &str, s: Status) -> Error {
     )
 }
 
-/// What a call was, for its error message.
-#[derive(Debug, Clone, Copy)]
-struct Op {
-    verb: &'static str,
-    offset: u64,
-    len: u64,
-}
-
-impl Op {
-    fn new(verb: &'static str, offset: u64, len: u64) -> Op {
-        Op { verb, offset, len }
-    }
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.verb == "flush" {
-            f.write_str("flush")
-        } else {
-            write!(
-                f,
-                "{} {} bytes at offset {}",
-                self.verb, self.len, self.offset
-            )
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// URIs
-
-/// The query keys `nvmf://` URIs take.
-const KEYS: &[&str] = &[
-    "nsid",
-    "hostnqn",
-    "hostid",
-    "hdgst",
-    "ddgst",
-    "timeout",
-    "connect_timeout",
-    "reconnect_timeout",
-    "kato",
-    "queues",
-    "queue_size",
-];
-
-/// Opens `nvmf://HOST[:PORT]/NQN` (port 4420 by default; IPv6 addresses in brackets).
-/// Query keys: `nsid=N` (default 1), `hostnqn=`, `hostid=UUID`, `hdgst=true`, `ddgst=true`,
-/// `timeout=SECONDS` (per call), `connect_timeout=SECONDS`, `reconnect_timeout=SECONDS` (how
-/// long I/O waits for a lost target), `kato=SECONDS` (keep-alive timeout, 0: none),
-/// `queues=N`, `queue_size=N`.
-#[derive(Debug, Clone, Default)]
-pub struct NvmfOpener {
-    options: HostOptions,
-}
-
-impl NvmfOpener {
-    /// An opener whose devices start from `options` (URI keys override them).
-    pub fn new(options: HostOptions) -> NvmfOpener {
-        NvmfOpener { options }
-    }
-
-    /// The address, subsystem NQN and options `uri` names, consuming its query keys.
-    pub fn parse(&self, uri: &mut DeviceUri) -> Result<(String, String, HostOptions)> {
-        if uri.scheme != "nvmf" {
-            return Err(uri.invalid(&format!(
-                "the NVMe/TCP host opens nvmf:// URIs, not {}://",
-                uri.scheme
-            )));
-        }
-        let addr = tcp_address(&uri.authority).map_err(|why| uri.invalid(&why))?;
-        let nqn = uri.path.strip_prefix('/').unwrap_or(&uri.path).to_string();
-        if nqn.is_empty() {
-            return Err(uri.invalid(
-                "the subsystem NQN is missing: nvmf://HOST[:PORT]/NQN, e.g. nvmf://10.0.0.2/nqn.2026-12.io.strata:vol",
-            ));
-        }
-        let mut o = self.options.clone();
-        if let Some(v) = uri.take("nsid") {
-            o.nsid = v
-                .parse::<u32>()
-                .ok()
-                .filter(|&n| n != 0 && n != u32::MAX)
-                .ok_or_else(|| {
-                    uri.invalid(&format!("nsid={v:?}: expected a namespace ID from 1"))
-                })?;
-        }
-        if let Some(v) = uri.take("hostid") {
-            o.hostid = parse_uuid(&v)
-                .ok_or_else(|| uri.invalid(&format!("hostid={v:?}: expected a UUID")))?;
-            o.hostnqn = format!("nqn.2014-08.org.nvmexpress:uuid:{}", format_uuid(&o.hostid));
-        }
-        if let Some(v) = uri.take("hostnqn") {
-            if v.is_empty() || v.len() > crate::codec::MAX_NQN_LEN {
-                return Err(uri.invalid(&format!("hostnqn={v:?}: 1 to 223 bytes expected")));
-            }
-            o.hostnqn = v;
-        }
-        if let Some(b) = uri.take_bool("hdgst")? {
-            o.header_digest = b;
-        }
-        if let Some(b) = uri.take_bool("ddgst")? {
-            o.data_digest = b;
-        }
-        if let Some(t) = take_seconds(uri, "timeout", false)? {
-            o.timeout = Some(t);
-        }
-        if let Some(t) = take_seconds(uri, "connect_timeout", false)? {
-            o.connect_timeout = t;
-        }
-        if let Some(t) = take_seconds(uri, "reconnect_timeout", true)? {
-            o.reconnect_timeout = t;
-        }
-        if let Some(t) = take_seconds(uri, "kato", true)? {
-            o.keep_alive = t;
-        }
-        if let Some(v) = uri.take("queues") {
-            o.queues = v
-                .parse::<u16>()
-                .ok()
-                .filter(|&n| (1..=1024).contains(&n))
-                .ok_or_else(|| uri.invalid(&format!("queues={v:?}: expected 1 to 1024")))?;
-        }
-        if let Some(v) = uri.take("queue_size") {
-            o.queue_size =
-                v.parse::<u16>().ok().filter(|&n| n >= 2).ok_or_else(|| {
-                    uri.invalid(&format!("queue_size={v:?}: expected 2 to 65535"))
-                })?;
-        }
-        uri.finish(KEYS)?;
-        Ok((addr, nqn, o))
-    }
-}
-
-#[async_trait]
-impl Opener for NvmfOpener {
-    async fn open(&self, mut uri: DeviceUri) -> Result<Arc<dyn BlockDevice>> {
-        let (addr, nqn, opts) = self.parse(&mut uri)?;
-        Ok(Arc::new(NvmfDevice::connect(&addr, &nqn, opts).await?))
-    }
-}
-
-fn take_seconds(uri: &mut DeviceUri, key: &str, zero_ok: bool) -> Result<Option<Duration>> {
-    let Some(v) = uri.take(key) else {
-        return Ok(None);
-    };
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|s| *s > 0.0 || (zero_ok && *s == 0.0))
-        .and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .map(Some)
-        .ok_or_else(|| {
-            uri.invalid(&format!(
-                "{key}={v:?}: expected a number of seconds{}",
-                if zero_ok { "" } else { " above 0" }
-            ))
-        })
-}
-
-fn parse_uuid(s: &str) -> Option<[u8; 16]> {
-    let hex: String = s.chars().filter(|&c| c != '-').collect();
-    if hex.len() != 32 {
-        return None;
-    }
-    let mut u = [0u8; 16];
-    for (i, b) in u.iter_mut().enumerate() {
-        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(u)
-}
-
-/// `host:port` from a URI authority: the port defaults to 4420; IPv6 addresses in brackets.
-fn tcp_address(authority: &str) -> std::result::Result<String, String> {
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (h, after) = rest
-            .split_once(']')
-            .ok_or("an IPv6 address misses its closing ]")?;
-        let port = match after {
-            "" => None,
-            p => Some(
-                p.strip_prefix(':')
-                    .ok_or("expected :PORT after the IPv6 address")?,
-            ),
-        };
-        (format!("[{h}]"), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, _)) if h.contains(':') => {
-                return Err("write IPv6 addresses in brackets, e.g. nvmf://[::1]:4420/NQN".into())
-            }
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
-    if host.is_empty() || host == "[]" {
-        return Err("the host is missing: nvmf://HOST[:PORT]/NQN".into());
-    }
-    let port = match port {
-        None | Some("") => DEFAULT_PORT,
-        Some(p) => p
-            .parse::<u16>()
-            .map_err(|_| format!("port {p:?} is not a number from 0 to 65535"))?,
-    };
-    Ok(format!("{host}:{port}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uris() {
-        let o = NvmfOpener::default();
-        let mut u = DeviceUri::parse(
-            "nvmf://10.0.0.2/nqn.2026-12.io.strata:vol?nsid=2&hdgst=true&ddgst=1&timeout=3&queues=4&kato=0",
-        )
-        .expect("parse");
-        let (addr, nqn, opts) = o.parse(&mut u).expect("valid");
-        assert_eq!(addr, "10.0.0.2:4420");
-        assert_eq!(nqn, "nqn.2026-12.io.strata:vol");
-        assert_eq!(opts.nsid, 2);
-        assert!(opts.header_digest && opts.data_digest);
-        assert_eq!(opts.timeout, Some(Duration::from_secs(3)));
-        assert_eq!(opts.queues, 4);
-        assert!(opts.keep_alive.is_zero());
-
-        let mut u = DeviceUri::parse("nvmf://[::1]:4421/n?hostnqn=nqn.x:h").expect("parse");
-        let (addr, _, opts) = o.parse(&mut u).expect("valid");
-        assert_eq!(addr, "[::1]:4421");
-        assert_eq!(opts.hostnqn, "nqn.x:h");
-
-        for bad in [
-            "nvmf://h/n?nsid=0",
-            "nvmf://h/n?speed=9",
-            "nvmf://h/",
-            "nvmf://h:99999/n",
-            "nvmf://::1/n",
-            "nvmf:///n",
-            "nvmf://h/n?timeout=0",
-            "nvmf://h/n?hostid=xyz",
-        ] {
-            let mut u = DeviceUri::parse(bad).expect("parse");
-            assert!(o.parse(&mut u).is_err(), "{bad} is refused");
-        }
-        let mut u = DeviceUri::parse("nvmf://h/n?speed=9").expect("parse");
-        let e = o.parse(&mut u).expect_err("unknown key");
-        assert!(e.to_string().contains("unknown option \"speed\""), "{e}");
-    }
-
-    #[test]
-    fn host_ids() {
-        let o = HostOptions::default();
-        assert!(o.hostnqn.starts_with("nqn.2014-08.org.nvmexpress:uuid:"));
-        assert_eq!(
-            o.hostid,
-            HostOptions::default().hostid,
-            "one host ID per process"
-        );
-        assert_eq!(parse_uuid(&format_uuid(&o.hostid)), Some(o.hostid));
-    }
 
     #[test]
     fn statuses_map_to_kinds() {

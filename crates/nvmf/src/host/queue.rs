@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::codec::pdu::{
-    encode_capsule_cmd, encode_data_header, encode_ic_req, encode_term_req, CMD_HLEN, DIGEST_LEN,
-    MIN_MAXH2CDATA,
+    encode_capsule_cmd, encode_data_header, encode_ic_req, encode_term_req, Layout, CMD_HLEN,
+    DIGEST_LEN, MIN_MAXH2CDATA,
 };
 use crate::codec::{
     decode_header, digest, pdu_flags, pdu_type, Command, Completion, DataHeader, Digests, IcReq,
@@ -574,123 +574,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let mut head_buf = [0u8; 32];
         let head_len = layout.header_len.min(32).min(rd.buf.len());
         head_buf[..head_len].copy_from_slice(&rd.buf[..head_len]);
-        let head = || head_buf[..head_len].to_vec();
+        let head = &head_buf[..head_len];
         let flags = rd.buf[1];
         match header {
-            PduHeader::CapsuleResp(c) => {
-                rd.buf.advance(layout.total);
-                let Some(e) = sh.table().take(c.cid) else {
-                    return Err(Stop::Violation(
-                        violation(
-                            8 + 12,
-                            format!("a response to command {}, which is not in flight", c.cid),
-                        ),
-                        head(),
-                    ));
-                };
-                let data = e.buf.unwrap_or_default();
-                if c.status.is_success() && data.len() != e.expect {
-                    let why = format!(
-                        "command {} succeeded with {} of its {} data bytes",
-                        c.cid,
-                        data.len(),
-                        e.expect
-                    );
-                    let _ = e.tx.send(Err(Failed::Protocol(why.clone())));
-                    return Err(Stop::Violation(violation(8 + 12, why), head()));
-                }
-                let _ = e.tx.send(Ok(Response {
-                    completion: c,
-                    data,
-                }));
-            }
-            PduHeader::C2HData(d) => {
-                rd.fill(layout.data_offset).await?;
-                rd.buf.advance(layout.data_offset);
-                let (mut buf, expect) = {
-                    let mut t = sh.table();
-                    let Some(e) = t.get(d.cccid) else {
-                        return Err(Stop::Violation(
-                            violation(
-                                8,
-                                format!("C2HData for command {}, which is not in flight", d.cccid),
-                            ),
-                            head(),
-                        ));
-                    };
-                    match e.buf.take() {
-                        Some(b) => (b, e.expect),
-                        None => {
-                            return Err(Stop::Violation(
-                                violation(
-                                    8,
-                                    format!("C2HData for command {}, which reads no data", d.cccid),
-                                ),
-                                head(),
-                            ))
-                        }
-                    }
-                };
-                let start = buf.len();
-                if d.datao as usize != start || start + d.datal as usize > expect {
-                    return Err(Stop::Violation(
-                        PduError::OutOfRange(format!(
-                            "C2HData of {} bytes at offset {} for command {} expecting {} bytes, {} received",
-                            d.datal, d.datao, d.cccid, expect, start
-                        )),
-                        head(),
-                    ));
-                }
-                rd.read_into(&mut buf, d.datal as usize).await?;
-                let mut digest_ok = true;
-                if layout.data_digest {
-                    rd.fill(DIGEST_LEN).await?;
-                    digest_ok = digest(&buf[start..])[..] == rd.buf[..DIGEST_LEN];
-                    rd.buf.advance(DIGEST_LEN);
-                }
-                let done = flags & pdu_flags::SUCCESS != 0;
-                let mut t = sh.table();
-                if !digest_ok {
-                    // The data is bad: the command fails, and the association with it (data
-                    // integrity on this connection is in doubt).
-                    if let Some(e) = t.take(d.cccid) {
-                        let _ =
-                            e.tx.send(Err(Failed::Status(Status::TRANSIENT_TRANSPORT_ERROR)));
-                    }
-                    drop(t);
-                    return Err(Stop::Terminated(format!(
-                        "data digest mismatch in C2HData for command {}",
-                        d.cccid
-                    )));
-                }
-                if done {
-                    if flags & pdu_flags::LAST_PDU == 0 || buf.len() != expect {
-                        drop(t);
-                        return Err(Stop::Violation(
-                            violation(
-                                1,
-                                "C2HData SUCCESS before all data, or without LAST_PDU".into(),
-                            ),
-                            head(),
-                        ));
-                    }
-                    if let Some(e) = t.take(d.cccid) {
-                        let _ = e.tx.send(Ok(Response {
-                            completion: Completion {
-                                cid: d.cccid,
-                                sqid: sh.qid,
-                                ..Completion::default()
-                            },
-                            data: buf,
-                        }));
-                    }
-                } else if let Some(e) = t.get(d.cccid) {
-                    e.buf = Some(buf);
-                }
-            }
+            PduHeader::CapsuleResp(c) => on_response(sh, rd, &layout, c, head)?,
+            PduHeader::C2HData(d) => on_data(sh, rd, &layout, d, flags, head).await?,
             PduHeader::R2t(r) => {
                 rd.buf.advance(layout.total);
-                send_data(sh, &r).map_err(|e| Stop::Violation(e, head()))?;
+                send_data(sh, &r).map_err(|e| Stop::Violation(e, head.to_vec()))?;
             }
             PduHeader::C2HTermReq { fes, fei } => {
                 rd.fill(layout.total).await?;
@@ -703,11 +594,142 @@ async fn read_loop<R: AsyncRead + Unpin>(
             other => {
                 return Err(Stop::Violation(
                     violation(0, format!("{other:?} is not a PDU a host receives here")),
-                    head(),
+                    head.to_vec(),
                 ))
             }
         }
     }
+}
+
+/// A capsule response: hand it to the command waiting for it.
+fn on_response<R: AsyncRead + Unpin>(
+    sh: &Shared,
+    rd: &mut Reader<R>,
+    layout: &Layout,
+    c: Completion,
+    head: &[u8],
+) -> Result<(), Stop> {
+    rd.buf.advance(layout.total);
+    let Some(e) = sh.table().take(c.cid) else {
+        return Err(Stop::Violation(
+            violation(
+                8 + 12,
+                format!("a response to command {}, which is not in flight", c.cid),
+            ),
+            head.to_vec(),
+        ));
+    };
+    let data = e.buf.unwrap_or_default();
+    if c.status.is_success() && data.len() != e.expect {
+        let why = format!(
+            "command {} succeeded with {} of its {} data bytes",
+            c.cid,
+            data.len(),
+            e.expect
+        );
+        let _ = e.tx.send(Err(Failed::Protocol(why.clone())));
+        return Err(Stop::Violation(violation(8 + 12, why), head.to_vec()));
+    }
+    let _ = e.tx.send(Ok(Response {
+        completion: c,
+        data,
+    }));
+    Ok(())
+}
+
+/// C2HData: read the data into the buffer of the command it is for, completing the command
+/// when the target says the data is its success.
+async fn on_data<R: AsyncRead + Unpin>(
+    sh: &Shared,
+    rd: &mut Reader<R>,
+    layout: &Layout,
+    d: DataHeader,
+    flags: u8,
+    head: &[u8],
+) -> Result<(), Stop> {
+    rd.fill(layout.data_offset).await?;
+    rd.buf.advance(layout.data_offset);
+    let (mut buf, expect) = {
+        let mut t = sh.table();
+        let Some(e) = t.get(d.cccid) else {
+            return Err(Stop::Violation(
+                violation(
+                    8,
+                    format!("C2HData for command {}, which is not in flight", d.cccid),
+                ),
+                head.to_vec(),
+            ));
+        };
+        match e.buf.take() {
+            Some(b) => (b, e.expect),
+            None => {
+                return Err(Stop::Violation(
+                    violation(
+                        8,
+                        format!("C2HData for command {}, which reads no data", d.cccid),
+                    ),
+                    head.to_vec(),
+                ))
+            }
+        }
+    };
+    let start = buf.len();
+    if d.datao as usize != start || start + d.datal as usize > expect {
+        return Err(Stop::Violation(
+            PduError::OutOfRange(format!(
+                "C2HData of {} bytes at offset {} for command {} expecting {} bytes, {} received",
+                d.datal, d.datao, d.cccid, expect, start
+            )),
+            head.to_vec(),
+        ));
+    }
+    rd.read_into(&mut buf, d.datal as usize).await?;
+    let mut digest_ok = true;
+    if layout.data_digest {
+        rd.fill(DIGEST_LEN).await?;
+        digest_ok = digest(&buf[start..])[..] == rd.buf[..DIGEST_LEN];
+        rd.buf.advance(DIGEST_LEN);
+    }
+    let done = flags & pdu_flags::SUCCESS != 0;
+    let mut t = sh.table();
+    if !digest_ok {
+        // The data is bad: the command fails, and the association with it (data
+        // integrity on this connection is in doubt).
+        if let Some(e) = t.take(d.cccid) {
+            let _ =
+                e.tx.send(Err(Failed::Status(Status::TRANSIENT_TRANSPORT_ERROR)));
+        }
+        drop(t);
+        return Err(Stop::Terminated(format!(
+            "data digest mismatch in C2HData for command {}",
+            d.cccid
+        )));
+    }
+    if done {
+        if flags & pdu_flags::LAST_PDU == 0 || buf.len() != expect {
+            drop(t);
+            return Err(Stop::Violation(
+                violation(
+                    1,
+                    "C2HData SUCCESS before all data, or without LAST_PDU".into(),
+                ),
+                head.to_vec(),
+            ));
+        }
+        if let Some(e) = t.take(d.cccid) {
+            let _ = e.tx.send(Ok(Response {
+                completion: Completion {
+                    cid: d.cccid,
+                    sqid: sh.qid,
+                    ..Completion::default()
+                },
+                data: buf,
+            }));
+        }
+    } else if let Some(e) = t.get(d.cccid) {
+        e.buf = Some(buf);
+    }
+    Ok(())
 }
 
 /// Answer an R2T with H2CData PDUs of at most MAXH2CDATA bytes each.

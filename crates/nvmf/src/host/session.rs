@@ -281,161 +281,12 @@ pub(crate) async fn establish(
     let io_err = |e: std::io::Error| SetupError::Transient(format!("connect to {addr}: {e}"));
     // The admin queue takes 8 KiB in the capsule (the TCP binding's admin capsule size).
     let admin_q = open(0, ADMIN_DEPTH, 8192, 1 << 20).await.map_err(io_err)?;
-    let cntlid = match admin_q
-        .submit(
-            Command::connect(
-                0,
-                &Connect {
-                    recfmt: 0,
-                    qid: 0,
-                    sqsize: ADMIN_DEPTH - 1,
-                    cattr: cattr::DISABLE_SQFLOW,
-                    kato: opts.keep_alive.as_millis().min(u128::from(u32::MAX)) as u32,
-                },
-            ),
-            Payload::ToController(Bytes::copy_from_slice(
-                &ConnectData {
-                    hostid: opts.hostid,
-                    cntlid: 0xFFFF,
-                    subnqn: subnqn.to_string(),
-                    hostnqn: opts.hostnqn.clone(),
-                }
-                .encode(),
-            )),
-        )
-        .await
-    {
-        Ok(r) if r.completion.status.is_success() => r.completion.result as u16,
-        Ok(r) => {
-            return Err(connect_refusal(
-                r.completion.status,
-                subnqn,
-                opts,
-                Some(r.completion.result),
-            ))
-        }
-        Err(f) => return Err(failed("connect the admin queue", f)),
-    };
-    let cap = prop_get(&admin_q, property::CAP, true)
-        .await
-        .map_err(|f| failed("read CAP", f))?;
-    // Enable: NVM command set, 4 KiB pages, 64-byte submission and 16-byte completion entries.
-    let cc = property::CC_EN | 6 << 16 | 4 << 20;
-    prop_set(&admin_q, property::CC, u64::from(cc))
-        .await
-        .map_err(|f| failed("enable the controller", f))?;
-    let ready_within = Duration::from_millis(500 * (u64::from(property::cap_to(cap)) + 1));
-    let ready = tokio::time::timeout(ready_within, async {
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let csts = prop_get(&admin_q, property::CSTS, false).await? as u32;
-            if csts & property::CSTS_CFS != 0 {
-                return Err(Failed::Protocol(
-                    "the controller reports a fatal status after enable".into(),
-                ));
-            }
-            if csts & property::CSTS_RDY != 0 {
-                return Ok(());
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
-        }
-    })
-    .await;
-    match ready {
-        Ok(Ok(())) => {}
-        Ok(Err(f)) => return Err(failed("enable the controller", f)),
-        Err(_) => {
-            return Err(SetupError::Transient(format!(
-                "the controller was not ready within {ready_within:?}"
-            )))
-        }
-    }
-    let ctrl = identify(&admin_q, cns::CONTROLLER, 0)
-        .await
-        .map_err(|f| failed("identify the controller", f))
-        .and_then(|b| {
-            IdentifyController::decode(&b)
-                .map_err(|e| SetupError::Transient(format!("identify the controller: {e}")))
-        })?;
-    if ctrl.cntlid != cntlid {
-        return Err(SetupError::Transient(format!(
-            "the controller identifies as {} after connecting as {cntlid}",
-            ctrl.cntlid
-        )));
-    }
-    if ctrl.sgls & 3 == 0 {
-        return Err(SetupError::Refused(
-            strata_bdev::ErrorKind::Unsupported,
-            "the controller does not support SGLs".into(),
-        ));
-    }
-    let ns = identify_ns(&admin_q, opts.nsid)
-        .await
-        .map_err(|f| failed(&format!("identify namespace {}", opts.nsid), f))?;
-    if ns.ncap == 0 {
-        return Err(SetupError::Refused(
-            strata_bdev::ErrorKind::InvalidInput,
-            format!("namespace {} of {subnqn} is not active", opts.nsid),
-        ));
-    }
-    let lba_shift = u32::from(ns.lba_shift().ok_or_else(|| {
-        SetupError::Refused(
-            strata_bdev::ErrorKind::Unsupported,
-            format!("namespace {}: no valid LBA format", opts.nsid),
-        )
-    })?);
-    if !(9..=16).contains(&lba_shift) {
-        return Err(SetupError::Refused(
-            strata_bdev::ErrorKind::Unsupported,
-            format!(
-                "namespace {}: a {}-byte block size",
-                opts.nsid,
-                1u64 << lba_shift.min(63)
-            ),
-        ));
-    }
-    if ns
-        .lbaf
-        .get(usize::from(ns.flbas & 0xF))
-        .is_some_and(|f| f.0 != 0)
-    {
-        return Err(SetupError::Refused(
-            strata_bdev::ErrorKind::Unsupported,
-            format!(
-                "namespace {}: metadata formats are not supported",
-                opts.nsid
-            ),
-        ));
-    }
-    let uuid = match identify(&admin_q, cns::NS_DESCRIPTORS, opts.nsid).await {
-        Ok(b) => decode_ns_descriptors(&b).into_iter().find_map(|d| match d {
-            NsId::Uuid(u) => Some(u),
-            _ => None,
-        }),
-        // Optional before NVMe 1.3.
-        Err(Failed::Status(_)) => None,
-        Err(f) => return Err(failed("identify namespace descriptors", f)),
-    };
+    let cntlid = connect_admin(&admin_q, subnqn, opts).await?;
+    let cap = enable(&admin_q).await?;
+    let ctrl = identify_controller(&admin_q, cntlid).await?;
+    let info = namespace(&admin_q, subnqn, opts.nsid).await?;
+    let lba_shift = info.lba_shift;
     let bs = 1u32 << lba_shift;
-    let optimal = if ns.nows > 0 {
-        (u32::from(ns.nows) + 1).saturating_mul(bs)
-    } else {
-        bs.max(4096)
-    };
-    let info = NsInfo {
-        nsid: opts.nsid,
-        lba_shift,
-        blocks: ns.nsze,
-        nguid: ns.nguid,
-        uuid,
-        read_only: ns.nsattr & 1 != 0,
-        optimal: if optimal.is_power_of_two() {
-            optimal
-        } else {
-            bs.max(4096)
-        },
-    };
     // MDTS counts minimum pages (4 KiB: CAP.MPSMIN = 0 is all this host uses).
     let mdts = if ctrl.mdts == 0 || ctrl.mdts > 18 {
         DEFAULT_MAX_TRANSFER
@@ -508,6 +359,179 @@ pub(crate) async fn establish(
         blocks,
         next: AtomicUsize::new(0),
     })
+}
+
+/// Connect the admin queue as a new controller; its controller ID.
+async fn connect_admin(
+    admin_q: &Queue,
+    subnqn: &str,
+    opts: &HostOptions,
+) -> Result<u16, SetupError> {
+    match admin_q
+        .submit(
+            Command::connect(
+                0,
+                &Connect {
+                    recfmt: 0,
+                    qid: 0,
+                    sqsize: ADMIN_DEPTH - 1,
+                    cattr: cattr::DISABLE_SQFLOW,
+                    kato: opts.keep_alive.as_millis().min(u128::from(u32::MAX)) as u32,
+                },
+            ),
+            Payload::ToController(Bytes::copy_from_slice(
+                &ConnectData {
+                    hostid: opts.hostid,
+                    cntlid: 0xFFFF,
+                    subnqn: subnqn.to_string(),
+                    hostnqn: opts.hostnqn.clone(),
+                }
+                .encode(),
+            )),
+        )
+        .await
+    {
+        Ok(r) if r.completion.status.is_success() => Ok(r.completion.result as u16),
+        Ok(r) => Err(connect_refusal(
+            r.completion.status,
+            subnqn,
+            opts,
+            Some(r.completion.result),
+        )),
+        Err(f) => Err(failed("connect the admin queue", f)),
+    }
+}
+
+/// Enable the controller and wait until it is ready; its capabilities (CAP).
+async fn enable(admin_q: &Queue) -> Result<u64, SetupError> {
+    let cap = prop_get(admin_q, property::CAP, true)
+        .await
+        .map_err(|f| failed("read CAP", f))?;
+    // Enable: NVM command set, 4 KiB pages, 64-byte submission and 16-byte completion entries.
+    let cc = property::CC_EN | 6 << 16 | 4 << 20;
+    prop_set(admin_q, property::CC, u64::from(cc))
+        .await
+        .map_err(|f| failed("enable the controller", f))?;
+    let ready_within = Duration::from_millis(500 * (u64::from(property::cap_to(cap)) + 1));
+    let ready = tokio::time::timeout(ready_within, async {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let csts = prop_get(admin_q, property::CSTS, false).await? as u32;
+            if csts & property::CSTS_CFS != 0 {
+                return Err(Failed::Protocol(
+                    "the controller reports a fatal status after enable".into(),
+                ));
+            }
+            if csts & property::CSTS_RDY != 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    })
+    .await;
+    match ready {
+        Ok(Ok(())) => Ok(cap),
+        Ok(Err(f)) => Err(failed("enable the controller", f)),
+        Err(_) => Err(SetupError::Transient(format!(
+            "the controller was not ready within {ready_within:?}"
+        ))),
+    }
+}
+
+/// Identify the controller connected as `cntlid`, refusing one without SGLs.
+async fn identify_controller(
+    admin_q: &Queue,
+    cntlid: u16,
+) -> Result<IdentifyController, SetupError> {
+    let ctrl = identify(admin_q, cns::CONTROLLER, 0)
+        .await
+        .map_err(|f| failed("identify the controller", f))
+        .and_then(|b| {
+            IdentifyController::decode(&b)
+                .map_err(|e| SetupError::Transient(format!("identify the controller: {e}")))
+        })?;
+    if ctrl.cntlid != cntlid {
+        return Err(SetupError::Transient(format!(
+            "the controller identifies as {} after connecting as {cntlid}",
+            ctrl.cntlid
+        )));
+    }
+    if ctrl.sgls & 3 == 0 {
+        return Err(SetupError::Refused(
+            strata_bdev::ErrorKind::Unsupported,
+            "the controller does not support SGLs".into(),
+        ));
+    }
+    Ok(ctrl)
+}
+
+/// What namespace `nsid` of `subnqn` is, refusing one this host cannot use.
+async fn namespace(admin_q: &Queue, subnqn: &str, nsid: u32) -> Result<NsInfo, SetupError> {
+    let ns = identify_ns(admin_q, nsid)
+        .await
+        .map_err(|f| failed(&format!("identify namespace {}", nsid), f))?;
+    if ns.ncap == 0 {
+        return Err(SetupError::Refused(
+            strata_bdev::ErrorKind::InvalidInput,
+            format!("namespace {} of {subnqn} is not active", nsid),
+        ));
+    }
+    let lba_shift = u32::from(ns.lba_shift().ok_or_else(|| {
+        SetupError::Refused(
+            strata_bdev::ErrorKind::Unsupported,
+            format!("namespace {}: no valid LBA format", nsid),
+        )
+    })?);
+    if !(9..=16).contains(&lba_shift) {
+        return Err(SetupError::Refused(
+            strata_bdev::ErrorKind::Unsupported,
+            format!(
+                "namespace {}: a {}-byte block size",
+                nsid,
+                1u64 << lba_shift.min(63)
+            ),
+        ));
+    }
+    if ns
+        .lbaf
+        .get(usize::from(ns.flbas & 0xF))
+        .is_some_and(|f| f.0 != 0)
+    {
+        return Err(SetupError::Refused(
+            strata_bdev::ErrorKind::Unsupported,
+            format!("namespace {}: metadata formats are not supported", nsid),
+        ));
+    }
+    let uuid = match identify(admin_q, cns::NS_DESCRIPTORS, nsid).await {
+        Ok(b) => decode_ns_descriptors(&b).into_iter().find_map(|d| match d {
+            NsId::Uuid(u) => Some(u),
+            _ => None,
+        }),
+        // Optional before NVMe 1.3.
+        Err(Failed::Status(_)) => None,
+        Err(f) => return Err(failed("identify namespace descriptors", f)),
+    };
+    let bs = 1u32 << lba_shift;
+    let optimal = if ns.nows > 0 {
+        (u32::from(ns.nows) + 1).saturating_mul(bs)
+    } else {
+        bs.max(4096)
+    };
+    let info = NsInfo {
+        nsid,
+        lba_shift,
+        blocks: ns.nsze,
+        nguid: ns.nguid,
+        uuid,
+        read_only: ns.nsattr & 1 != 0,
+        optimal: if optimal.is_power_of_two() {
+            optimal
+        } else {
+            bs.max(4096)
+        },
+    };
+    Ok(info)
 }
 
 /// Background work of a session: keep-alives, and following namespace changes.

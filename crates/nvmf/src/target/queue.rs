@@ -22,9 +22,7 @@
 //! a command that is merely wrong gets an NVMe status and the queue goes on. The number of
 //! commands outstanding is bounded by the queue size the host chose in Connect.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,7 +30,8 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use strata_bdev::wire::{self, Frame, Outbox};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
@@ -55,8 +54,6 @@ const READ_CHUNK: usize = 256 << 10;
 /// A PDU at least this much larger than what is buffered is read exactly to its end, so its
 /// data can be split off without copying what follows.
 const EXACT_READ_MIN: usize = 64 << 10;
-/// Buffers gathered into one vectored write at most.
-const MAX_SLICES: usize = 64;
 /// Loop rounds before the task yields to others even if it could go on.
 const MAX_ROUNDS: usize = 64;
 
@@ -171,9 +168,11 @@ impl Out {
             completes,
         }
     }
+}
 
-    fn len(&self) -> usize {
-        self.parts.iter().map(Bytes::len).sum()
+impl Frame for Out {
+    fn parts(&self) -> &[Bytes] {
+        &self.parts
     }
 }
 
@@ -187,7 +186,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut q = Queue {
-        vectored: stream.is_write_vectored(),
+        out: Outbox::new(stream.is_write_vectored()),
         stream,
         server_stop: Box::pin(shared.shutdown.clone().cancelled_owned()),
         deadline: Some(Box::pin(tokio::time::sleep(
@@ -204,9 +203,6 @@ where
         commands: FuturesUnordered::new(),
         transfers: Vec::new(),
         free_tags: Vec::new(),
-        out: VecDeque::new(),
-        written: 0,
-        unflushed: false,
         reading: true,
         stopping: false,
         aborted: false,
@@ -221,17 +217,13 @@ where
     let result = std::future::poll_fn(|cx| q.poll(cx)).await;
     q.close();
     match result {
-        Ok(()) if !q.aborted => match q.stream.shutdown().await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotConnected => Err(e),
-            _ => Ok(()),
-        },
+        Ok(()) if !q.aborted => wire::shutdown(&mut q.stream).await,
         other => other,
     }
 }
 
 struct Queue<S> {
     stream: S,
-    vectored: bool,
     shared: Arc<Shared>,
     local: SocketAddr,
     phase: Phase,
@@ -248,10 +240,8 @@ struct Queue<S> {
     /// Writes waiting for their data, by transfer tag.
     transfers: Vec<Option<Transfer>>,
     free_tags: Vec<u16>,
-    out: VecDeque<Out>,
-    /// Bytes of `out.front()` already written.
-    written: usize,
-    unflushed: bool,
+    /// PDUs ready to be written.
+    out: Outbox<Out>,
     reading: bool,
     /// The target is shutting down.
     stopping: bool,
@@ -316,20 +306,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
                 self.respond(done);
                 progress = true;
             }
-            if !self.out.is_empty() {
-                match self.poll_write(cx) {
-                    Poll::Ready(Ok(())) => progress = true,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {}
-                }
-            }
-            if self.out.is_empty() && self.unflushed {
-                match Pin::new(&mut self.stream).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => self.unflushed = false,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {}
-                }
-            }
+            let mut answered = 0;
+            progress |= self.out.poll_send(&mut self.stream, cx, |done| {
+                answered += usize::from(done.completes);
+            })?;
+            self.outstanding = self.outstanding.saturating_sub(answered);
             if self.reading {
                 match self.poll_fill(cx) {
                     Poll::Ready(Ok(0)) => {
@@ -346,7 +327,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
                     Poll::Pending => {}
                 }
             }
-            if !self.reading && self.commands.is_empty() && self.out.is_empty() && !self.unflushed {
+            if !self.reading && self.commands.is_empty() && self.out.is_idle() {
                 return Poll::Ready(Ok(()));
             }
             if !progress {
@@ -390,7 +371,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
         self.transfers.clear();
         let mut b = BytesMut::new();
         encode_term_req(&mut b, Role::Controller, e.fes(), e.fei(), header);
-        self.out.push_back(Out::one(b.freeze(), false));
+        self.out.push(Out::one(b.freeze(), false));
     }
 
     /// The connection is over: release what it held in its controller.
@@ -564,7 +545,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
             maxh2cdata: self.shared.limits.max_h2c_data,
         };
         let b = self.encode(|b| encode_ic_resp(b, &resp));
-        self.out.push_back(Out::one(b, false));
+        self.out.push(Out::one(b, false));
         Ok(())
     }
 
@@ -696,7 +677,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
         };
         let dg = self.digests.unwrap_or_default();
         let b = self.encode(|b| encode_r2t(b, &r, dg));
-        self.out.push_back(Out::one(b, false));
+        self.out.push(Out::one(b, false));
     }
 
     fn on_h2c_data(
@@ -931,7 +912,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
         };
         if !d.status.is_success() || d.data.is_empty() {
             let b = self.encode(|b| encode_capsule_resp(b, &comp, dg));
-            self.out.push_back(Out::one(b, true));
+            self.out.push(Out::one(b, true));
             return;
         }
         // Data, then the response — or, without SQ flow control, the SUCCESS flag instead.
@@ -956,61 +937,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
         } else {
             self.encode(|b| encode_capsule_resp(b, &comp, dg))
         };
-        self.out.push_back(Out {
+        self.out.push(Out {
             parts: [head, d.data, ddgst, resp],
             completes: true,
         });
-    }
-
-    /// Write as much of the ready PDUs as the socket takes now.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let mut n = 0;
-        let mut skip = self.written;
-        'outer: for o in &self.out {
-            for part in &o.parts {
-                if skip >= part.len() {
-                    skip -= part.len();
-                    continue;
-                }
-                slices[n] = IoSlice::new(&part[skip..]);
-                n += 1;
-                skip = 0;
-                if n == MAX_SLICES || !self.vectored {
-                    break 'outer;
-                }
-            }
-        }
-        let result = if self.vectored {
-            Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n])
-        } else {
-            Pin::new(&mut self.stream).poll_write(cx, &slices[0])
-        };
-        let mut wrote = match result {
-            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-            Poll::Ready(Ok(w)) => w,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        };
-        self.unflushed = true;
-        while wrote > 0 {
-            let front = self
-                .out
-                .front()
-                .expect("bytes were written from a queued PDU");
-            let left = front.len() - self.written;
-            if wrote < left {
-                self.written += wrote;
-                break;
-            }
-            wrote -= left;
-            self.written = 0;
-            let done = self.out.pop_front().expect("front exists");
-            if done.completes {
-                self.outstanding = self.outstanding.saturating_sub(1);
-            }
-        }
-        Poll::Ready(Ok(()))
     }
 }
 

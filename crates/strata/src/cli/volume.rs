@@ -152,7 +152,7 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
                 .await
                 .map_err(api_error)?
                 .into_inner();
-            target.print(&l.volumes, |vols| print_table(vols))
+            target.print(&l.volumes, |vols| print_volumes(vols))
         }
         VolumeCommand::Label { name, set, remove } => {
             let v = c
@@ -200,8 +200,8 @@ pub async fn volume(target: &Target, cmd: &VolumeCommand) -> anyhow::Result<()> 
     }
 }
 
-/// `strata volume list`'s table.
-fn print_table(vols: &[pb::Volume]) {
+/// The volume table of `strata volume list`.
+fn print_volumes(vols: &[pb::Volume]) {
     println!(
         "{:<20} {:<7} {:>10} {:<9} EXPORTS",
         "VOLUME", "KIND", "SIZE", "STATE"

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -163,10 +163,4 @@ pub fn pattern(offset: u64, len: usize, seed: u8) -> Vec<u8> {
             ((offset + i) as u8).wrapping_mul(31).wrapping_add(seed) ^ ((offset + i) >> 9) as u8
         })
         .collect()
-}
-
-/// The path exists as a socket.
-pub fn is_socket(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }

@@ -27,25 +27,21 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
+use strata_bdev::call::Op;
 use strata_bdev::{
     check_io, read_only_error, write_zeroes_by_writing, BlockDevice, Capabilities, Error,
     ErrorKind, Geometry, Result, WriteOpts, ZeroOpts,
 };
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::codec::scsi::{
-    self, device_type, sense_key, status, vpd, BlockLimits, Capacity, Cdb, Inquiry, ModeSense,
-    Provisioning, Sense,
-};
+use crate::codec::scsi::{self, sense_key, status, Capacity, Cdb, Sense};
 use crate::codec::{decode_lun, encode_lun};
-use crate::connection::PduReader;
-use crate::login::{login, Chap, LoginError, LoginParams, Negotiated};
-use crate::session::{Command, Completion, Failure, Session, SessionSettings};
+use crate::login::{Chap, LoginParams, Negotiated};
+use crate::session::{Command, Completion, Failure, Session};
 
 /// The IANA port of iSCSI.
 pub const DEFAULT_PORT: u16 = 3260;
@@ -58,6 +54,12 @@ const MAX_UNIT_ATTENTIONS: u32 = 8;
 /// The longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+mod link;
+mod probe;
+
+use link::{open_session, random_isid, supervise};
+use probe::{Limits, Probe};
 
 /// How to reach a target and what to ask of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,21 +161,6 @@ struct Shared {
     capacity: Capacity,
 }
 
-/// What the target's pages said about sizes and features.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    block: u64,
-    max_transfer: u64,
-    unmap: bool,
-    max_unmap_blocks: u64,
-    unmap_with_write_same: bool,
-    max_write_same_blocks: u64,
-    fua: bool,
-    write_cache: bool,
-    read_only: bool,
-    trim_reads_zero: bool,
-}
-
 /// A LUN of an iSCSI target as a block device.
 pub struct IscsiDevice {
     shared: Arc<Shared>,
@@ -195,96 +182,6 @@ impl Drop for IscsiDevice {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
-}
-
-/// What a call was, for its error message.
-#[derive(Debug, Clone, Copy)]
-struct Op {
-    verb: &'static str,
-    offset: u64,
-    len: u64,
-}
-
-impl Op {
-    fn new(verb: &'static str, offset: u64, len: u64) -> Op {
-        Op { verb, offset, len }
-    }
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.len == 0 && self.offset == 0 {
-            f.write_str(self.verb)
-        } else {
-            write!(
-                f,
-                "{} {} bytes at offset {}",
-                self.verb, self.len, self.offset
-            )
-        }
-    }
-}
-
-fn random_isid() -> [u8; 6] {
-    let r: [u8; 5] = rand::random();
-    // Type "random" (0b10 in the top bits), then the random part and a qualifier.
-    [0x80 | (r[0] & 0x3f), r[1], r[2], r[3], r[4], 0x01]
-}
-
-/// Connect to `portal` and log in.
-async fn open_session(
-    name: &str,
-    portal: &Portal,
-    params: &LoginParams,
-    options: &IscsiOptions,
-) -> Result<Arc<Session>> {
-    let attempt = async {
-        let s = TcpStream::connect(portal.address.as_str())
-            .await
-            .map_err(|e| Error::io(format!("connect to iSCSI portal {}", portal.address), e))?;
-        let _ = s.set_nodelay(true);
-        let (r, mut w) = s.into_split();
-        // Login text is small; the bound is lifted to what was declared afterwards.
-        let mut reader = PduReader::new(r, 64 << 10);
-        let neg = login(&mut reader, &mut w, params)
-            .await
-            .map_err(|e| login_error(portal, e))?;
-        Ok(Session::start(
-            reader,
-            w,
-            neg,
-            SessionSettings {
-                name: name.into(),
-                queue_depth: options.queue_depth,
-                keepalive: options.timeout.min(Duration::from_secs(10)),
-            },
-        ))
-    };
-    tokio::time::timeout(options.timeout, attempt)
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "log in to iSCSI target {} at {}: no answer within {:?}",
-                    portal.target, portal.address, options.timeout
-                ),
-            )
-        })?
-}
-
-fn login_error(portal: &Portal, e: LoginError) -> Error {
-    let what = format!(
-        "log in to iSCSI target {} at {}",
-        portal.target, portal.address
-    );
-    let kind = match &e {
-        LoginError::Refused(r) if r.is_auth() => ErrorKind::PermissionDenied,
-        LoginError::NeedsChap => ErrorKind::PermissionDenied,
-        LoginError::Refused(r) if r.is_not_found() => ErrorKind::NotFound,
-        _ => ErrorKind::Io,
-    };
-    Error::new(kind, format!("{what}: {e}"))
 }
 
 impl IscsiDevice {
@@ -484,7 +381,7 @@ impl IscsiDevice {
             blocks: 0,
             immed: false,
         };
-        self.exec(Op::new("flush", 0, 0), self.cmd(cdb, Bytes::new(), 0))
+        self.exec(Op::whole("flush"), self.cmd(cdb, Bytes::new(), 0))
             .await
             .map(|_| ())
     }
@@ -665,311 +562,6 @@ fn sense_kind(s: &Sense) -> ErrorKind {
         (sense_key::DATA_PROTECT, _, _) => ErrorKind::PermissionDenied,
         (sense_key::VOLUME_OVERFLOW, _, _) => ErrorKind::NoSpace,
         _ => ErrorKind::Io,
-    }
-}
-
-/// Commands run while opening or checking a device.
-#[derive(Clone, Copy)]
-struct Probe<'a> {
-    session: &'a Session,
-    name: &'a str,
-    deadline: Instant,
-    timeout: Duration,
-}
-
-impl Probe<'_> {
-    async fn run(
-        &self,
-        what: &'static str,
-        lun: u64,
-        cdb: Cdb,
-        read_len: usize,
-    ) -> Result<Completion> {
-        let cmd = Command {
-            lun,
-            cdb: cdb.encode().0,
-            data_out: Bytes::new(),
-            read_len,
-        };
-        match tokio::time::timeout_at(self.deadline, self.session.execute(&cmd)).await {
-            Err(_) => Err(Error::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "{what} on {}: no answer within {:?}",
-                    self.name, self.timeout
-                ),
-            )),
-            Ok(Err(Failure::Lost(why) | Failure::Refused(why))) => Err(Error::new(
-                ErrorKind::Io,
-                format!("{what} on {}: {why}", self.name),
-            )),
-            Ok(Ok(c)) => Ok(c),
-        }
-    }
-
-    /// Run to a good status, absorbing unit attentions; returns the data.
-    async fn good(&self, what: &'static str, lun: u64, cdb: Cdb, read_len: usize) -> Result<Bytes> {
-        for _ in 0..MAX_UNIT_ATTENTIONS {
-            let c = self.run(what, lun, cdb, read_len).await?;
-            match (c.status, &c.sense) {
-                (status::GOOD, _) => return Ok(c.data),
-                (status::CHECK_CONDITION, Some(s)) if s.key == sense_key::UNIT_ATTENTION => {}
-                (status::CHECK_CONDITION, Some(s)) => {
-                    return Err(Error::new(
-                        sense_kind(s),
-                        format!(
-                            "{what} on {}: the target answered CHECK CONDITION: {s}",
-                            self.name
-                        ),
-                    ))
-                }
-                (st, _) => {
-                    return Err(Error::new(
-                        ErrorKind::Io,
-                        format!(
-                            "{what} on {}: the target answered {}",
-                            self.name,
-                            scsi::status_name(st)
-                        ),
-                    ))
-                }
-            }
-        }
-        Err(Error::new(
-            ErrorKind::Io,
-            format!(
-                "{what} on {}: unit attention after unit attention",
-                self.name
-            ),
-        ))
-    }
-
-    fn bad(&self, what: &str, e: impl fmt::Display) -> Error {
-        Error::new(
-            ErrorKind::Io,
-            format!(
-                "{what} on {}: the target's answer is malformed: {e}",
-                self.name
-            ),
-        )
-    }
-
-    /// The first LUN that holds a disk.
-    async fn first_disk(&self) -> Result<u64> {
-        let data = self
-            .good(
-                "report LUNs",
-                0,
-                Cdb::ReportLuns {
-                    select_report: 0,
-                    alloc_len: 16 << 10,
-                },
-                16 << 10,
-            )
-            .await?;
-        let (luns, _) = scsi::decode_report_luns(&data).map_err(|e| self.bad("report LUNs", e))?;
-        let mut seen = Vec::new();
-        for lun in luns {
-            let data = self
-                .good(
-                    "inquiry",
-                    lun,
-                    Cdb::Inquiry {
-                        evpd: false,
-                        page: 0,
-                        alloc_len: Inquiry::LEN as u16,
-                    },
-                    Inquiry::LEN,
-                )
-                .await?;
-            let inq = Inquiry::decode(&data).map_err(|e| self.bad("inquiry", e))?;
-            if inq.qualifier == 0 && inq.device_type == device_type::DISK {
-                return Ok(lun);
-            }
-            seen.push(format!(
-                "{} (device type {:#04x})",
-                decode_lun(lun).map_or_else(|| format!("{lun:#x}"), |l| l.to_string()),
-                inq.device_type
-            ));
-        }
-        Err(Error::new(
-            ErrorKind::NotFound,
-            format!(
-                "open {}: the target has no disk LUN (LUNs: {}); name one as iscsi://HOST/IQN/LUN",
-                self.name,
-                if seen.is_empty() {
-                    "none".into()
-                } else {
-                    seen.join(", ")
-                }
-            ),
-        ))
-    }
-
-    async fn ready(&self, lun: u64) -> Result<()> {
-        self.good("test unit ready", lun, Cdb::TestUnitReady, 0)
-            .await
-            .map(|_| ())
-    }
-
-    async fn capacity(&self, lun: u64) -> Result<Capacity> {
-        let data = self
-            .good(
-                "read capacity",
-                lun,
-                Cdb::ReadCapacity16 {
-                    alloc_len: Capacity::LEN as u32,
-                },
-                Capacity::LEN,
-            )
-            .await?;
-        let c = Capacity::decode(&data).map_err(|e| self.bad("read capacity", e))?;
-        if !c.block_len.is_power_of_two() || !(512..=65536).contains(&c.block_len) {
-            return Err(self.bad(
-                "read capacity",
-                format!("a logical block of {} bytes", c.block_len),
-            ));
-        }
-        if c.bytes().is_none() {
-            return Err(self.bad("read capacity", format!("{c:?} overflows")));
-        }
-        Ok(c)
-    }
-
-    async fn vpd(&self, lun: u64, page: u8, len: usize) -> Result<Bytes> {
-        self.good(
-            "inquiry",
-            lun,
-            Cdb::Inquiry {
-                evpd: true,
-                page,
-                alloc_len: len as u16,
-            },
-            len,
-        )
-        .await
-    }
-
-    async fn limits(&self, lun: u64, cap: &Capacity) -> Result<Limits> {
-        let block = u64::from(cap.block_len);
-        let pages = match self.vpd(lun, vpd::SUPPORTED_PAGES, 255).await {
-            Ok(d) => scsi::decode_supported_pages(&d).unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
-        let bl = if pages.contains(&vpd::BLOCK_LIMITS) {
-            let d = self.vpd(lun, vpd::BLOCK_LIMITS, BlockLimits::LEN).await?;
-            BlockLimits::decode(&d).map_err(|e| self.bad("block limits", e))?
-        } else {
-            BlockLimits::default()
-        };
-        let prov = if cap.lbpme && pages.contains(&vpd::LOGICAL_BLOCK_PROVISIONING) {
-            let d = self
-                .vpd(lun, vpd::LOGICAL_BLOCK_PROVISIONING, Provisioning::LEN)
-                .await?;
-            Provisioning::decode(&d).map_err(|e| self.bad("logical block provisioning", e))?
-        } else {
-            Provisioning::default()
-        };
-        let mode = self
-            .good(
-                "mode sense",
-                lun,
-                Cdb::ModeSense6 {
-                    dbd: true,
-                    page: scsi::CACHING_PAGE,
-                    subpage: 0,
-                    alloc_len: 255,
-                },
-                255,
-            )
-            .await
-            .ok()
-            .and_then(|d| ModeSense::decode(&d).ok())
-            .unwrap_or_default();
-        let cap_blocks = |n: u64, default: u64| if n == 0 { default } else { n };
-        let max_transfer = (cap_blocks(u64::from(bl.max_transfer_len), u64::MAX / block)
-            .saturating_mul(block))
-        .min(MAX_TRANSFER)
-        .max(block);
-        Ok(Limits {
-            block,
-            max_transfer,
-            unmap: cap.lbpme && prov.lbpu && bl.max_unmap_lba_count > 0,
-            max_unmap_blocks: u64::from(bl.max_unmap_lba_count),
-            unmap_with_write_same: cap.lbpme && prov.lbpws,
-            max_write_same_blocks: cap_blocks(bl.max_write_same_len, DEFAULT_WRITE_SAME_BLOCKS)
-                .min(u64::from(u32::MAX)),
-            fua: mode.dpofua,
-            write_cache: mode.write_cache.unwrap_or(true),
-            read_only: mode.write_protect,
-            trim_reads_zero: cap.lbprz || prov.lbprz == 1,
-        })
-    }
-}
-
-/// Keep the device connected: when its session dies, log in again with backoff.
-async fn supervise(shared: Arc<Shared>, cancel: CancellationToken) {
-    loop {
-        let current = shared.link.borrow().clone();
-        if let Link::Up(session) = current {
-            tokio::select! {
-                _ = session.dead() => {}
-                _ = cancel.cancelled() => return,
-            }
-            let why = session.why();
-            warn!(device = %shared.name, "iSCSI connection lost: {why}; reconnecting");
-            shared.link.send_replace(Link::Down(why));
-        }
-        let mut backoff = FIRST_BACKOFF;
-        loop {
-            if shared.fatal.get().is_some() {
-                return;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = cancel.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            let attempt = async {
-                let s = open_session(
-                    &shared.name,
-                    &shared.portal,
-                    &shared.params,
-                    &shared.options,
-                )
-                .await?;
-                let deadline = Instant::now() + shared.options.timeout;
-                let probe = Probe {
-                    session: &s,
-                    name: &shared.name,
-                    deadline,
-                    timeout: shared.options.timeout,
-                };
-                probe.ready(shared.lun).await?;
-                let cap = probe.capacity(shared.lun).await?;
-                shared.compare_capacity(&cap)?;
-                Ok::<_, Error>(s)
-            };
-            let result = tokio::select! {
-                r = attempt => r,
-                _ = cancel.cancelled() => return,
-            };
-            match result {
-                Ok(s) => {
-                    info!(device = %shared.name, "iSCSI connection re-established");
-                    shared.link.send_replace(Link::Up(s));
-                    break;
-                }
-                Err(e) => {
-                    shared
-                        .link
-                        .send_replace(Link::Down(format!("reconnecting failed: {}", e.chain())));
-                    if shared.fatal.get().is_some() {
-                        return;
-                    }
-                }
-            }
-        }
     }
 }
 
