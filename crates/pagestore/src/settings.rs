@@ -24,7 +24,9 @@ pub struct Settings {
     /// Largest segment object, in bytes of page data (default 32 MiB).
     #[serde(with = "size")]
     pub segment_bytes: u64,
-    /// Writes wait while the write buffer holds more than this (default 512 MiB).
+    /// Writes wait while the write buffer holds more than this (default 2 GiB). A generation
+    /// frozen while the checkpointer is behind is uploaded only for the pages not rewritten
+    /// since, so a buffer larger than what is being rewritten lets the checkpointer catch up.
     #[serde(with = "size")]
     pub max_buffered_bytes: u64,
     /// Compact when an image has more segments than this (default 24).
@@ -58,7 +60,7 @@ impl Default for Settings {
             checkpoint_bytes: 64 << 20,
             checkpoint_age: Duration::from_secs(30),
             segment_bytes: 32 << 20,
-            max_buffered_bytes: 512 << 20,
+            max_buffered_bytes: 2 << 30,
             max_segments: 24,
             cache_bytes: 64 << 20,
             cache_block_bytes: 64 << 10,
