@@ -669,6 +669,12 @@ pub fn fio_randwrite_verify_crc32c_qd32(uri: &str) {
 /// verification; `mode` is `--do_verify=1` (write, then verify) or `--verify_only`. Fails on
 /// any fio error; returns fio's terse (v3) fields.
 pub fn fio_verify_job(uri: &str, mode: &str) -> Vec<String> {
+    fio_verify(uri, mode, "4k", "64M")
+}
+
+/// fio's nbd engine: random writes of `bs` bytes over `size` at queue depth 32 with crc32c
+/// verification, as [`fio_verify_job`].
+pub fn fio_verify(uri: &str, mode: &str, bs: &str, size: &str) -> Vec<String> {
     let out = run(
         "fio",
         &[
@@ -676,9 +682,9 @@ pub fn fio_verify_job(uri: &str, mode: &str) -> Vec<String> {
             "--ioengine=nbd",
             &format!("--uri={uri}"),
             "--rw=randwrite",
-            "--bs=4k",
+            &format!("--bs={bs}"),
             "--iodepth=32",
-            "--size=64M",
+            &format!("--size={size}"),
             "--verify=crc32c",
             "--verify_fatal=1",
             mode,
