@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Run every Strata test. On a fresh Debian machine this first installs the programs the tests
-# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, etcd-server,
+# drive (qemu-utils, libnbd-bin, nbdkit, fio, fuse3, e2fsprogs, openssl, systemd, etcd-server, tgt,
 # and the S3 server s3s-fs through cargo), then builds once and runs the whole suite.
+#
+# Tests of the kernel's own clients (nbd-client, NVMe/TCP, virtio-blk over vhost-user) boot a
+# VM through crates/testkit: qemu-system-x86 (below) and xz-utils here. The guest itself is
+# built on first use from Debian packages fetched with `apt-get download` (the kernel that
+# linux-image-amd64 names, busybox-static, nbd-client, nvme-cli, e2fsprogs, util-linux,
+# coreutils and their libraries), cached in target/vm-cache/.
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh -p strata  # extra arguments go to `cargo test`
@@ -15,6 +21,8 @@ required=(
   mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount
   openssl:openssl systemd-socket-activate:systemd timeout:coreutils
   etcd:etcd-server
+  xz:xz-utils
+  tgtd:tgt tgtadm:tgt
 )
 missing=()
 for pair in "${required[@]}"; do
@@ -72,7 +80,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 
-# One build, shared by every test binary (release: the tests push hundreds of MiB through the
-# server). Examples are built too: a test runs one.
-cargo test --release --workspace --no-run
-exec cargo test --release --workspace "$@"
+# One build, shared by every test binary: the `ci` profile is optimized (the tests push
+# hundreds of MiB through the server) and keeps overflow checks and debug assertions in
+# Strata's own crates. Examples are built too: tests run them. Every test binary runs even when
+# one fails (--no-fail-fast), so one failure never hides another.
+cargo test --profile ci --workspace --no-run
+exec cargo test --profile ci --workspace --no-fail-fast "$@"

@@ -192,6 +192,15 @@ impl FileDevice {
                 format!("open {name}: it is neither a regular file nor a block device"),
             ));
         };
+        if let Ok(Some(fs)) = sys::pseudo_filesystem(&file) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "open {name}: it is a {fs} interface of the kernel, not a disk image or a \
+                     block device"
+                ),
+            ));
+        }
         // It was opened non-blocking so that a FIFO could not hang the open; I/O must block (an
         // O_NONBLOCK file makes io_uring answer EAGAIN instead of waiting).
         sys::set_status_flags(&file, 0, libc::O_NONBLOCK)
@@ -214,44 +223,7 @@ impl FileDevice {
             })?;
         }
 
-        let size = match (kind, created, options.size) {
-            (Kind::Regular, true, Some(size)) => {
-                file.set_len(size)
-                    .map_err(|e| Error::io(format!("create {name} with {size} bytes"), e))?;
-                size
-            }
-            (Kind::Regular, _, _) => {
-                // Stat again: the size may have changed before the lock was ours.
-                file.metadata()
-                    .map_err(|e| Error::io(format!("stat {name}"), e))?
-                    .len()
-            }
-            (Kind::Block, _, _) => sys::lseek(&file, 0, libc::SEEK_END)
-                .map_err(|e| Error::io(format!("find the size of block device {name}"), e))?,
-        };
-        if let Some(want) = options.size.filter(|&want| want != size) {
-            let hint = match kind {
-                Kind::Regular => format!(" (e.g. truncate -s {want} {name})"),
-                Kind::Block => String::new(),
-            };
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "open {name}: it is {size} bytes, but size={want} was asked for; Strata never \
-                     resizes or truncates existing data: leave size= out to use it at {size} \
-                     bytes, or resize it yourself first{hint}"
-                ),
-            ));
-        }
-        if size == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "open {name}: it is empty (0 bytes); give it a size first (truncate -s 1G \
-                     {name}), or remove it and open it with size= to have it created"
-                ),
-            ));
-        }
+        let size = settled_size(&file, path, kind, created, options.size)?;
 
         let sector = match kind {
             Kind::Block => u64::from(
@@ -320,6 +292,48 @@ impl FileDevice {
     /// Whether I/O bypasses the page cache (`O_DIRECT`).
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// Advertise `block_size` as the logical block size (`blk_size=` of `aio://` and
+    /// `uring://`): offsets and lengths must then be multiples of it, as on a disk with that
+    /// sector size. It must be a power of two from 512 to 4096 and a multiple of the alignment
+    /// direct I/O needs already; the size becomes a whole number of blocks (rounded down).
+    pub fn with_block_size(mut self, block_size: u32) -> Result<FileDevice> {
+        let current = self.geometry.block_size.max(1);
+        if !block_size.is_power_of_two() || !(512..=4096).contains(&block_size) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "open {}: a block size of {block_size} bytes; use 512, 1024, 2048 or 4096",
+                    self.name()
+                ),
+            ));
+        }
+        if !block_size.is_multiple_of(current) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "open {}: a block size of {block_size} bytes is below the {current}-byte                      alignment its direct I/O needs",
+                    self.name()
+                ),
+            ));
+        }
+        let size = self.geometry.size / u64::from(block_size) * u64::from(block_size);
+        if size == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "open {}: it is smaller than one {block_size}-byte block",
+                    self.name()
+                ),
+            ));
+        }
+        self.geometry = Geometry {
+            size,
+            block_size,
+            optimal_io_size: self.geometry.optimal_io_size.max(block_size),
+        };
+        Ok(self)
     }
 
     fn name(&self) -> std::path::Display<'_> {
@@ -457,6 +471,57 @@ fn open_or_create(path: &Path, options: &FileOptions) -> Result<(File, bool)> {
             .map_err(|e| Error::io(format!("open {name}"), e)),
         Err(e) => Err(Error::io(format!("create {name}"), e)),
     }
+}
+
+/// The size of an opened file or block device: set on a file just created, else read, and
+/// checked against the size asked for (existing data is never resized).
+fn settled_size(
+    file: &File,
+    path: &Path,
+    kind: Kind,
+    created: bool,
+    want: Option<u64>,
+) -> Result<u64> {
+    let name = path.display();
+    let size = match (kind, created, want) {
+        (Kind::Regular, true, Some(size)) => {
+            file.set_len(size)
+                .map_err(|e| Error::io(format!("create {name} with {size} bytes"), e))?;
+            size
+        }
+        (Kind::Regular, _, _) => {
+            // Stat again: the size may have changed before the lock was ours.
+            file.metadata()
+                .map_err(|e| Error::io(format!("stat {name}"), e))?
+                .len()
+        }
+        (Kind::Block, _, _) => sys::lseek(&file, 0, libc::SEEK_END)
+            .map_err(|e| Error::io(format!("find the size of block device {name}"), e))?,
+    };
+    if let Some(want) = want.filter(|&want| want != size) {
+        let hint = match kind {
+            Kind::Regular => format!(" (e.g. truncate -s {want} {name})"),
+            Kind::Block => String::new(),
+        };
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "open {name}: it is {size} bytes, but size={want} was asked for; Strata never \
+                 resizes or truncates existing data: leave size= out to use it at {size} \
+                 bytes, or resize it yourself first{hint}"
+            ),
+        ));
+    }
+    if size == 0 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "open {name}: it is empty (0 bytes); give it a size first (truncate -s 1G \
+                 {name}), or remove it and open it with size= to have it created"
+            ),
+        ));
+    }
+    Ok(size)
 }
 
 /// Turn on `O_DIRECT` and work out its alignment: `(block size, memory alignment)`.

@@ -91,6 +91,31 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// [`LOCK_WAIT`]. The wait covers a process that has just died: the kernel closes files still
 /// referenced by its io_uring only when it has torn the ring down, a moment after the exit.
 /// The lock belongs to the open file description and goes away when it is closed.
+/// The name of the pseudo filesystem `file` lives in (proc, sysfs, …), if it is in one: its
+/// "files" are kernel interfaces, not data.
+pub(crate) fn pseudo_filesystem(file: &File) -> io::Result<Option<&'static str>> {
+    // SAFETY: `st` is plain data that fstatfs fills; the descriptor is valid while `file` is.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(match st.f_type {
+        0x9fa0 => Some("proc"),
+        0x6265_6572 => Some("sysfs"),
+        0x6462_6720 => Some("debugfs"),
+        0x7472_6163 => Some("tracefs"),
+        0x2710_2300 | 0x0027_e0eb => Some("cgroup"),
+        0x6367_7270 => Some("cgroup2"),
+        0x7363_6673 => Some("securityfs"),
+        0x1cd1 => Some("devpts"),
+        0x6e73_6673 => Some("nsfs"),
+        0xcafe_4a11 => Some("bpf"),
+        0x6573_5546 => Some("fuse control"),
+        _ => None,
+    })
+}
+
 pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {

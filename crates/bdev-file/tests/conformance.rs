@@ -64,3 +64,38 @@ async fn threads_direct() {
 async fn inline_then_io_uring() {
     run(IoEngine::Uring, false, false).await;
 }
+
+/// Mayastor's URI forms: `aio:///PATH?blk_size=512` and `uring:///PATH?blk_size=4096` open the
+/// same device with the block size they name.
+async fn run_alias(scheme: &'static str, blk_size: u32) {
+    let dir = tempfile::tempdir().expect("make a temporary directory");
+    let n = AtomicUsize::new(0);
+    let mut registry = strata_bdev::Registry::empty();
+    strata_bdev_file::FileOpener::register(&mut registry);
+    conformance::run(Expect::default(), |size| {
+        let path = dir
+            .path()
+            .join(format!("dev{}.img", n.fetch_add(1, Ordering::Relaxed)));
+        let registry = registry.clone();
+        async move {
+            let uri = format!(
+                "{scheme}://{}?blk_size={blk_size}&size={size}",
+                path.display()
+            );
+            let dev = registry.open(&uri).await.expect("open through the alias");
+            assert_eq!(dev.geometry().block_size, blk_size, "{uri}");
+            dev
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aio_alias_with_512_byte_blocks() {
+    run_alias("aio", 512).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_alias_with_4096_byte_blocks() {
+    run_alias("uring", 4096).await;
+}

@@ -19,6 +19,7 @@ mod error;
 pub mod fault;
 mod mem;
 pub mod stats;
+pub mod units;
 mod uri;
 
 #[cfg(feature = "conformance")]

@@ -1,4 +1,5 @@
-//! `mem://NAME?size=SIZE`: a sparse device in memory, for tests, scratch space and benchmarks.
+//! `mem://NAME?size=SIZE` (or Mayastor's `malloc:///NAME?size_mb=N`): a sparse device in
+//! memory, for tests, scratch space and benchmarks.
 //!
 //! Storage is allocated in 4 KiB chunks on first write and freed by trim and zeroing, so an
 //! unwritten device costs nothing and block status is exact at chunk granularity. Chunks live in
@@ -208,6 +209,37 @@ impl BlockDevice for MemDevice {
     }
 }
 
+/// Memory this host could still give a process, from `/proc/meminfo` (`None` elsewhere).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// A memory device's size: above 0, whole 512-byte sectors, and no more than the host could
+/// hold if it were filled.
+fn check_size(uri: &DeviceUri, size: u64) -> Result<()> {
+    let refuse = |why: String| {
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("device URI {uri}: {why}"),
+        ))
+    };
+    if size == 0 || !size.is_multiple_of(512) {
+        return refuse(format!(
+            "size {size} is not a positive multiple of 512 bytes"
+        ));
+    }
+    if let Some(avail) = available_memory().filter(|&a| size > a) {
+        return refuse(format!(
+            "size {size} is more than the {avail} bytes of memory this host has available; \
+             a memory device that large could not be filled (use a file:// device)"
+        ));
+    }
+    Ok(())
+}
+
 /// Opens `mem://NAME?size=SIZE[&readonly=true]`. While a device is open, opening its name again
 /// yields the same device (and a different size is an error).
 #[derive(Debug, Default)]
@@ -218,14 +250,39 @@ pub struct MemOpener {
 #[async_trait]
 impl Opener for MemOpener {
     async fn open(&self, mut uri: DeviceUri) -> Result<Arc<dyn BlockDevice>> {
-        const KNOWN: &[&str] = &["size", "readonly"];
-        let name = uri.authority.clone();
-        if name.is_empty() || !uri.path.trim_matches('/').is_empty() {
-            return Err(uri.invalid("expected mem://NAME?size=SIZE (a name, no path)"));
-        }
-        let size = uri.take_size("size")?;
+        let (name, size) = if uri.scheme == "malloc" {
+            // Mayastor's form: malloc:///NAME?size_mb=N.
+            let name = uri.path.trim_matches('/').to_string();
+            if !uri.authority.is_empty() || name.is_empty() || name.contains('/') {
+                return Err(
+                    uri.invalid("expected malloc:///NAME?size_mb=N (three slashes, a name)")
+                );
+            }
+            let size = match uri.take("size_mb") {
+                None => None,
+                Some(v) => Some(
+                    v.parse::<u64>()
+                        .ok()
+                        .and_then(|mb| mb.checked_mul(1 << 20))
+                        .ok_or_else(|| {
+                            uri.invalid(&format!("size_mb={v:?}: expected a number of MiB"))
+                        })?,
+                ),
+            };
+            (name, size)
+        } else {
+            let name = uri.authority.clone();
+            if name.is_empty() || !uri.path.trim_matches('/').is_empty() {
+                return Err(uri.invalid("expected mem://NAME?size=SIZE (a name, no path)"));
+            }
+            (name, uri.take_size("size")?)
+        };
         let read_only = uri.take_bool("readonly")?.unwrap_or(false);
-        uri.finish(KNOWN)?;
+        uri.finish(if uri.scheme == "malloc" {
+            &["size_mb", "readonly"]
+        } else {
+            &["size", "readonly"]
+        })?;
         let mut open = self.open.lock().expect("lock poisoned");
         if let Some(dev) = open.get(&name).and_then(Weak::upgrade) {
             if size.is_some_and(|s| s != dev.size) {
@@ -242,14 +299,14 @@ impl Opener for MemOpener {
             }
             return Ok(dev);
         }
-        let size =
-            size.ok_or_else(|| uri.invalid("size= is required, e.g. mem://scratch?size=64M"))?;
-        if size == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("device URI {uri}: size must be above 0"),
-            ));
-        }
+        let size = size.ok_or_else(|| {
+            uri.invalid(if uri.scheme == "malloc" {
+                "size_mb= is required, e.g. malloc:///scratch?size_mb=64"
+            } else {
+                "size= is required, e.g. mem://scratch?size=64M"
+            })
+        })?;
+        check_size(&uri, size)?;
         let mut dev = MemDevice::new(name.clone(), size);
         dev.read_only = read_only;
         let dev = Arc::new(dev);
@@ -281,6 +338,44 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("size= is required"));
+    }
+
+    #[tokio::test]
+    async fn sizes_that_cannot_be_a_memory_device_are_refused() {
+        let r = crate::Registry::with_builtin();
+        for (uri, why) in [
+            ("mem://odd?size=1000", "multiple of 512"),
+            ("mem://huge?size=16P", "available"),
+            ("mem://max?size=18446744073709551615", "multiple of 512"),
+            ("mem://zero?size=0", "multiple of 512"),
+        ] {
+            let e = r.open(uri).await.unwrap_err().to_string();
+            assert!(e.contains(why), "{uri}: {e}");
+        }
+        r.open("mem://fine?size=1M").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn malloc_is_mayastors_name_for_memory() {
+        let r = Registry::with_builtin();
+        let a = r.open("malloc:///m0?size_mb=4").await.unwrap();
+        assert_eq!(a.geometry().size, 4 << 20);
+        a.write_at(0, Bytes::from_static(b"seed"), WriteOpts::default())
+            .await
+            .unwrap();
+        // The same device under either name.
+        let b = r.open("mem://m0").await.unwrap();
+        assert_eq!(&b.read_at(0, 4).await.unwrap()[..], b"seed");
+        for (uri, why) in [
+            ("malloc:///m1", "size_mb= is required"),
+            ("malloc:///m1?size_mb=lots", "number of MiB"),
+            ("malloc:///m1?size=4M", "unknown option"),
+            ("malloc://host/m1?size_mb=4", "three slashes"),
+        ] {
+            let e = r.open(uri).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{uri}");
+            assert!(e.to_string().contains(why), "{uri}: {e}");
+        }
     }
 
     #[tokio::test]

@@ -211,10 +211,13 @@ impl Registry {
         Registry::default()
     }
 
-    /// A registry with the schemes this crate implements (`mem`).
+    /// A registry with the schemes this crate implements (`mem`, and `malloc` for the same
+    /// devices in Mayastor's form).
     pub fn with_builtin() -> Registry {
         let mut r = Registry::empty();
-        r.register("mem", Arc::new(crate::mem::MemOpener::default()));
+        let mem = Arc::new(crate::mem::MemOpener::default());
+        r.register("mem", mem.clone());
+        r.register("malloc", mem);
         r
     }
 

@@ -3,10 +3,13 @@
 //! status, STARTTLS, multi-conn), in three parts:
 //!
 //! ```text
-//!   codec   bytes ⇄ typed messages; no I/O, fuzzable
+//!   codec   bytes ⇄ typed messages; no I/O, fuzzable       codec/{handshake,transmission}.rs
 //!     │
 //!   server  sockets → negotiation → pipelined requests → Arc<dyn BlockDevice> → one writer
+//!           server/mod.rs (accept, exports), server/negotiate.rs (one function per option),
+//!           transmission.rs (one task per connection)
 //!   client  a BlockDevice that speaks NBD to a remote server (nbd://, nbd+unix://)
+//!           client/{device,negotiate,conn,writer,reader,uri}.rs
 //! ```
 
 pub mod client;
@@ -15,4 +18,7 @@ pub mod server;
 mod transmission;
 
 pub use client::{NbdDevice, NbdOpener};
-pub use server::{Export, Resolved, Resolver, Server, ServerConfig, TlsMode, TlsSettings};
+pub use server::{
+    ConfigError, Export, Resolved, Resolver, Server, ServerConfig, ServerStats, TlsMode,
+    TlsSettings,
+};

@@ -15,40 +15,12 @@ use strata_bdev::{
     Registry, Result, WriteOpts, ZeroOpts,
 };
 use strata_nbd::client::{ClientOptions, Target};
-use strata_nbd::{Export, NbdDevice, NbdOpener, Server, ServerConfig};
+use strata_nbd::{NbdDevice, NbdOpener, Server, ServerConfig};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::task::JoinHandle;
 
-/// Long enough for anything that works; a failure to finish within it is a hang.
-const LIMIT: Duration = Duration::from_secs(10);
-
-fn export(name: &str, device: Arc<dyn BlockDevice>, read_only: bool) -> Export {
-    Export {
-        name: name.to_string(),
-        description: format!("test export {name}"),
-        device,
-        read_only,
-        transactions: None,
-    }
-}
-
-fn mem(size: u64) -> Arc<dyn BlockDevice> {
-    Arc::new(MemDevice::new("m", size))
-}
-
-async fn tcp_server(config: ServerConfig, exports: Vec<Export>) -> (Arc<Server>, Target) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local address");
-    let server = Server::new(config, exports);
-    tokio::spawn(server.clone().serve_tcp(listener));
-    (server, Target::Tcp(addr.to_string()))
-}
-
-async fn connect(target: &Target, name: &str) -> NbdDevice {
-    NbdDevice::connect(target, name, &ClientOptions::default())
-        .await
-        .expect("connect")
-}
+mod common;
+use common::{connect, export, mem, tcp_server, wait_until, Gated, Hold, LIMIT};
 
 /// A fresh export per device the suite asks for, all served by one server.
 async fn conformance_over(server: Arc<Server>, target: Target) {
@@ -307,13 +279,7 @@ async fn losing_the_connection_fails_in_flight_and_later_requests() {
         })
         .collect();
     // Wait until the server holds every read (a condition, polled; not a fixed delay).
-    tokio::time::timeout(LIMIT, async {
-        while handle.fired() < 8 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .expect("the reads reach the server");
+    wait_until("the reads reach the server", || handle.fired() >= 8).await;
 
     cut.abort();
     for r in reads {
@@ -363,13 +329,7 @@ async fn server_shutdown_finishes_in_flight_requests_then_fails_later_ones() {
                 .await
         })
     };
-    tokio::time::timeout(LIMIT, async {
-        while handle.fired() < 1 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .expect("the write reaches the server");
+    wait_until("the write reaches the server", || handle.fired() >= 1).await;
     tokio::time::timeout(LIMIT, server.shutdown())
         .await
         .expect("the server shuts down");
@@ -389,20 +349,14 @@ async fn server_shutdown_finishes_in_flight_requests_then_fails_later_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_times_out_and_the_connection_survives() {
-    let (fault, handle) = FaultDevice::new(mem(1 << 20));
-    handle.add(
-        Rule {
-            ops: vec![Op::Read],
-            range: None,
-            action: Action::Delay(Duration::from_millis(500)),
-            remaining: None,
-        }
-        .in_range(0, 4096)
-        .times(1),
-    );
+    let held = Gated::new(1 << 20, Hold::FirstRead);
+    held.inner
+        .write_at(0, Bytes::from_static(b"late"), WriteOpts::default())
+        .await
+        .expect("seed");
     let (_server, target) = tcp_server(
         ServerConfig::default(),
-        vec![export("slow", Arc::new(fault), false)],
+        vec![export("slow", held.clone(), false)],
     )
     .await;
     let options = ClientOptions {
@@ -414,15 +368,30 @@ async fn a_slow_request_times_out_and_the_connection_survives() {
         .expect("connect");
     let e = dev.read_at(0, 4096).await.expect_err("too slow");
     assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
-    // Elsewhere the device answers at once, and the late reply (when it comes) is dropped.
+    wait_until("the held read reaches the device", || held.arrived() >= 1).await;
+    // Elsewhere the device answers at once.
     dev.write_at(8192, Bytes::from_static(b"fine"), WriteOpts::default())
         .await
         .expect("write");
+    assert_eq!(&dev.read_at(8192, 4).await.expect("read")[..], b"fine");
+
+    // Let the held read finish: the server queues its late reply before anything it reads
+    // afterwards, so by the time a request sent now is answered, the late reply has arrived.
+    held.gate.add_permits(1);
+    wait_until("the held read returns", || held.returned() == 1).await;
     let mut later = Vec::new();
     for _ in 0..10 {
-        later.push(dev.read_at(8192, 4).await.expect("read"));
+        later.push(
+            dev.read_at(8192, 4)
+                .await
+                .expect("read after the late reply"),
+        );
     }
-    assert!(later.iter().all(|b| &b[..] == b"fine"));
+    assert!(
+        later.iter().all(|b| &b[..] == b"fine"),
+        "the late reply (\"late\") was not taken for another request's: {later:?}"
+    );
+    assert_eq!(&dev.read_at(0, 4).await.expect("read again")[..], b"late");
     assert!(dev.is_connected());
 }
 

@@ -3,84 +3,23 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use strata_bdev::{BlockDevice, Capabilities, Geometry, MemDevice, Result, WriteOpts};
-use strata_nbd::codec::{self, cmd, opt, rep};
+use bytes::BytesMut;
+use strata_bdev::BlockDevice;
+use strata_nbd::codec::{self, cmd};
 use strata_nbd::{Export, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::TcpListener;
 
-/// A memory device whose writes wait for a permit.
-#[derive(Debug)]
-struct Gated {
-    inner: MemDevice,
-    gate: Arc<Semaphore>,
-    entered: AtomicUsize,
-}
-
-#[async_trait]
-impl BlockDevice for Gated {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.inner.read_at(offset, len).await
-    }
-    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
-        self.entered.fetch_add(1, Ordering::SeqCst);
-        self.gate.acquire().await.expect("gate open").forget();
-        self.inner.write_at(offset, data, opts).await
-    }
-    async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
-    }
-}
-
-async fn negotiate(addr: std::net::SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).await.unwrap();
-    s.write_u32(codec::client_flags::FIXED_NEWSTYLE | codec::client_flags::NO_ZEROES)
-        .await
-        .unwrap();
-    let mut b = BytesMut::new();
-    let go = codec::encode_info_request(&codec::InfoRequest {
-        name: "g".into(),
-        requests: vec![],
-    });
-    codec::encode_option(&mut b, opt::GO, &go);
-    s.write_all(&b).await.unwrap();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).await.unwrap();
-        let h = codec::decode_option_reply_header(&h).unwrap();
-        let mut data = vec![0u8; h.len as usize];
-        s.read_exact(&mut data).await.unwrap();
-        if h.reply_type == rep::ACK {
-            return s;
-        }
-    }
-}
+mod common;
+use common::{wait_until, Gated, Hold, Raw};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_budget_applies_backpressure_and_loses_nothing() {
     const MIB: usize = 1 << 20;
     const WRITES: usize = 64;
-    let gate = Arc::new(Semaphore::new(0));
-    let device = Arc::new(Gated {
-        inner: MemDevice::new("g", (WRITES * MIB) as u64),
-        gate: gate.clone(),
-        entered: AtomicUsize::new(0),
-    });
+    let device = Gated::new((WRITES * MIB) as u64, Hold::Writes);
     let config = ServerConfig {
         max_in_flight_bytes: MIB,
         max_payload: MIB as u32,
@@ -99,7 +38,7 @@ async fn in_flight_budget_applies_backpressure_and_loses_nothing() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(server.clone().serve_tcp(listener));
-    let s = negotiate(addr).await;
+    let s = Raw::open(addr, "g", false).await.s;
     let (mut rd, mut wr) = s.into_split();
 
     // Send 64 MiB of writes while the device accepts none: the server must stop reading after
@@ -124,20 +63,28 @@ async fn in_flight_budget_applies_backpressure_and_loses_nothing() {
         }
         (sent, wr)
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The server says when it stops reading the connection: from then on, nothing it could
+    // read would reach the device until a write completes.
+    wait_until(
+        "the server stops reading the connection, or has read all of it",
+        || server.stats().paused_connections == 1 || sender.is_finished(),
+    )
+    .await;
     assert!(
         !sender.is_finished(),
         "the server read 64 MiB of writes it could not process: no backpressure"
     );
-    // The budget is one payload, so exactly one write reached the device.
+    let stats = server.stats();
     assert_eq!(
-        device.entered.load(Ordering::SeqCst),
-        1,
-        "writes past the budget were not read"
+        (stats.requests_in_flight, stats.bytes_in_flight),
+        (1, MIB),
+        "{stats:?}"
     );
+    // The budget is one payload, so exactly one write reached the device.
+    assert_eq!(device.arrived(), 1, "writes past the budget were not read");
 
     // Open the device: every write completes and is acknowledged.
-    gate.add_permits(WRITES);
+    device.gate.add_permits(WRITES);
     let (sent, _wr) = tokio::time::timeout(Duration::from_secs(60), sender)
         .await
         .expect("sender unblocks")

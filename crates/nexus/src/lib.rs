@@ -31,14 +31,21 @@
 //!   a crash or restart the nexus is restored from it, so a stale child is never read from or
 //!   copied from, and heals by copying only what it missed. See `record.rs`.
 
+mod children;
 mod dirty;
+mod error;
 mod nexus;
+mod ops;
 mod rangelock;
 mod rebuild;
 mod record;
+mod restore;
+mod settings;
+mod status;
 
-pub use nexus::{
-    ChildState, ChildStatus, Nexus, NexusError, NexusSettings, NexusStatus, RestoreChild,
-};
+pub use error::NexusError;
+pub use nexus::Nexus;
 pub use rebuild::{RebuildKind, RebuildOutcome, RebuildProgress, RebuildState};
 pub use record::{ChildRecord, Ledger, NexusRecord, RecordedState};
+pub use settings::NexusSettings;
+pub use status::{ChildState, ChildStatus, NexusStatus, RestoreChild};

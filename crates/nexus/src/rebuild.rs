@@ -23,7 +23,8 @@ use futures_util::future::join_all;
 use strata_bdev::{Error, ZeroOpts};
 use tokio::sync::watch;
 
-use crate::nexus::{call, child_io, ChildState, Shared, Target};
+use crate::nexus::{call, child_io, Shared, Target};
+use crate::status::ChildState;
 
 /// What a rebuild copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,9 +4,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use strata_bdev::fault::{Op, Rule};
 use strata_bdev::{
     BlockDevice, Bytes, Error, ErrorKind, FaultDevice, FaultHandle, MemDevice, WriteOpts,
@@ -15,7 +15,7 @@ use strata_nexus::{
     ChildRecord, ChildState, Ledger, Nexus, NexusError, NexusRecord, NexusSettings, RebuildKind,
     RebuildOutcome, RecordedState, RestoreChild,
 };
-use tokio::sync::RwLock;
+use tokio::sync::{Notify, RwLock};
 
 const MIB: u64 = 1 << 20;
 
@@ -25,6 +25,8 @@ struct TestLedger {
     saved: Mutex<Vec<NexusRecord>>,
     /// Saves take this shared; a test holding it exclusively keeps them waiting.
     gate: RwLock<()>,
+    /// Told each time a save starts (before the gate).
+    started: Notify,
     fail: AtomicBool,
 }
 
@@ -42,6 +44,7 @@ impl TestLedger {
 #[async_trait]
 impl Ledger for TestLedger {
     async fn save(&self, record: &NexusRecord) -> std::io::Result<()> {
+        self.started.notify_one();
         let _open = self.gate.read().await;
         if self.fail.load(Ordering::SeqCst) {
             return Err(std::io::Error::other("disk full"));
@@ -141,21 +144,24 @@ async fn a_degraded_write_is_answered_only_once_the_record_is_durable() {
 
     faults.add(Rule::fail(Op::Write, ErrorKind::Io));
     let closed = ledger.gate.write().await;
-    let w = tokio::spawn({
-        let nexus = nexus.clone();
-        async move { write(&nexus, MIB, fill(2, 8192)).await }
-    });
-    // b is faulted at once, but the write waits for the record.
-    while !matches!(state(&nexus, "b"), ChildState::Faulted(_)) {
-        tokio::task::yield_now().await;
+    // Drive the write here, not on another task, so that what it waits for is known: once the
+    // record's save has started and is held at the gate, the write must still be pending.
+    let mut w = std::pin::pin!(write(&nexus, MIB, fill(2, 8192)));
+    tokio::select! {
+        biased;
+        () = &mut w => panic!("the write was answered before its record was saved"),
+        () = ledger.started.notified() => {}
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
-        !w.is_finished(),
-        "the write was answered before the record was saved"
+        matches!(state(&nexus, "b"), ChildState::Faulted(_)),
+        "b is faulted before the record is saved"
+    );
+    assert!(
+        (&mut w).now_or_never().is_none(),
+        "the write was answered while its record's save was held"
     );
     drop(closed);
-    w.await.unwrap();
+    w.await;
     let r = ledger.last();
     let b = r.child("b").unwrap();
     assert!(

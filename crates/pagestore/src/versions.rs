@@ -19,8 +19,9 @@ use strata_bdev::{Error, ErrorKind, Result};
 use crate::format::{BaseRef, Manifest, SnapshotRecord};
 use crate::image::PageStore;
 use crate::layout::{
-    base_chain, check_name, create_manifest, get_record, latest_manifest, manifest_key, not_found,
-    now_secs, obj_err, read_manifest, read_snapshot, snapshot_key, LEASE_TTL,
+    base_chain, check_name, create_manifest, get_record, latest_manifest, manifest_key,
+    manifest_versions, not_found, now_secs, obj_err, read_manifest, read_snapshot, snapshot_key,
+    LEASE_TTL,
 };
 use crate::objects::{retry, Listed, Objects};
 
@@ -566,6 +567,61 @@ impl Sweep<'_> {
     }
 }
 
+/// Take back from `doomed` the segments a writer still needs. The store's listing is not one
+/// atomic look: a segment listed as unreferenced may have been uploaded under a lease the
+/// listing missed, and published by a manifest written after the manifests were listed. A
+/// writer publishes before it drops its lease, so listing each image's leases *after* its
+/// segments, and then its manifests, sees one or the other for every segment still needed.
+async fn spare_what_became_needed(
+    objects: &dyn Objects,
+    cat: &Catalog,
+    doomed: &mut Vec<(String, u64)>,
+) -> Result<()> {
+    let mut images: Vec<&str> = doomed
+        .iter()
+        .filter(|(k, _)| k.contains("/segments/"))
+        .filter_map(|(k, _)| k.strip_prefix("images/")?.split('/').next())
+        .collect();
+    images.sort_unstable();
+    images.dedup();
+    let mut needed: BTreeSet<String> = BTreeSet::new();
+    let mut leased: Vec<String> = Vec::new();
+    for name in images {
+        let lease_dir = format!("images/{name}/leases/");
+        let leases = retry(
+            objects,
+            "list leases",
+            5,
+            || false,
+            || objects.list(&lease_dir),
+        )
+        .await
+        .map_err(|e| obj_err("collect garbage: list leases", e))?;
+        leased.extend(
+            leases
+                .iter()
+                .map(|o| format!("images/{name}/segments/{}-", &o.key[lease_dir.len()..])),
+        );
+        let seen = cat
+            .images
+            .get(name)
+            .and_then(|e| e.versions.last())
+            .map_or(0, |(v, _)| *v);
+        for v in manifest_versions(objects, name).await? {
+            if v > seen {
+                let m = read_manifest(objects, name, v).await?;
+                needed.extend(
+                    m.segments
+                        .iter()
+                        .map(|s| format!("images/{name}/{}", s.key)),
+                );
+            }
+        }
+    }
+    doomed.retain(|(k, _)| !needed.contains(k) && !leased.iter().any(|l| k.starts_with(l)));
+    Ok(())
+}
+
 async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
     let mut cat = Catalog::scan(objects).await.map_err(|e| {
         Error::new(
@@ -605,6 +661,7 @@ async fn gc(objects: &dyn Objects, opts: &GcOptions) -> Result<GcReport> {
     for (name, e) in &cat.images {
         sweep.image(name, e, &mut doomed, &mut kept);
     }
+    spare_what_became_needed(objects, &cat, &mut doomed).await?;
     // Segments before manifests: a crash part-way leaves old versions without their data,
     // never data without a version that could still be read.
     doomed.sort_by_key(|(k, _)| !k.contains("/segments/"));

@@ -5,13 +5,17 @@
 //!
 //! ```text
 //!   file:///path?size=1G        local file or block device (io_uring, O_DIRECT optional)
-//!   mem://name?size=64M         sparse memory
+//!   aio:///path?blk_size=512    the same in Mayastor's form (also uring:///path)
+//!   mem://name?size=64M         sparse memory (also malloc:///name?size_mb=64)
+//!   iscsi://host[:port]/iqn/lun a LUN of an iSCSI target
 //!   nbd://host:port/export      a remote NBD export
 //!   nbd+unix:///export?socket=  the same over a unix socket
+//!   nvmf://host:port/nqn        a namespace of a remote NVMe/TCP subsystem
 //!   image://STORE/NAME?size=1G  a page-store image ([`registry_with_images`])
 //! ```
 //!
-//! [`nexus`] mirrors a volume over several of them (`examples/nexus.rs`).
+//! [`nexus`] mirrors a volume over several of them (`examples/nexus.rs`). [`daemon`] is
+//! `strata serve` as a library, [`cli`] the command line.
 //!
 //! ```no_run
 //! # async fn demo() -> strata::bdev::Result<()> {
@@ -25,8 +29,13 @@
 
 use std::sync::Arc;
 
+pub mod cli;
+pub mod daemon;
+pub mod format;
+
 pub use strata_bdev as bdev;
 pub use strata_bdev_file as file;
+pub use strata_iscsi as iscsi;
 pub use strata_nbd as nbd;
 pub use strata_nexus as nexus;
 pub use strata_pagestore as pagestore;
@@ -34,10 +43,12 @@ pub use strata_pagestore as pagestore;
 /// A registry that opens every device scheme Strata ships.
 pub fn registry() -> bdev::Registry {
     let mut r = bdev::Registry::with_builtin();
-    r.register("file", Arc::new(file::FileOpener));
+    file::FileOpener::register(&mut r);
+    iscsi::IscsiOpener::register(&mut r);
     let nbd = Arc::new(nbd::NbdOpener::default());
     r.register("nbd", nbd.clone());
     r.register("nbd+unix", nbd);
+    r.register("nvmf", Arc::new(strata_nvmf::NvmfOpener::default()));
     r
 }
 

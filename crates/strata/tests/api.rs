@@ -29,12 +29,12 @@ uri = "mem://cfg?size=16M"
 const MIB: u64 = 1 << 20;
 
 struct Clients {
-    node: NodeClient<tonic::transport::Channel>,
-    stores: StoresClient<tonic::transport::Channel>,
-    volumes: VolumesClient<tonic::transport::Channel>,
-    children: ChildrenClient<tonic::transport::Channel>,
-    images: ImagesClient<tonic::transport::Channel>,
-    exports: ExportsClient<tonic::transport::Channel>,
+    node: NodeClient<strata_api::ApiChannel>,
+    stores: StoresClient<strata_api::ApiChannel>,
+    volumes: VolumesClient<strata_api::ApiChannel>,
+    children: ChildrenClient<strata_api::ApiChannel>,
+    images: ImagesClient<strata_api::ApiChannel>,
+    exports: ExportsClient<strata_api::ApiChannel>,
 }
 
 async fn clients(endpoint: &str) -> Clients {
@@ -75,9 +75,7 @@ fn spec(name: &str, size: u64, backing: pb::volume_spec::Backing) -> pb::CreateV
             name: name.into(),
             size,
             backing: Some(backing),
-            export: None,
-            read_only: false,
-            description: String::new(),
+            ..Default::default()
         }),
     }
 }
@@ -85,6 +83,7 @@ fn spec(name: &str, size: u64, backing: pb::volume_spec::Backing) -> pb::CreateV
 fn nexus(replicas: &[String]) -> pb::volume_spec::Backing {
     pb::volume_spec::Backing::Nexus(pb::NexusSpec {
         replicas: replicas.to_vec(),
+        ..Default::default()
     })
 }
 
@@ -126,7 +125,7 @@ async fn progress(mut s: tonic::Streaming<pb::Progress>) -> pb::Progress {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_service_answers_and_refuses_bad_requests_with_the_right_code() {
+async fn nexus_volumes_and_their_replicas_answer_and_refuse_bad_requests() {
     common::require("qemu-io");
     let s = Strata::start(CONFIG);
     let dir = s.dir.path().to_path_buf();
@@ -143,9 +142,6 @@ async fn every_service_answers_and_refuses_bad_requests_with_the_right_code() {
     assert!(info.nbd.contains(&format!("nbd://{}", s.addr)), "{info:?}");
     assert!(info.state_store.starts_with("file://"), "{info:?}");
     assert!(info.state_store_available);
-    // The same API over TCP.
-    let mut tcp = clients(&s.api_http()).await;
-    tcp.node.get_info(pb::GetInfoRequest {}).await.unwrap();
 
     // Volumes: a 3-replica nexus over files that do not exist yet.
     let replicas: Vec<String> = (0..3)
@@ -175,7 +171,13 @@ async fn every_service_answers_and_refuses_bad_requests_with_the_right_code() {
         .into_inner();
     assert_eq!(v.state, "online", "{v:?}");
     let uri = format!("nbd://{}/m", s.addr);
-    assert_eq!(v.exports, vec![uri.clone()]);
+    assert_eq!(v.exports[0], uri);
+    assert!(
+        v.exports[1].starts_with("nvmf://127.0.0.1:")
+            && v.exports[1].ends_with("/nqn.2026-12.io.strata:m"),
+        "{:?}",
+        v.exports
+    );
     qemu_io(&uri, false, &["write -P 0x5a 0 1M"]);
     qemu_io(&uri, true, &["read -P 0x5a 0 1M"]);
 
@@ -367,6 +369,204 @@ async fn every_service_answers_and_refuses_bad_requests_with_the_right_code() {
         Code::NotFound,
         "nope",
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_deletion_and_reflection() {
+    common::require("qemu-io");
+    let s = Strata::start(CONFIG);
+    let dir = s.dir.path().to_path_buf();
+    let mut c = clients(&s.api_endpoint()).await;
+    let replicas: Vec<String> = (0..2)
+        .map(|i| format!("file://{}/r{i}.img", dir.display()))
+        .collect();
+    c.volumes
+        .create_volume(spec("m", 16 * MIB, nexus(&replicas)))
+        .await
+        .unwrap();
+    let uri = format!("nbd://{}/m", s.addr);
+    for ch in &replicas[1..] {
+        watch(&mut c, "m", ch).await;
+    }
+    qemu_io(&uri, false, &["write -P 0x5a 0 1M"]);
+
+    // Exports: withdraw one, clients no longer find it; put it back read-only.
+    c.exports
+        .delete_export(pb::DeleteExportRequest {
+            volume: "m".into(),
+            protocol: 0,
+        })
+        .await
+        .unwrap();
+    let out = common::run_raw("nbdinfo", &[&uri]);
+    assert!(!out.status.success(), "m is no longer exported");
+    fails(
+        c.exports
+            .delete_export(pb::DeleteExportRequest {
+                volume: "m".into(),
+                protocol: 0,
+            })
+            .await,
+        Code::NotFound,
+        "not exported",
+    );
+    let e = c
+        .exports
+        .create_export(pb::CreateExportRequest {
+            volume: "m".into(),
+            protocol: pb::Protocol::Nbd as i32,
+            read_only: true,
+            description: "mirror".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e.uris, vec![uri.clone()]);
+    qemu_io(&uri, true, &["read -P 0x5a 0 1M"]);
+    let w = common::run_raw("qemu-io", &["-f", "raw", "-c", "write 0 4k", &uri]);
+    let out = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
+    assert!(
+        out.contains("ermission") || out.contains("read-only"),
+        "{out}"
+    );
+    fails(
+        c.exports
+            .create_export(pb::CreateExportRequest {
+                volume: "m".into(),
+                protocol: 1,
+                ..Default::default()
+            })
+            .await,
+        Code::AlreadyExists,
+        "already exported",
+    );
+    fails(
+        c.exports
+            .create_export(pb::CreateExportRequest {
+                volume: "m".into(),
+                protocol: 7,
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "protocol",
+    );
+    fails(
+        c.exports
+            .delete_export(pb::DeleteExportRequest {
+                volume: "cfg".into(),
+                protocol: 0,
+            })
+            .await,
+        Code::FailedPrecondition,
+        "configuration file",
+    );
+    let listed = c
+        .exports
+        .list_exports(pb::ListExportsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<(&str, i32)> = listed
+        .exports
+        .iter()
+        .map(|e| (e.volume.as_str(), e.protocol))
+        .collect();
+    let (nbd, nvmf) = (pb::Protocol::Nbd as i32, pb::Protocol::Nvmf as i32);
+    assert_eq!(
+        names,
+        [("cfg", nbd), ("cfg", nvmf), ("m", nbd), ("m", nvmf)]
+    );
+
+    // Delete.
+    fails(
+        c.volumes
+            .delete_volume(pb::DeleteVolumeRequest {
+                name: "cfg".into(),
+                delete_image: false,
+            })
+            .await,
+        Code::FailedPrecondition,
+        "configuration file",
+    );
+    fails(
+        c.volumes
+            .delete_volume(pb::DeleteVolumeRequest {
+                name: "m".into(),
+                delete_image: true,
+            })
+            .await,
+        Code::InvalidArgument,
+        "not an image",
+    );
+    c.volumes
+        .delete_volume(pb::DeleteVolumeRequest {
+            name: "m".into(),
+            delete_image: false,
+        })
+        .await
+        .unwrap();
+    fails(
+        c.volumes
+            .get_volume(pb::GetVolumeRequest { name: "m".into() })
+            .await,
+        Code::NotFound,
+        "m",
+    );
+    assert!(
+        dir.join("r0.img").exists(),
+        "replica files are never deleted"
+    );
+
+    // Reflection lists every service.
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let ch = strata_api::connect(&s.api_endpoint()).await.unwrap();
+    let mut refl = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = refl
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(l)) =
+        answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("a list of services")
+    };
+    let mut services: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    services.sort();
+    for want in [
+        "Children", "Exports", "Images", "Node", "Specs", "Stores", "Volumes",
+    ] {
+        assert!(
+            services.contains(&format!("strata.v1.{want}")),
+            "{services:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_volumes_snapshots_clones_stores_and_a_restart() {
+    common::require("qemu-io");
+    let s = Strata::start(CONFIG);
+    let dir = s.dir.path().to_path_buf();
+    let mut c = clients(&s.api_endpoint()).await;
+    // A device volume, to show what only images can do.
+    c.volumes
+        .create_volume(spec(
+            "m",
+            16 * MIB,
+            pb::volume_spec::Backing::Device(format!("file://{}/m.img", dir.display())),
+        ))
+        .await
+        .unwrap();
 
     // An image volume: snapshots, clones, flatten, resize.
     let img = c
@@ -626,162 +826,8 @@ async fn every_service_answers_and_refuses_bad_requests_with_the_right_code() {
         "nope",
     );
 
-    // Exports: withdraw one, clients no longer find it; put it back read-only.
-    c.exports
-        .delete_export(pb::DeleteExportRequest {
-            volume: "m".into(),
-            protocol: 0,
-        })
-        .await
-        .unwrap();
-    let out = common::run_raw("nbdinfo", &[&uri]);
-    assert!(!out.status.success(), "m is no longer exported");
-    fails(
-        c.exports
-            .delete_export(pb::DeleteExportRequest {
-                volume: "m".into(),
-                protocol: 0,
-            })
-            .await,
-        Code::NotFound,
-        "not exported",
-    );
-    let e = c
-        .exports
-        .create_export(pb::CreateExportRequest {
-            volume: "m".into(),
-            protocol: pb::Protocol::Nbd as i32,
-            read_only: true,
-            description: "mirror".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(e.uris, vec![uri.clone()]);
-    qemu_io(&uri, true, &["read -P 0x5a 0 1M"]);
-    let w = common::run_raw("qemu-io", &["-f", "raw", "-c", "write 0 4k", &uri]);
-    let out = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
-    assert!(
-        out.contains("ermission") || out.contains("read-only"),
-        "{out}"
-    );
-    fails(
-        c.exports
-            .create_export(pb::CreateExportRequest {
-                volume: "m".into(),
-                protocol: 1,
-                ..Default::default()
-            })
-            .await,
-        Code::AlreadyExists,
-        "already exported",
-    );
-    fails(
-        c.exports
-            .create_export(pb::CreateExportRequest {
-                volume: "m".into(),
-                protocol: 7,
-                ..Default::default()
-            })
-            .await,
-        Code::InvalidArgument,
-        "protocol",
-    );
-    fails(
-        c.exports
-            .delete_export(pb::DeleteExportRequest {
-                volume: "cfg".into(),
-                protocol: 0,
-            })
-            .await,
-        Code::FailedPrecondition,
-        "configuration file",
-    );
-    let listed = c
-        .exports
-        .list_exports(pb::ListExportsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let names: Vec<&str> = listed.exports.iter().map(|e| e.volume.as_str()).collect();
-    assert_eq!(names, ["cfg", "img", "m"]);
-
-    // Delete.
-    fails(
-        c.volumes
-            .delete_volume(pb::DeleteVolumeRequest {
-                name: "cfg".into(),
-                delete_image: false,
-            })
-            .await,
-        Code::FailedPrecondition,
-        "configuration file",
-    );
-    fails(
-        c.volumes
-            .delete_volume(pb::DeleteVolumeRequest {
-                name: "m".into(),
-                delete_image: true,
-            })
-            .await,
-        Code::InvalidArgument,
-        "not an image",
-    );
-    c.volumes
-        .delete_volume(pb::DeleteVolumeRequest {
-            name: "m".into(),
-            delete_image: false,
-        })
-        .await
-        .unwrap();
-    fails(
-        c.volumes
-            .get_volume(pb::GetVolumeRequest { name: "m".into() })
-            .await,
-        Code::NotFound,
-        "m",
-    );
-    assert!(
-        dir.join("r0.img").exists(),
-        "replica files are never deleted"
-    );
-
-    // Reflection lists every service.
-    use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
-    };
-    let ch = strata_api::connect(&s.api_endpoint()).await.unwrap();
-    let mut refl = ServerReflectionClient::new(ch);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut answers = refl
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(l)) =
-        answers.next().await.unwrap().unwrap().message_response
-    else {
-        panic!("a list of services")
-    };
-    let mut services: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
-    services.sort();
-    for want in [
-        "Children", "Exports", "Images", "Node", "Specs", "Stores", "Volumes",
-    ] {
-        assert!(
-            services.contains(&format!("strata.v1.{want}")),
-            "{services:?}"
-        );
-    }
-
     // Volumes created through the API come back after a restart, with their data.
     drop(c);
-    drop(tcp);
     let (status, dir) = s.stop();
     assert!(status.success());
     let s = Strata::start_in(dir, CONFIG, &[]);
@@ -798,13 +844,13 @@ async fn every_service_answers_and_refuses_bad_requests_with_the_right_code() {
         true,
         &["read -P 0x22 0 1M", "read -P 0x11 1M 1M"],
     );
-    fails(
-        c.volumes
-            .get_volume(pb::GetVolumeRequest { name: "m".into() })
-            .await,
-        Code::NotFound,
-        "m",
-    );
+    let m = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest { name: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((m.kind.as_str(), m.size), ("device", 16 * MIB));
     // Deleting an image volume with its image.
     c.volumes
         .delete_volume(pb::DeleteVolumeRequest {

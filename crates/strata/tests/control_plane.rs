@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -324,7 +324,7 @@ impl Etcd {
         self.child = Some(child);
         let health = format!("127.0.0.1:{}", self.client);
         wait_until("etcd to answer", Duration::from_secs(60), || {
-            http_get(&health, "/health").is_some_and(|b| b.contains("true"))
+            common::http_get(&health, "/health").is_some_and(|b| b.contains("true"))
         });
     }
 
@@ -340,21 +340,6 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// The body of `GET path` from `addr`, if it answered 200.
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut c = std::net::TcpStream::connect(addr).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    c.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
 #[test]
@@ -561,11 +546,11 @@ fn metrics_scraped_during_fio_move_and_parse_as_prometheus_text() {
         .spawn()
         .unwrap();
     let writes = r#"strata_volume_requests_total{volume="scratch",op="write"}"#;
-    let first = parse_exposition(&http_get(&addr, "/metrics").unwrap());
+    let first = parse_exposition(&common::http_get(&addr, "/metrics").unwrap());
     let start = sample(&first, writes);
     let mut last = String::new();
     wait_until("the write counter to move", Duration::from_secs(30), || {
-        last = http_get(&addr, "/metrics").unwrap();
+        last = common::http_get(&addr, "/metrics").unwrap();
         sample(&parse_exposition(&last), writes) > start + 1000.0
     });
     let _ = fio.kill();
@@ -615,7 +600,7 @@ print(n)
     let n: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert_eq!(n, samples.len());
     // Anything but GET /metrics is refused.
-    assert!(http_get(&addr, "/").is_none());
+    assert!(common::http_get(&addr, "/").is_none());
     // The log is JSON, one object a line; a connection's lines carry its id and volume.
     let log = s.log();
     let lines: Vec<Value> = log

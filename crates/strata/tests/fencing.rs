@@ -1,34 +1,39 @@
 //! Two `strata serve` processes on the same page-store image: exactly one keeps writing, the
-//! other stops with a clear error, and the image reads back consistent.
+//! other stops with a clear error, and the image reads back consistent — in a directory store
+//! and on S3 (s3s-fs), where a create-only PUT of the manifest is what fences.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{run_raw, strata_bin, Strata};
 use serde_json::Value;
 
-fn config(shared: &Path) -> String {
+/// A daemon's configuration with the store `store` (a `[[store]]` entry named `shared`).
+fn config(store: &str) -> String {
     format!(
         r#"
 data_dir = "{{dir}}/data"
 [nbd]
 listen = ["127.0.0.1:0"]
-[[store]]
-name = "shared"
-type = "dir"
-path = "{}"
+{store}
 [pagestore]
 checkpoint_secs = 1
 checkpoint_bytes = "1M"
 [[volume]]
 name = "v"
 uri = "image://shared/v?size=64M"
-"#,
-        shared.display()
+"#
+    )
+}
+
+fn dir_store(path: &Path) -> String {
+    format!(
+        "[[store]]\nname = \"shared\"\ntype = \"dir\"\npath = \"{}\"\n",
+        path.display()
     )
 }
 
@@ -49,12 +54,8 @@ fn image(s: &Strata) -> Value {
     v[0]["image"].clone()
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    common::wait_until(what, Duration::from_secs(120), cond);
 }
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
@@ -72,17 +73,26 @@ fn ok(out: &std::process::Output) -> bool {
 }
 
 #[test]
-fn two_servers_on_one_image_exactly_one_keeps_writing() {
+fn two_servers_on_one_image_in_a_directory_exactly_one_keeps_writing() {
     let shared = tempfile::tempdir().unwrap();
-    let config = config(shared.path());
-    let a = Strata::start(&config);
+    one_keeps_writing(&config(&dir_store(shared.path())));
+}
+
+#[test]
+fn two_servers_on_one_image_on_s3_exactly_one_keeps_writing() {
+    let s3 = common::S3Server::start();
+    one_keeps_writing(&config(&s3.store_toml("shared", "fencing")));
+}
+
+fn one_keeps_writing(config: &str) {
+    let a = Strata::start(config);
     assert!(ok(&qemu_io(&a.uri("v"), &["write -P 0x11 0 1M", "flush"])));
     wait_for("a's first checkpoint", || {
         image(&a)["checkpoints"].as_u64() >= Some(1)
     });
 
     // b opens the same image from the same store, with its own write buffer.
-    let b = Strata::start(&config);
+    let b = Strata::start(config);
     assert!(ok(&qemu_io(&b.uri("v"), &["read -P 0x11 0 1M"])));
     assert!(ok(&qemu_io(&a.uri("v"), &["write -P 0x22 1M 1M", "flush"])));
     assert!(ok(&qemu_io(&b.uri("v"), &["write -P 0x33 2M 1M", "flush"])));
@@ -125,7 +135,7 @@ fn two_servers_on_one_image_exactly_one_keeps_writing() {
     drop(b);
 
     // A third server sees one consistent history: the winner's.
-    let c = Strata::start(&config);
+    let c = Strata::start(config);
     let uri = c.uri("v");
     let won_offset = won.split_whitespace().nth(3).unwrap();
     let won_pattern = won.split_whitespace().nth(2).unwrap();

@@ -7,9 +7,9 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{require, run, strata_bin, Strata};
+use common::{free_port, require, run, strata_bin, Strata};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -54,22 +54,9 @@ impl Drop for Nbdkit {
     }
 }
 
-/// A TCP port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Poll `cond` until it holds (two minutes at most).
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    common::wait_until(what, Duration::from_secs(120), cond);
 }
 
 /// `strata --endpoint … ARGS`, which must succeed; returns stdout.
@@ -452,4 +439,63 @@ fn the_library_example_mirrors_over_file_memory_and_nbd() {
     let pattern: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8 ^ 0x5a).collect();
     let written = std::fs::read(&remote).unwrap();
     assert_eq!(&written[..MIB as usize], &pattern[..]);
+}
+
+#[test]
+fn fio_survives_a_dying_nvmf_replica_served_by_another_strata_and_it_is_rebuilt() {
+    // The remote: another daemon exporting a file volume over NVMe/TCP only, on a fixed port
+    // so that it comes back where the nexus looks for it.
+    let port = free_port();
+    let remote_config = format!(
+        r#"
+data_dir = "{{dir}}/data"
+[nbd]
+listen = ["127.0.0.1:0"]
+[nvmf]
+listen = ["127.0.0.1:{port}"]
+[[volume]]
+name = "r"
+uri = "file://{{data_dir}}/r.img?size=128M"
+exports = ["nvmf"]
+"#
+    );
+    let remote = Strata::start(&remote_config);
+    let child =
+        format!("nvmf://127.0.0.1:{port}/nqn.2026-12.io.strata:r?reconnect_timeout=2&timeout=10");
+    let config = format!(
+        r#"
+data_dir = "{{dir}}/data"
+[nbd]
+listen = ["127.0.0.1:0"]
+[[volume]]
+name = "m"
+replicas = ["file://{{data_dir}}/local.img?size=128M", "{child}"]
+"#
+    );
+    let s = Strata::start(&config);
+    wait_all_online(&s, "m");
+    let remote_file = remote.path("data/r.img");
+    let fio = fio_args(&s.uri("m"), "32M", &["--rate_iops=4000"]);
+    let running = spawn_fio(&fio);
+    let before = allocated(&remote_file);
+    wait_for("fio's first writes to reach the remote daemon", || {
+        allocated(&remote_file) > before
+    });
+    let remote_dir = remote.crash();
+    fio_clean(running);
+    let c = replicas(&s, "m");
+    assert_eq!(c[1]["state"], "faulted", "{c:?}");
+    assert_eq!(c[0]["state"], "online", "{c:?}");
+
+    // The remote daemon returns on the same data; the replica is rebuilt from what it missed.
+    let remote = Strata::start_in(remote_dir, &remote_config, &[]);
+    let out = cli(&s, &["child", "online", "m", "1", "--wait"]);
+    assert!(out.contains("completed"), "{out}");
+    wait_all_online(&s, "m");
+    same_bytes(&s.path("data/local.img"), &remote.path("data/r.img"));
+    // And fio's data reads back through the rebuilt replica alone.
+    cli(&s, &["child", "offline", "m", "0"]);
+    let mut verify = fio.clone();
+    verify.push("--verify_only".into());
+    fio_clean(spawn_fio(&verify));
 }

@@ -252,19 +252,7 @@ fn qemu_img_convert(store: Store) {
     d.wait_checkpointed();
     // Compare again, now that the image's pages come from segments.
     let src = d.scratch().join("src.raw");
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            src.to_str().unwrap(),
-            &d.uri(),
-        ],
-    );
-    assert!(out.contains("identical"), "{out}");
+    common::assert_identical(src.to_str().unwrap(), &d.uri());
 }
 
 fn nbdinfo_map(store: Store) {

@@ -7,8 +7,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-use common::{run, run_raw, strata_bin, Strata, CONFIG};
+use common::{free_port, run, run_raw, strata_bin, Strata, CONFIG};
 
 #[test]
 fn embedded_default_has_a_thin_1g_demo_volume_and_prints_how_to_connect() {
@@ -16,9 +17,9 @@ fn embedded_default_has_a_thin_1g_demo_volume_and_prints_how_to_connect() {
     let mut child = Command::new(strata_bin())
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args([
-            "--api-listen",
-            "127.0.0.1:0",
             "--metrics-listen",
+            "127.0.0.1:0",
+            "--nvmf-listen",
             "127.0.0.1:0",
         ])
         .env("STRATA_DATA_DIR", home.path())
@@ -40,6 +41,24 @@ fn embedded_default_has_a_thin_1g_demo_volume_and_prints_how_to_connect() {
     assert!(text.contains("nbdinfo nbd://127.0.0.1:"), "{text}");
     assert!(text.contains("qemu-io"), "{text}");
     assert!(text.contains("nbd-client"), "{text}");
+    assert!(
+        text.contains("nvme connect -t tcp -a 127.0.0.1 -s ")
+            && text.contains("-n nqn.2026-12.io.strata:demo"),
+        "{text}"
+    );
+    let socket = home.path().join("vhost-user/demo.sock");
+    assert!(
+        text.contains(&format!("path={}", socket.display())),
+        "{text}"
+    );
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "vhost-user socket mode"
+    );
     let addr = lines
         .iter()
         .find_map(|l| l.strip_prefix("listening: nbd://"))
@@ -134,9 +153,9 @@ fn systemd_socket_activation_through_libnbd() {
             "serve",
             "--config",
             path.to_str().unwrap(),
-            "--api-listen",
-            "127.0.0.1:0",
             "--metrics-listen",
+            "127.0.0.1:0",
+            "--nvmf-listen",
             "127.0.0.1:0",
             "]",
         ],
@@ -155,9 +174,9 @@ fn systemd_socket_activation_through_libnbd() {
             "serve",
             "--config",
             path.to_str().unwrap(),
-            "--api-listen",
-            "127.0.0.1:0",
             "--metrics-listen",
+            "127.0.0.1:0",
+            "--nvmf-listen",
             "127.0.0.1:0",
         ])
         .stdout(std::process::Stdio::null())
@@ -180,14 +199,6 @@ fn systemd_socket_activation_through_libnbd() {
     assert!(info.contains("export-size: 536870912"), "{info}");
     let _ = child.kill();
     let _ = child.wait();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn make_certs(dir: &Path) {
@@ -318,11 +329,109 @@ fn tls_required_accepts_tls_clients_and_refuses_plain_ones() {
     );
 }
 
+/// nbdkit serving a file through its pause filter, whose control socket holds requests at a
+/// gate until released.
+struct PausedNbdkit {
+    child: std::process::Child,
+    control: std::path::PathBuf,
+    port: u16,
+}
+
+impl PausedNbdkit {
+    fn start(dir: &Path) -> PausedNbdkit {
+        common::require("nbdkit");
+        let file = dir.join("backing.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(64 << 20))
+            .unwrap();
+        let control = dir.join("pause.sock");
+        let port = free_port();
+        let child = Command::new("nbdkit")
+            .args([
+                "--foreground",
+                "--exit-with-parent",
+                "--port",
+                &port.to_string(),
+            ])
+            .args(["--filter=pause", "file"])
+            .arg(&file)
+            .arg(format!("pause-control={}", control.display()))
+            .spawn()
+            .unwrap();
+        common::wait_until(
+            "nbdkit's pause control socket",
+            Duration::from_secs(30),
+            || control.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        PausedNbdkit {
+            child,
+            control,
+            port,
+        }
+    }
+
+    /// Send a pause (`p`) or resume (`r`) command and check nbdkit's answer.
+    fn command(&self, c: u8, want: u8) {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        s.write_all(&[c]).unwrap();
+        let mut answer = [0u8];
+        s.read_exact(&mut answer).unwrap();
+        assert_eq!(
+            answer[0], want,
+            "nbdkit's pause filter answered {:?}",
+            answer[0] as char
+        );
+    }
+}
+
+impl Drop for PausedNbdkit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
-fn sigterm_drains_flushes_and_exits_cleanly_keeping_data() {
-    let s = Strata::start(CONFIG);
-    let uri = s.uri("disk");
-    run("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x5a 0 4M"]);
+fn sigterm_answers_a_request_in_flight_flushes_and_exits_cleanly_keeping_data() {
+    common::require("qemu-io");
+    let backing = tempfile::tempdir().unwrap();
+    let nbdkit = PausedNbdkit::start(backing.path());
+    let config = format!(
+        "data_dir = \"{{dir}}/data\"\n[nbd]\nlisten = [\"127.0.0.1:0\"]\n[[volume]]\nname = \"slow\"\nuri = \"nbd://127.0.0.1:{}\"\n",
+        nbdkit.port
+    );
+    let s = Strata::start(&config);
+    let uri = s.uri("slow");
+    // Hold the device's requests at nbdkit's gate; a write goes in and stays in flight.
+    nbdkit.command(b'p', b'P');
+    let writer = Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write -P 0x5a 0 4M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let depth = "strata_volume_queue_depth{volume=\"slow\"}";
+    common::wait_until(
+        "the write in flight at the daemon",
+        Duration::from_secs(60),
+        || common::metric(&s, depth).is_some_and(|d| d >= 1.0),
+    );
+    common::signal(s.pid(), libc::SIGTERM);
+    common::wait_until(
+        "the daemon to take SIGTERM",
+        Duration::from_secs(60),
+        || s.log().contains("shutting down: draining connections"),
+    );
+    // Only now does the device answer: the daemon must still be waiting to answer the write.
+    nbdkit.command(b'r', b'R');
+    let out = writer.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("wrote 4194304"),
+        "{text}"
+    );
     let (status, dir) = s.stop();
     assert!(status.success(), "exit status {status}");
     let log = std::fs::read_to_string(dir.path().join("strata.log")).unwrap();
@@ -331,12 +440,8 @@ fn sigterm_drains_flushes_and_exits_cleanly_keeping_data() {
         "{log}"
     );
     // Same data directory, new process: the data is there.
-    let s = Strata::start_in(dir, CONFIG, &[]);
-    let out = run(
-        "qemu-io",
-        &["-f", "raw", "-r", &s.uri("disk"), "-c", "read -P 0x5a 0 4M"],
-    );
-    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let s = Strata::start_in(dir, &config, &[]);
+    common::qemu_io(&s.uri("slow"), true, &["read -P 0x5a 0 4M"]);
 }
 
 /// Bytes in the files under `dir`.

@@ -234,9 +234,9 @@ impl Daemon {
             .arg("--config")
             .arg(config)
             .args([
-                "--api-listen",
-                "127.0.0.1:0",
                 "--metrics-listen",
+                "127.0.0.1:0",
+                "--nvmf-listen",
                 "127.0.0.1:0",
             ])
             .env("STRATA_LOG", "info,strata_pagestore=debug")

@@ -102,31 +102,11 @@ fn snapshots_clones_and_resize_through_the_cli_and_nbd() {
 
     // The snapshot export reads what was there when it was taken, and only reads.
     let s1 = s.uri("local/vm@s1");
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            copy.to_str().unwrap(),
-            &s1,
-        ],
+    common::assert_identical(copy.to_str().unwrap(), &s1);
+    assert!(
+        !common::images_identical(copy.to_str().unwrap(), &vm),
+        "the image moved on"
     );
-    let differs = run_raw(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            copy.to_str().unwrap(),
-            &vm,
-        ],
-    );
-    assert_eq!(differs.status.code(), Some(1), "the image moved on");
     assert!(run("nbdinfo", &[&s1]).contains("is_read_only: true"));
     let w = run_raw("qemu-io", &["-f", "raw", "-c", "write 0 4k", &s1]);
     let text = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
@@ -148,18 +128,7 @@ fn snapshots_clones_and_resize_through_the_cli_and_nbd() {
         ],
     );
     qemu_io(&vm, true, &["read -P 0x22 0 8M", "read -P 0x11 8M 8M"]);
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            copy.to_str().unwrap(),
-            &s1,
-        ],
-    );
+    common::assert_identical(copy.to_str().unwrap(), &s1);
 
     // A clone of the clone.
     s.cli(&["snapshot", "create", "local/c1", "t"]);
@@ -465,11 +434,16 @@ fn access_tokens_select_images_refuse_bad_ones_and_take_over_by_client_id() {
     let uri = s.uri(SEED_TOKEN);
     assert_eq!(size_of(&uri), 1 << 30, "the seed's token works unchanged");
     qemu_io(&uri, false, &["write -P 0x5a 0 1M"]);
-    // The image it created is an ordinary image of the store.
-    qemu_io(
-        &s.uri("local/TESTIMG-02.mvps-image"),
-        true,
-        &["read -P 0x5a 0 1M"],
+    // The image it created is an image of the store, which only a token opens: its plain
+    // name does not.
+    assert_eq!(
+        image(&images(&s), "local/TESTIMG-02.mvps-image")["size"],
+        1u64 << 30
+    );
+    let by_name = run_raw("nbdinfo", &[&s.uri("local/TESTIMG-02.mvps-image")]);
+    assert!(
+        !by_name.status.success(),
+        "a token image is reachable by name"
     );
 
     let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
@@ -548,9 +522,11 @@ fn access_tokens_select_images_refuse_bad_ones_and_take_over_by_client_id() {
     let mut first = RawNbd::connect(&s.addr, SEED_TOKEN).unwrap();
     assert_eq!(first.write(0, &page(1)), 0);
     let mut second = RawNbd::connect(&s.addr, SEED_TOKEN).unwrap();
-    assert!(
-        first.request(raw::READ, 0, PS as u32, &[]).is_err(),
-        "the first connection is closed"
+    // The takeover starts once the second has negotiated; the first, stopped, closes.
+    wait_until(
+        "the first connection to close",
+        Duration::from_secs(30),
+        || first.request(raw::READ, 0, PS as u32, &[]).is_err(),
     );
     assert_eq!(
         second.read(0, PS as u32),
@@ -613,16 +589,28 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
     let c = s.uri("local/c");
     qemu_io(&c, false, &["write -P 0x55 0 4M"]);
 
-    // Random overwrites with verification in the upper half while GC runs again and again.
-    let fio = {
-        let vm = vm.clone();
+    // A second server writes its own image in the same store.
+    let config2 = format!(
+        "data_dir = \"{{dir}}/data\"\n[nbd]\nlisten = [\"127.0.0.1:0\"]\n[pagestore]\n\
+         checkpoint_bytes = \"1M\"\nsegment_bytes = \"512K\"\nmax_segments = 8\n[[store]]\n\
+         name = \"local\"\ntype = \"dir\"\npath = \"{}\"\n[[volume]]\nname = \"vm2\"\n\
+         uri = \"image://local/vm2?size=64M\"\n",
+        s.path("data/objects").display()
+    );
+    let s2 = Strata::start(&config2);
+    let vm2 = s2.uri("vm2");
+    qemu_io(&vm2, false, &["write -P 0x22 0 32M"]);
+
+    // Random overwrites with verification in the upper halves, from both servers, while GC
+    // runs again and again.
+    let overwrite = |uri: String| {
         std::thread::spawn(move || {
             run(
                 "fio",
                 &[
                     "--name=overwrite",
                     "--ioengine=nbd",
-                    &format!("--uri={vm}"),
+                    &format!("--uri={uri}"),
                     "--rw=randwrite",
                     "--bs=4k",
                     "--iodepth=16",
@@ -636,12 +624,16 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
             )
         })
     };
+    let fio = overwrite(vm.clone());
+    let fio2 = overwrite(vm2.clone());
     let mut runs = 0;
     let mut deleted = 0;
-    while !fio.is_finished() || runs < 3 {
+    while !fio.is_finished() || !fio2.is_finished() || runs < 3 {
         deleted += gc(&s, 2);
         runs += 1;
     }
+    let out = fio2.join().unwrap();
+    assert!(out.contains("err= 0"), "{out}");
     let out = fio.join().unwrap();
     assert!(out.contains("err= 0"), "{out}");
     wait_until("garbage to collect", Duration::from_secs(60), || {
@@ -650,27 +642,9 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
     });
 
     // Everything reads back exactly, also after a restart.
-    let check = run_raw(
-        "qemu-io",
-        &["-f", "raw", "-r", "-c", "read -P 0x11 0 32M", &vm],
-    );
-    assert!(
-        String::from_utf8_lossy(&check.stdout).contains("read 33554432"),
-        "{check:?}\nserver log:\n{}",
-        s.log()
-    );
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            copy.to_str().unwrap(),
-            &s.uri("local/vm@s"),
-        ],
-    );
+    qemu_io(&vm, true, &["read -P 0x11 0 32M"]);
+    qemu_io(&vm2, true, &["read -P 0x22 0 32M"]);
+    common::assert_identical(copy.to_str().unwrap(), &s.uri("local/vm@s"));
     qemu_io(
         &c,
         true,
@@ -714,18 +688,9 @@ fn gc_while_servers_write_keeps_every_image_snapshot_and_clone_exact() {
     );
     let (_, dir) = s.stop();
     let s = Strata::start_in(dir, CONFIG, &[]);
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            image_copy.to_str().unwrap(),
-            &s.uri("vm"),
-        ],
-    );
+    qemu_io(&s.uri("vm"), true, &["read -P 0x11 0 32M"]);
+    common::assert_identical(image_copy.to_str().unwrap(), &s.uri("vm"));
+    qemu_io(&vm2, true, &["read -P 0x22 0 32M"]);
 }
 
 #[test]

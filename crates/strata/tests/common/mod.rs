@@ -42,22 +42,33 @@ impl Strata {
 
     /// Start in an existing directory (to restart on the same data).
     pub fn start_in(dir: tempfile::TempDir, config: &str, args: &[&str]) -> Strata {
+        Strata::start_env(dir, config, args, &[])
+    }
+
+    /// Start in an existing directory with extra environment variables.
+    pub fn start_env(
+        dir: tempfile::TempDir,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Strata {
         let config = config.replace("{dir}", &dir.path().to_string_lossy());
         let config_path = dir.path().join("strata.toml");
         std::fs::write(&config_path, &config).expect("write config");
         let stderr_log = dir.path().join("strata.log");
+        // Free ports for what the configuration leaves at its default (fixed) ports.
+        let mut ports = vec!["--metrics-listen", "127.0.0.1:0"];
+        if !config.contains("[nvmf]") {
+            ports.extend(["--nvmf-listen", "127.0.0.1:0"]);
+        }
         let mut child = Command::new(strata_bin())
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
-            .args([
-                "--api-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
+            .args(ports)
             .args(args)
             .env("STRATA_LOG", "info,strata_nbd=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).expect("create log"))
@@ -213,6 +224,30 @@ impl Drop for Strata {
             let _ = child.wait();
         }
     }
+}
+
+/// The body of `GET path` from `addr`, if it answered 200.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    std::io::Write::write_all(&mut c, request.as_bytes()).ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// A gauge or counter of a `/metrics` exposition, by its whole series (`name{labels}`).
+pub fn metric(strata: &Strata, series: &str) -> Option<f64> {
+    let url = strata.metrics_url();
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    http_get(addr, "/metrics")?
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
 /// Send a signal to a process.
@@ -556,6 +591,28 @@ pub fn qemu_io_patterns_zeroes_discard_flush_and_aio(uri: &str) {
     );
 }
 
+/// Whether two raw images (files or NBD URIs) hold the same bytes, by `qemu-img compare`
+/// (a shorter one compares as if padded with zeroes). Anything but "identical" or "differ"
+/// fails the test.
+pub fn images_identical(a: &str, b: &str) -> bool {
+    let out = run_raw("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b]);
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare {a} {b} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Fail unless two raw images hold the same bytes (see [`images_identical`]).
+#[track_caller]
+pub fn assert_identical(a: &str, b: &str) {
+    assert!(images_identical(a, b), "{a} and {b} differ");
+}
+
 /// qemu-img convert of 64 MiB of random data into the export and of the whole export out to
 /// a file (in `scratch`), then `qemu-img compare` both ways.
 pub fn qemu_img_convert_in_and_out(scratch: &Path, uri: &str) {
@@ -573,16 +630,8 @@ pub fn qemu_img_convert_in_and_out(scratch: &Path, uri: &str) {
         &["convert", "-f", "raw", "-O", "raw", uri, back_s],
     );
     // The export is 1 GiB; the first 64 MiB are the source.
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", src_s, uri],
-    );
-    assert!(out.contains("identical"), "{out}");
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", back_s, uri],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    assert_identical(src_s, uri);
+    assert_identical(back_s, uri);
 }
 
 /// `nbdinfo --map` after writing 4 MiB and trimming its second megabyte: data, a hole that
