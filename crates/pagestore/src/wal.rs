@@ -735,12 +735,12 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// What replaying one generation found: its pages in the order written, its length after the
+/// cut, what was replayed, and the newest sequence number.
+type Replay = (Vec<(u64, Loc)>, u64, Replayed, u64);
+
 /// Replay one generation: apply records up to the last commit, cut the rest.
-fn replay(
-    file: &File,
-    page_size: usize,
-    path: &Path,
-) -> Result<(Vec<(u64, Loc)>, u64, Replayed, u64)> {
+fn replay(file: &File, page_size: usize, path: &Path) -> Result<Replay> {
     let len = file
         .metadata()
         .map_err(|e| io(format!("stat {}", path.display()), e))?

@@ -316,9 +316,11 @@ fn fio(store: Store) {
     assert_eq!(fields[5], "65536", "fio verified everything: {fields:?}");
 }
 
+/// ext4 on a loop device in direct-I/O mode over nbdfuse: the file system's own 512-byte
+/// aligned requests reach the image uncached.
 fn ext4(store: Store) {
     let d = Daemon::start(store);
-    common::ext4_through_nbdfuse_and_a_loop_device(d.scratch(), &d.uri());
+    common::ext4_through_nbdfuse_and_a_direct_io_loop_device(d.scratch(), &d.uri());
     d.wait_checkpointed();
 }
 
@@ -500,7 +502,7 @@ name = "img"
 uri = "image://local/img?size=8G"
 "#,
     );
-    run(
+    let fio = common::run_raw(
         "fio",
         &[
             "--name=fill",
@@ -513,6 +515,22 @@ uri = "image://local/img?size=8G"
             "--io_size=4G",
             "--output-format=terse",
         ],
+    );
+    assert!(
+        fio.status.success(),
+        "fio ({}): {}{}\n--- strata serve's log (last lines) ---\n{}",
+        fio.status,
+        String::from_utf8_lossy(&fio.stdout),
+        String::from_utf8_lossy(&fio.stderr),
+        s.log()
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let (after, peak) = rss(s.pid());
     eprintln!(

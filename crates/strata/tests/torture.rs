@@ -30,6 +30,8 @@
 
 #![allow(clippy::unwrap_used)] // test: a failed step is a failed test
 
+mod common;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
@@ -43,6 +45,8 @@ use rand::{Rng, SeedableRng};
 use strata::bdev::{BlockDevice, Bytes, WriteOpts, ZeroOpts};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+use common::S3Server;
 
 /// The unit the checker tracks: the image's 512-byte logical block. Pages are 4 KiB, so a
 /// write of part of a page is merged into it; whole-page requests are most of the load.
@@ -75,7 +79,7 @@ data_dir = "{dir}/data"
 
 [nbd]
 listen = ["127.0.0.1:0"]
-
+{stores}
 [pagestore]
 checkpoint_bytes = "1M"
 checkpoint_secs = 1
@@ -85,7 +89,7 @@ cache_bytes = "1M"
 
 [[volume]]
 name = "torture"
-uri = "image://local/torture?size=32M"
+uri = "image://{store}/torture?size=32M"
 description = "crash torture"
 "#;
 
@@ -382,6 +386,8 @@ struct Run {
     rng: StdRng,
     dir: Option<tempfile::TempDir>,
     config: PathBuf,
+    /// The object store's files (the directory store, or the S3 server's bucket and prefix).
+    objects: PathBuf,
     /// The version each block held when the cycle began (0: zeroes).
     base: Vec<u64>,
     next_id: u64,
@@ -395,12 +401,24 @@ struct Run {
 }
 
 impl Run {
-    fn new(seed: u64, cycles: usize) -> Run {
+    /// A run on the directory store `local`, or on `s3`'s bucket.
+    fn new(seed: u64, cycles: usize, s3: Option<&S3Server>) -> Run {
         let dir = tempfile::tempdir().expect("temporary directory");
         let config = dir.path().join("strata.toml");
+        let (stores, store, objects) = match s3 {
+            Some(s3) => (
+                s3.store_toml("s3", "torture"),
+                "s3",
+                s3.bucket_dir().join("torture"),
+            ),
+            None => (String::new(), "local", dir.path().join("data/objects")),
+        };
         std::fs::write(
             &config,
-            CONFIG.replace("{dir}", &dir.path().to_string_lossy()),
+            CONFIG
+                .replace("{dir}", &dir.path().to_string_lossy())
+                .replace("{stores}", &stores)
+                .replace("{store}", store),
         )
         .expect("write config");
         std::fs::create_dir(dir.path().join("logs")).expect("create log directory");
@@ -412,6 +430,7 @@ impl Run {
             rng,
             dir: Some(dir),
             config,
+            objects,
             base: vec![0; BLOCKS as usize],
             next_id: 1,
             writes: Vec::new(),
@@ -1002,6 +1021,18 @@ fn count_files(dir: &Path, pred: impl Fn(&str) -> bool) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushed_writes_survive_kill_9_and_failpoints_in_checkpoint_and_compaction() {
+    torture(None).await;
+}
+
+/// The same on an S3 store (s3s-fs), where segments and manifests are PUTs and a manifest's
+/// create-only PUT is what a crash between the two must leave consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_writes_survive_kill_9_and_failpoints_on_s3() {
+    let s3 = S3Server::start();
+    torture(Some(&s3)).await;
+}
+
+async fn torture(s3: Option<&S3Server>) {
     let seed = env_u64("STRATA_TORTURE_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1012,7 +1043,7 @@ async fn flushed_writes_survive_kill_9_and_failpoints_in_checkpoint_and_compacti
     eprintln!(
         "crash torture: {cycles} cycles, seed {seed} (STRATA_TORTURE_SEED={seed} repeats it)"
     );
-    let mut run = Run::new(seed, cycles);
+    let mut run = Run::new(seed, cycles, s3);
     let (mut daemon, mut dev) = run.start_ok(0).await;
     for cycle in 0..cycles {
         let death = run.death(cycle);
@@ -1067,7 +1098,7 @@ async fn flushed_writes_survive_kill_9_and_failpoints_in_checkpoint_and_compacti
         compactions += text.matches("compaction done").count();
         replays += text.matches("write buffer replayed").count();
     }
-    let image = run.path().join("data/objects/images").join(EXPORT);
+    let image = run.objects.join("images").join(EXPORT);
     let manifests = count_files(&image.join("manifest"), |_| true);
     let compacted = count_files(&image.join("segments"), |n| n.starts_with('c'));
     let t = &run.totals;
@@ -1172,7 +1203,7 @@ mod checker {
 
     #[test]
     fn flushed_writes_must_survive_and_unflushed_ones_may_go() {
-        let mut run = Run::new(1, 1);
+        let mut run = Run::new(1, 1, None);
         // Block 5: write 1, FLUSH, write 2. Block 9: write 3 (never flushed).
         let log = CycleLog {
             ops: vec![op(5, 1, 1, false), op(5, 1, 2, false), op(9, 1, 3, false)],
@@ -1204,7 +1235,7 @@ mod checker {
 
     #[test]
     fn garbage_stale_and_foreign_versions_are_rejected() {
-        let mut run = Run::new(1, 1);
+        let mut run = Run::new(1, 1, None);
         run.base[5] = 1;
         let log = CycleLog {
             ops: vec![op(5, 2, 10, false)],
@@ -1235,7 +1266,7 @@ mod checker {
 
     #[test]
     fn the_image_must_be_as_of_one_moment() {
-        let mut run = Run::new(1, 1);
+        let mut run = Run::new(1, 1, None);
         // Write block 1, write block 2, zero block 1: nothing flushed.
         let log = CycleLog {
             ops: vec![op(1, 1, 1, false), op(2, 1, 2, false), op(1, 1, 0, false)],
