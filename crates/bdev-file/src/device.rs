@@ -495,7 +495,7 @@ fn settled_size(
                 .map_err(|e| Error::io(format!("stat {name}"), e))?
                 .len()
         }
-        (Kind::Block, _, _) => sys::lseek(&file, 0, libc::SEEK_END)
+        (Kind::Block, _, _) => sys::lseek(file, 0, libc::SEEK_END)
             .map_err(|e| Error::io(format!("find the size of block device {name}"), e))?,
     };
     if let Some(want) = want.filter(|&want| want != size) {

@@ -66,8 +66,6 @@ impl Bar {
     }
 }
 
-/// Follow a progress stream to its end; the final message.
-
 /// "5 s ago", "3 min ago", "2 h ago", "4 days ago" for a Unix time in seconds.
 pub fn when(secs: u64) -> String {
     let now = std::time::SystemTime::now()
