@@ -3,14 +3,16 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::BytesMut;
-use strata_bdev::BlockDevice;
-use strata_nbd::codec::{self, cmd};
+use strata_bdev::{BlockDevice, Bytes, Capabilities, Geometry, MemDevice, Result, WriteOpts};
+use strata_nbd::codec::{self, cmd, opt, rep};
 use strata_nbd::{Export, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 mod common;
 use common::{wait_until, Gated, Hold, Raw};
@@ -147,19 +149,12 @@ async fn go_without_block_sizes_is_refused_only_beyond_512_bytes() {
             inner: MemDevice::new("a", 1 << 20),
             block,
         });
-        let server = Server::new(
+        let (_server, target) = common::tcp_server(
             ServerConfig::default(),
-            vec![Export {
-                name: "g".into(),
-                description: String::new(),
-                device,
-                read_only: false,
-                transactions: None,
-            }],
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(server.clone().serve_tcp(listener));
+            vec![common::export("g", device, false)],
+        )
+        .await;
+        let addr = common::addr(&target);
         let mut s = TcpStream::connect(addr).await.unwrap();
         let mut greeting = [0u8; 18];
         s.read_exact(&mut greeting).await.unwrap();
