@@ -1,31 +1,37 @@
 #!/usr/bin/env bash
-# Side-by-side NBD benchmark: the same fio jobs (nbd engine, one job, 1 GiB region) against
-# Strata, nbdkit, qemu-nbd and nbd-server on the same backing file, and against Strata and
-# nbdkit on memory. Prints IOPS, MiB/s, server CPU microseconds per request, and Strata/peer
-# ratios. One server runs at a time; backends are interleaved over ROUNDS rounds and each cell
-# is the median, because this machine is shared and single runs swing by 30%.
+# Side-by-side NBD benchmark: the same fio jobs (nbd engine, one job, a 512 MiB region) against
+# the embedded default's page-store image (`strata serve` with no configuration: the volume
+# `demo`, image://local/demo in the data directory), Strata `file://`, nbdkit's `file` plugin
+# and qemu-nbd, all on the same disk (optionally nbd-server, and Strata and nbdkit on memory).
+# Prints IOPS, MiB/s, p50/p99 completion latency, server CPU microseconds per request, and each
+# Strata backend's ratio to nbdkit `file`. One server runs at a time; backends are interleaved
+# over ROUNDS rounds and each cell is the median, because this machine is shared and single
+# runs swing by 30%.
 #
 #   bench/nbd.sh                      # defaults: 3 rounds of 10 s per job
 #   RUNTIME=30 bench/nbd.sh           # longer runs
 #   JOBS="randread randwrite" bench/nbd.sh
-#   BACKENDS="strata-file nbdkit-file" bench/nbd.sh
+#   BACKENDS="strata-image nbdkit-file" bench/nbd.sh
+#   BACKENDS="strata-file nbdkit-file qemu-nbd-file nbd-server-file strata-mem nbdkit-mem" bench/nbd.sh
 #
-# Needs: fio (with the nbd engine), nbdkit, qemu-nbd, nbd-server, python3.
+# Needs: fio (with the nbd engine), nbdkit, qemu-nbd, python3 (nbd-server for its backend).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNTIME=${RUNTIME:-10}
 ROUNDS=${ROUNDS:-3}
 RAMP=${RAMP:-2}
-SIZE_MB=${SIZE_MB:-1024}
-JOBS=${JOBS:-"randread randwrite seqread seqwrite"}
-BACKENDS=${BACKENDS:-"strata-file nbdkit-file qemu-nbd-file nbd-server-file strata-mem nbdkit-mem"}
+SIZE_MB=${SIZE_MB:-512}
+JOBS=${JOBS:-"randwrite randread seqwrite seqread"}
+BACKENDS=${BACKENDS:-"strata-image nbdkit-file qemu-nbd-file strata-file"}
 PORT=${PORT:-10899}
 WORK=$(mktemp -d /var/tmp/strata-bench.XXXXXX)
 RESULTS=$WORK/results.tsv
 trap 'kill_server; rm -rf "$WORK"' EXIT
 
-for tool in fio nbdkit qemu-nbd nbd-server python3; do
+tools="fio nbdkit qemu-nbd python3"
+[[ " $BACKENDS " == *" nbd-server-file "* ]] && tools="$tools nbd-server"
+for tool in $tools; do
   PATH="/usr/sbin:/sbin:$PATH" command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install fio nbdkit qemu-utils nbd-server)" >&2; exit 1; }
 done
 
@@ -63,9 +69,17 @@ wait_port() {
   exit 1
 }
 
+# The export each backend serves.
+export_of() { if [ "$1" = strata-image ]; then echo demo; else echo bench; fi; }
+
 start_server() {
   local backend=$1
   case $backend in
+    strata-image)
+      # The embedded default, as a new user meets it: no configuration file at all.
+      "$STRATA" serve --listen "127.0.0.1:$PORT" --data-dir "$WORK/strata-image" \
+        --no-nvmf --metrics-listen 127.0.0.1:0 >/dev/null 2>"$WORK/strata-image.log" &
+      ;;
     strata-file)
       "$STRATA" serve --listen "127.0.0.1:$PORT" --data-dir "$WORK/strata" \
         --config /dev/null --volume "bench=file://$FILE" >/dev/null 2>"$WORK/strata.log" &
@@ -103,7 +117,7 @@ EOF
 }
 
 fio_job() {
-  local job=$1 out=$2
+  local job=$1 out=$2 export=$3
   local rw bs depth
   case $job in
     randread) rw=randread bs=4k depth=32 ;;
@@ -111,7 +125,7 @@ fio_job() {
     seqread) rw=read bs=1M depth=8 ;;
     seqwrite) rw=write bs=1M depth=8 ;;
   esac
-  fio --name="$job" --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/bench" \
+  fio --name="$job" --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/$export" \
     --rw="$rw" --bs="$bs" --iodepth="$depth" --numjobs=1 --size="${SIZE_MB}M" \
     --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --output-format=json >"$out"
 }
@@ -126,18 +140,20 @@ cpu_ticks() {
   echo "$total"
 }
 
-printf 'round\tbackend\tjob\tiops\tmibs\tcpu_us_per_req\n' >"$RESULTS"
+printf 'round\tbackend\tjob\tiops\tmibs\tcpu_us_per_req\tp50_us\tp99_us\n' >"$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
   for backend in $BACKENDS; do
     start_server "$backend"
-    if [[ $backend == *-mem ]]; then
-      # Fill the memory device so reads see data, as on the file.
-      fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/bench" --rw=write --bs=1M \
+    export=$(export_of "$backend")
+    if [[ $backend == *-mem || ( $backend == strata-image && $round == 1 ) ]]; then
+      # Fill the device so reads see data, as on the file (the image keeps its data across
+      # rounds: its data directory stays).
+      fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/$export" --rw=write --bs=1M \
         --iodepth=8 --size="${SIZE_MB}M" --output-format=terse >/dev/null
     fi
     for job in $JOBS; do
       before=$(cpu_ticks)
-      fio_job "$job" "$WORK/$backend-$job.json"
+      fio_job "$job" "$WORK/$backend-$job.json" "$export"
       after=$(cpu_ticks)
       python3 - "$WORK/$backend-$job.json" "$backend" "$job" "$((after - before))" "$(getconf CLK_TCK)" "$RUNTIME" "$RAMP" "$round" >>"$RESULTS" <<'PY'
 import json, sys
@@ -149,9 +165,17 @@ iops = side["iops"]
 mibs = side["bw_bytes"] / 2**20
 ios = iops * (float(runtime) + float(ramp))  # the server worked through the ramp too
 cpu_us = int(ticks) / int(hz) * 1e6 / ios if ios else 0
-print(f"{rnd}\t{backend}\t{job}\t{iops:.0f}\t{mibs:.1f}\t{cpu_us:.1f}")
+pct = side["clat_ns"].get("percentile", {})
+p50 = pct.get("50.000000", 0) / 1000
+p99 = pct.get("99.000000", 0) / 1000
+print(f"{rnd}\t{backend}\t{job}\t{iops:.0f}\t{mibs:.1f}\t{cpu_us:.1f}\t{p50:.0f}\t{p99:.0f}")
 PY
       tail -1 "$RESULTS" >&2
+      if [ "$backend" = strata-image ]; then
+        # Replaced segments stay until garbage collection (not scheduled by default); collect
+        # them between jobs so that the disk holds about the live data, as the file does.
+        "$STRATA" gc --data-dir "$WORK/strata-image" --grace-secs 20 >/dev/null 2>&1
+      fi
     done
     kill_server
   done
@@ -168,30 +192,26 @@ for r in rows:
 res = {}
 for key, rs in cells.items():
     med = lambda f: statistics.median(float(r[f]) for r in rs)
-    res[key] = {"iops": f"{med('iops'):.0f}", "mibs": f"{med('mibs'):.0f}", "cpu_us_per_req": f"{med('cpu_us_per_req'):.1f}"}
+    res[key] = {f: med(f) for f in ("iops", "mibs", "cpu_us_per_req", "p50_us", "p99_us")}
 jobs = list(dict.fromkeys(r["job"] for r in rows))
-print(f"medians of {len(next(iter(cells.values())))} rounds")
+backends = list(dict.fromkeys(r["backend"] for r in rows))
+names = {"randwrite": "4k randwrite qd32", "randread": "4k randread qd32",
+         "seqwrite": "1M write qd8", "seqread": "1M read qd8"}
+print(f"medians of {len(next(iter(cells.values())))} rounds; cells: IOPS (MiB/s; p50/p99 µs; server µs CPU/req)")
 print()
-for medium in ("file", "mem"):
-    backends = [b for b in dict.fromkeys(r["backend"] for r in rows) if b.endswith("-" + medium)]
-    if not backends:
-        continue
-    peers = [b for b in backends if not b.startswith("strata")]
-    strata = "strata-" + medium
-    head = ["job"] + [f"{b} IOPS" for b in backends] + ["best peer", "strata/best"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for job in jobs:
-        cells = [job]
-        for b in backends:
-            r = res.get((b, job))
-            cells.append(f"{r['iops']} ({r['mibs']} MiB/s, {r['cpu_us_per_req']} µs CPU/req)" if r else "-")
-        best = max(peers, key=lambda b: float(res[(b, job)]["iops"]) if (b, job) in res else 0, default=None)
-        if best and (best, job) in res and (strata, job) in res:
-            ratio = float(res[(strata, job)]["iops"]) / max(float(res[(best, job)]["iops"]), 1)
-            cells += [best, f"{ratio:.2f}x"]
-        else:
-            cells += ["-", "-"]
-        print("| " + " | ".join(cells) + " |")
-    print()
+head = ["job"] + backends
+peer = "nbdkit-file" if "nbdkit-file" in backends else None
+ratios = [b for b in backends if b.startswith("strata") and peer and b.endswith(("-image", "-file"))]
+head += [f"{b} / {peer}" for b in ratios]
+print("| " + " | ".join(head) + " |")
+print("|" + "---|" * len(head))
+for job in jobs:
+    out = [names.get(job, job)]
+    for b in backends:
+        r = res.get((b, job))
+        out.append(f"{r['iops']:.0f} ({r['mibs']:.0f}; {r['p50_us']:.0f}/{r['p99_us']:.0f}; {r['cpu_us_per_req']:.1f})" if r else "-")
+    for b in ratios:
+        a, p = res.get((b, job)), res.get((peer, job))
+        out.append(f"{a['iops'] / max(p['iops'], 1):.2f}x" if a and p else "-")
+    print("| " + " | ".join(out) + " |")
 PY

@@ -3,14 +3,16 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::BytesMut;
-use strata_bdev::BlockDevice;
-use strata_nbd::codec::{self, cmd};
+use strata_bdev::{BlockDevice, Bytes, Capabilities, Geometry, MemDevice, Result, WriteOpts};
+use strata_nbd::codec::{self, cmd, opt, rep};
 use strata_nbd::{Export, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 mod common;
 use common::{wait_until, Gated, Hold, Raw};
@@ -104,5 +106,83 @@ async fn in_flight_budget_applies_backpressure_and_loses_nothing() {
     for i in 0..WRITES {
         let data = device.read_at((i * MIB) as u64, MIB).await.unwrap();
         assert!(data.iter().all(|&b| b == i as u8 + 1), "write {i} landed");
+    }
+}
+
+/// A memory device that asks for `block` -byte aligned I/O.
+#[derive(Debug)]
+struct Aligned {
+    inner: MemDevice,
+    block: u32,
+}
+
+#[async_trait]
+impl BlockDevice for Aligned {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            block_size: self.block,
+            optimal_io_size: self.block.max(4096),
+            ..self.inner.geometry()
+        }
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.inner.read_at(offset, len).await
+    }
+    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
+        self.inner.write_at(offset, data, opts).await
+    }
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+}
+
+/// A client that does not ask for block sizes (the Linux kernel's nbd-client, for one) gets an
+/// export with 512-byte blocks — the alignment every client keeps to — and is refused one
+/// that needs more, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_without_block_sizes_is_refused_only_beyond_512_bytes() {
+    for (block, served) in [(512u32, true), (4096, false)] {
+        let device = Arc::new(Aligned {
+            inner: MemDevice::new("a", 1 << 20),
+            block,
+        });
+        let (_server, target) = common::tcp_server(
+            ServerConfig::default(),
+            vec![common::export("g", device, false)],
+        )
+        .await;
+        let addr = common::addr(&target);
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).await.unwrap();
+        s.write_u32(codec::client_flags::FIXED_NEWSTYLE | codec::client_flags::NO_ZEROES)
+            .await
+            .unwrap();
+        let mut b = BytesMut::new();
+        let go = codec::encode_info_request(&codec::InfoRequest {
+            name: "g".into(),
+            requests: vec![],
+        });
+        codec::encode_option(&mut b, opt::GO, &go);
+        s.write_all(&b).await.unwrap();
+        let last = loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).await.unwrap();
+            let h = codec::decode_option_reply_header(&h).unwrap();
+            let mut data = vec![0u8; h.len as usize];
+            s.read_exact(&mut data).await.unwrap();
+            if h.reply_type != rep::INFO {
+                break (h.reply_type, String::from_utf8_lossy(&data).into_owned());
+            }
+        };
+        if served {
+            assert_eq!(last.0, rep::ACK, "{block}-byte blocks: {}", last.1);
+        } else {
+            assert_eq!(last.0, rep::ERR_BLOCK_SIZE_REQD, "{block}-byte blocks");
+            assert!(last.1.contains("4096-byte aligned"), "{}", last.1);
+        }
     }
 }

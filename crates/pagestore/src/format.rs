@@ -107,27 +107,34 @@ impl SegmentBuilder {
 
     /// The finished object and its (sorted) index.
     pub fn finish(mut self, page_size_bits: u32) -> (Vec<u8>, Vec<Entry>) {
-        self.entries.sort_by_key(|e| e.page);
-        let index_offset = self.data.len() as u64;
+        let tail = segment_tail(&mut self.entries, self.data.len() as u64, page_size_bits);
         let mut out = self.data;
-        let index_start = out.len();
-        for e in &self.entries {
-            out.extend_from_slice(&e.page.to_le_bytes());
-            out.extend_from_slice(&e.slot.to_le_bytes());
-            out.extend_from_slice(&e.crc.to_le_bytes());
-        }
-        let index_crc = crc32c::crc32c(&out[index_start..]);
-        let footer_start = out.len();
-        out.extend_from_slice(SEG_MAGIC);
-        out.extend_from_slice(&SEG_VERSION.to_le_bytes());
-        out.extend_from_slice(&page_size_bits.to_le_bytes());
-        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
-        out.extend_from_slice(&index_offset.to_le_bytes());
-        out.extend_from_slice(&index_crc.to_le_bytes());
-        let footer_crc = crc32c::crc32c(&out[footer_start..]);
-        out.extend_from_slice(&footer_crc.to_le_bytes());
+        out.extend_from_slice(&tail);
         (out, self.entries)
     }
+}
+
+/// What follows a segment's `data_len` bytes of page data: the index of `entries` (sorted
+/// here by page) and the footer.
+pub fn segment_tail(entries: &mut [Entry], data_len: u64, page_size_bits: u32) -> Vec<u8> {
+    entries.sort_by_key(|e| e.page);
+    let mut out = Vec::with_capacity(entries.len() * ENTRY_LEN as usize + FOOTER_LEN as usize);
+    for e in entries.iter() {
+        out.extend_from_slice(&e.page.to_le_bytes());
+        out.extend_from_slice(&e.slot.to_le_bytes());
+        out.extend_from_slice(&e.crc.to_le_bytes());
+    }
+    let index_crc = crc32c::crc32c(&out);
+    let footer_start = out.len();
+    out.extend_from_slice(SEG_MAGIC);
+    out.extend_from_slice(&SEG_VERSION.to_le_bytes());
+    out.extend_from_slice(&page_size_bits.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    out.extend_from_slice(&data_len.to_le_bytes());
+    out.extend_from_slice(&index_crc.to_le_bytes());
+    let footer_crc = crc32c::crc32c(&out[footer_start..]);
+    out.extend_from_slice(&footer_crc.to_le_bytes());
+    out
 }
 
 /// A parsed segment footer.

@@ -16,11 +16,13 @@
 
 mod cache;
 mod failpoint;
+mod fileio;
 pub mod format;
 mod image;
 mod layout;
 pub mod objects;
 mod opener;
+mod pagemap;
 pub mod settings;
 pub mod versions;
 mod wal;

@@ -79,6 +79,15 @@ pub trait Objects: Send + Sync + fmt::Debug + 'static {
     async fn list(&self, prefix: &str) -> ObjResult<Vec<Listed>>;
     async fn delete(&self, key: &str) -> ObjResult<()>;
     fn stats(&self) -> &Stats;
+    /// Where `key` lives on this machine, if the store is a local directory: the page store
+    /// then writes segments there itself (streamed into a staging file, renamed into place)
+    /// and reads them with positioned reads, the kernel's page cache being the cache.
+    /// `None` (remote stores, and wrappers that must see every request): every access goes
+    /// through the calls above.
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        let _ = key;
+        None
+    }
 }
 
 /// Where images live. Serialized (for the daemon's state store) as an object tagged by
@@ -107,6 +116,8 @@ pub enum StoreConfig {
 /// [`Objects`] over an `object_store` implementation.
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The directory, for a directory store.
+    root: Option<PathBuf>,
     prefix: String,
     describe: String,
     stats: Stats,
@@ -140,6 +151,7 @@ impl Store {
                     .with_fsync(true);
                 Ok(Store {
                     inner: Arc::new(fs),
+                    root: Some(path.clone()),
                     prefix: String::new(),
                     describe: format!("directory {}", path.display()),
                     stats: Stats::default(),
@@ -186,6 +198,7 @@ impl Store {
                 let prefix = prefix.trim_matches('/').to_string();
                 Ok(Store {
                     inner: Arc::new(s3),
+                    root: None,
                     describe: format!(
                         "s3://{bucket}/{prefix} at {}",
                         endpoint.as_deref().unwrap_or("AWS")
@@ -319,6 +332,10 @@ impl Objects for Store {
 
     fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.root.as_ref().map(|r| r.join(key))
     }
 }
 

@@ -13,14 +13,17 @@
 //! Replay reads each generation up to its last commit record whose every record checks out, and
 //! cuts the file there: a torn or unflushed tail is dropped, never half-applied.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use strata_bdev::{Error, ErrorKind, Result};
+
+use crate::pagemap::PageMap;
 
 const MAGIC: u32 = 0x4157_5453; // "STWA" little-endian
 pub const HEADER_LEN: u64 = 32;
@@ -41,19 +44,47 @@ pub enum Loc {
 /// A frozen generation's file and its pages (page, location), in page order.
 pub type Frozen = (Arc<File>, Vec<(u64, Loc)>);
 
-/// One generation: its file and the newest location of each page written in it.
+/// One generation: its file and where each page written in it went.
 #[derive(Debug)]
 pub struct Generation {
     pub file: Arc<File>,
-    pub pages: HashMap<u64, Loc>,
+    /// Pages in the order written (a page written twice is here twice; the later one counts).
+    pages: Vec<(u64, Loc)>,
     /// Bytes appended.
     pub len: u64,
+    /// Where its last commit record ends: replay after a crash of the process keeps every
+    /// record before it.
+    committed: u64,
+    /// Bytes known to be on disk.
+    synced: u64,
+    /// Where the last commit record on disk ends: replay keeps every record before it even
+    /// after a power loss.
+    durable: u64,
+    /// When it was made (or found, at open).
+    created: std::time::Instant,
+}
+
+impl Generation {
+    fn new(file: File, pages: Vec<(u64, Loc)>, len: u64) -> Generation {
+        Generation {
+            file: Arc::new(file),
+            pages,
+            len,
+            committed: len,
+            synced: len,
+            durable: len,
+            created: std::time::Instant::now(),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Log {
     /// Frozen generations (being checkpointed) and the active one, oldest first.
     gens: BTreeMap<u64, Generation>,
+    /// The newest buffered version of every page: its generation and place (one lookup
+    /// however many generations there are).
+    index: PageMap<(u64, Loc)>,
     active: u64,
     next_seq: u64,
     /// Records appended since the last commit record.
@@ -61,7 +92,36 @@ struct Log {
     /// Commit sequence numbers issued; the newest.
     committed_seq: u64,
     /// Generations with appended bytes not yet synced.
-    unsynced: Vec<Arc<File>>,
+    unsynced: Vec<u64>,
+    /// A generation was created since the directory was last synced.
+    dir_unsynced: bool,
+}
+
+impl Log {
+    /// The newest buffered location of `page`: generation file and place.
+    fn lookup(&self, page: u64) -> Option<(Arc<File>, Loc)> {
+        let (g, loc) = self.index.get(&page)?;
+        Some((self.gens[g].file.clone(), *loc))
+    }
+
+    /// Record that `page` of generation `g` is at `loc`, the newest version.
+    fn place(&mut self, g: u64, page: u64, loc: Loc) {
+        self.gens
+            .get_mut(&g)
+            .expect("the generation exists")
+            .pages
+            .push((page, loc));
+        self.index.insert(page, (g, loc));
+    }
+}
+
+/// A run of pages appended by [`Wal::write_batch_if`].
+#[derive(Debug, Clone)]
+pub enum Batch {
+    /// Whole pages of data from `first`.
+    Data { first: u64, pages: bytes::Bytes },
+    /// `count` pages from `first` read as zeroes.
+    Zero { first: u64, count: u64 },
 }
 
 /// The write buffer of one image.
@@ -152,6 +212,7 @@ impl Wal {
             .collect();
         ids.sort_unstable();
         let mut gens = BTreeMap::new();
+        let mut index = PageMap::default();
         let mut report = Vec::new();
         let mut next_seq = 1;
         for id in ids {
@@ -167,16 +228,16 @@ impl Wal {
                 .open(&path)
                 .map_err(|e| io(format!("open {}", path.display()), e))?;
             let (pages, len, replayed, seq) = replay(&file, page_size, &path)?;
+            // What a crash of the process left may be in the page cache only: on disk before
+            // anything relies on it.
+            file.sync_data()
+                .map_err(|e| io(format!("sync {}", path.display()), e))?;
             next_seq = next_seq.max(seq + 1);
             report.push((id, replayed));
-            gens.insert(
-                id,
-                Generation {
-                    file: Arc::new(file),
-                    pages,
-                    len,
-                },
-            );
+            for (p, loc) in &pages {
+                index.insert(*p, (id, *loc));
+            }
+            gens.insert(id, Generation::new(file, pages, len));
         }
         let active = gens
             .keys()
@@ -186,24 +247,20 @@ impl Wal {
             .max(after_gen)
             + 1;
         let file = new_gen_file(dir, active)?;
-        gens.insert(
-            active,
-            Generation {
-                file: Arc::new(file),
-                pages: HashMap::new(),
-                len: 0,
-            },
-        );
+        sync_dir(dir).map_err(|e| io(format!("sync directory {}", dir.display()), e))?;
+        gens.insert(active, Generation::new(file, Vec::new(), 0));
         let wal = Wal {
             dir: dir.to_path_buf(),
             page_size,
             log: Mutex::new(Log {
                 gens,
+                index,
                 active,
                 next_seq,
                 uncommitted: false,
                 committed_seq: 0,
                 unsynced: Vec::new(),
+                dir_unsynced: false,
             }),
             durable_seq: AtomicU64::new(0),
             syncing: tokio::sync::Mutex::new(()),
@@ -219,23 +276,14 @@ impl Wal {
     /// The newest buffered location of `page`: generation file and place, newest generation first.
     #[cfg(test)]
     pub fn lookup(&self, page: u64) -> Option<(Arc<File>, Loc)> {
-        let log = self.log();
-        log.gens
-            .values()
-            .rev()
-            .find_map(|g| g.pages.get(&page).map(|l| (g.file.clone(), *l)))
+        self.log().lookup(page)
     }
 
     /// Look up a run of pages at once (one lock).
     pub fn lookup_run(&self, first: u64, count: u64) -> Vec<Option<(Arc<File>, Loc)>> {
         let log = self.log();
         (first..first + count)
-            .map(|page| {
-                log.gens
-                    .values()
-                    .rev()
-                    .find_map(|g| g.pages.get(&page).map(|l| (g.file.clone(), *l)))
-            })
+            .map(|page| log.lookup(page))
             .collect()
     }
 
@@ -260,39 +308,23 @@ impl Wal {
             .get_mut(&active)
             .expect("the active generation exists");
         let start = g.len;
-        // Small records go out in one write; large ones in two rather than copied.
-        let written = if payload.len() < 64 * 1024 {
-            let mut buf = Vec::with_capacity(HEADER_LEN as usize + payload.len());
-            buf.extend_from_slice(&h);
-            buf.extend_from_slice(payload);
-            g.file.write_all_at(&buf, start)
-        } else {
-            g.file
-                .write_all_at(&h, start)
-                .and_then(|()| g.file.write_all_at(payload, start + HEADER_LEN))
-        };
-        if let Err(e) = written {
+        if let Err(e) = write_record(&g.file, &h, payload, start) {
             // Nothing half-written stays behind: cut the file back to the last whole record.
             let _ = g.file.set_len(start);
             let path = gen_path(&self.dir, active);
             return Err(io(format!("append to write buffer {}", path.display()), e));
         }
         g.len += HEADER_LEN + payload.len() as u64;
-        match kind {
-            KIND_WRITE => {
-                for i in 0..u64::from(count) {
-                    let off = start + HEADER_LEN + i * self.page_size as u64;
-                    g.pages.insert(page + i, Loc::Data(off));
-                }
-            }
-            KIND_ZERO => {
-                for i in 0..u64::from(count) {
-                    g.pages.insert(page + i, Loc::Zero);
-                }
-            }
-            _ => {}
+        if kind == KIND_COMMIT {
+            g.committed = g.len;
         }
-        let file = g.file.clone();
+        for i in 0..u64::from(count) {
+            let loc = match kind {
+                KIND_WRITE => Loc::Data(start + HEADER_LEN + i * self.page_size as u64),
+                _ => Loc::Zero,
+            };
+            log.place(active, page + i, loc);
+        }
         log.next_seq += 1;
         if kind == KIND_COMMIT {
             log.uncommitted = false;
@@ -300,8 +332,8 @@ impl Wal {
         } else {
             log.uncommitted = true;
         }
-        if !log.unsynced.iter().any(|f| Arc::ptr_eq(f, &file)) {
-            log.unsynced.push(file);
+        if !log.unsynced.contains(&active) {
+            log.unsynced.push(active);
         }
         Ok(())
     }
@@ -311,12 +343,7 @@ impl Wal {
     /// none, and replay after a crash finds all of it or none (nothing before the commit
     /// record counts). Durable once [`flush`](Self::flush) returns.
     pub fn write_batch(&self, pages: &[(u64, Option<bytes::Bytes>)]) -> Result<()> {
-        let ps = self.page_size;
-        let mut log = self.log();
-        let mut seq = log.next_seq;
-        let mut buf: Vec<u8> = Vec::new();
-        // (page, offset of its data in `buf`, or None for a tombstone)
-        let mut placed: Vec<(u64, Option<u64>)> = Vec::with_capacity(pages.len());
+        let mut runs = Vec::new();
         let mut i = 0;
         while i < pages.len() {
             let (first, data) = &pages[i];
@@ -324,28 +351,86 @@ impl Wal {
             while i + n < pages.len()
                 && pages[i + n].0 == first + n as u64
                 && pages[i + n].1.is_some() == data.is_some()
-                && n < u32::MAX as usize
             {
                 n += 1;
             }
             let run = &pages[i..i + n];
-            if data.is_some() {
-                let mut payload = Vec::with_capacity(n * ps);
+            runs.push(if data.is_some() {
+                let mut payload = Vec::with_capacity(n * self.page_size);
                 for (_, d) in run {
                     payload.extend_from_slice(d.as_deref().expect("a data run"));
                 }
-                buf.extend_from_slice(&header(seq, KIND_WRITE, *first, n as u32, &payload));
-                let at = buf.len() as u64;
-                for (k, (p, _)) in run.iter().enumerate() {
-                    placed.push((*p, Some(at + (k * ps) as u64)));
+                Batch::Data {
+                    first: *first,
+                    pages: bytes::Bytes::from(payload),
                 }
-                buf.extend_from_slice(&payload);
             } else {
-                buf.extend_from_slice(&header(seq, KIND_ZERO, *first, n as u32, &[]));
-                placed.extend(run.iter().map(|(p, _)| (*p, None)));
-            }
-            seq += 1;
+                Batch::Zero {
+                    first: *first,
+                    count: n as u64,
+                }
+            });
             i += n;
+        }
+        self.append_batch(&mut self.log(), &runs)
+    }
+
+    /// Append `runs` as [`write_batch`](Self::write_batch) does, if `unchanged` agrees: it is
+    /// called under the buffer's lock with a lookup of the newest buffered location of a page,
+    /// so nothing is appended between its answer and the batch. Returns whether it appended.
+    pub fn write_batch_if(
+        &self,
+        runs: &[Batch],
+        unchanged: impl FnOnce(&dyn Fn(u64) -> Option<(Arc<File>, Loc)>) -> bool,
+    ) -> Result<bool> {
+        let mut log = self.log();
+        let held = &*log;
+        if !unchanged(&|page| held.lookup(page)) {
+            return Ok(false);
+        }
+        self.append_batch(&mut log, runs)?;
+        Ok(true)
+    }
+
+    /// Append `runs` and a commit record in one write.
+    fn append_batch(&self, log: &mut Log, runs: &[Batch]) -> Result<()> {
+        let ps = self.page_size as u64;
+        let mut seq = log.next_seq;
+        let mut buf: Vec<u8> = Vec::new();
+        // (first page, pages, offset of the data in `buf` or None for zeroes)
+        let mut placed: Vec<(u64, u64, Option<u64>)> = Vec::with_capacity(runs.len());
+        for run in runs {
+            match run {
+                Batch::Data { first, pages } => {
+                    let total = pages.len() as u64 / ps;
+                    let mut done = 0;
+                    while done < total {
+                        let n = (total - done).min(u64::from(u32::MAX));
+                        let payload = &pages[(done * ps) as usize..((done + n) * ps) as usize];
+                        buf.extend_from_slice(&header(
+                            seq,
+                            KIND_WRITE,
+                            first + done,
+                            n as u32,
+                            payload,
+                        ));
+                        placed.push((first + done, n, Some(buf.len() as u64)));
+                        buf.extend_from_slice(payload);
+                        seq += 1;
+                        done += n;
+                    }
+                }
+                Batch::Zero { first, count } => {
+                    let mut done = 0;
+                    while done < *count {
+                        let n = (count - done).min(u64::from(u32::MAX));
+                        buf.extend_from_slice(&header(seq, KIND_ZERO, first + done, n as u32, &[]));
+                        placed.push((first + done, n, None));
+                        seq += 1;
+                        done += n;
+                    }
+                }
+            }
         }
         buf.extend_from_slice(&header(seq, KIND_COMMIT, 0, 0, &[]));
         let active = log.active;
@@ -360,19 +445,21 @@ impl Wal {
             return Err(io(format!("append to write buffer {}", path.display()), e));
         }
         g.len += buf.len() as u64;
-        for (p, at) in placed {
-            let loc = match at {
-                Some(off) => Loc::Data(start + off),
-                None => Loc::Zero,
-            };
-            g.pages.insert(p, loc);
+        g.committed = g.len;
+        for (first, n, at) in placed {
+            for i in 0..n {
+                let loc = match at {
+                    Some(off) => Loc::Data(start + off + i * ps),
+                    None => Loc::Zero,
+                };
+                log.place(active, first + i, loc);
+            }
         }
-        let file = g.file.clone();
         log.next_seq = seq + 1;
         log.uncommitted = false;
         log.committed_seq = seq;
-        if !log.unsynced.iter().any(|f| Arc::ptr_eq(f, &file)) {
-            log.unsynced.push(file);
+        if !log.unsynced.contains(&active) {
+            log.unsynced.push(active);
         }
         Ok(())
     }
@@ -409,20 +496,59 @@ impl Wal {
             if self.durable_seq.load(Ordering::Acquire) >= target {
                 break;
             }
-            let (files, seq) = {
+            // Each generation to sync: its id and file, and how far it is written and
+            // committed now (what the sync makes durable).
+            let (files, seq, new_names) = {
                 let mut log = self.log();
-                (std::mem::take(&mut log.unsynced), log.committed_seq)
+                let new_names = std::mem::take(&mut log.dir_unsynced);
+                let ids = std::mem::take(&mut log.unsynced);
+                let files: Vec<(u64, Arc<File>, u64, u64)> = ids
+                    .iter()
+                    .filter_map(|id| {
+                        let g = log.gens.get(id)?;
+                        Some((*id, g.file.clone(), g.len, g.committed))
+                    })
+                    .collect();
+                (files, log.committed_seq, new_names)
             };
+            let taken: Vec<u64> = files.iter().map(|(id, _, _, _)| *id).collect();
             let dir = self.dir.clone();
-            let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                for f in &files {
+            let synced = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                for (_, f, _, _) in &files {
                     f.sync_data()?;
                 }
-                Ok(())
+                // The names of generations made since the last sync must survive too.
+                if new_names {
+                    sync_dir(&dir)?;
+                }
+                Ok(files)
             })
             .await
             .map_err(|e| Error::new(ErrorKind::Io, format!("sync write buffer: {e}")))?;
-            synced.map_err(|e| io(format!("sync write buffer {}", dir.display()), e))?;
+            let files = match synced {
+                Ok(files) => files,
+                Err(e) => {
+                    // Synced again next time.
+                    let mut log = self.log();
+                    log.dir_unsynced |= new_names;
+                    for id in taken {
+                        if !log.unsynced.contains(&id) {
+                            log.unsynced.push(id);
+                        }
+                    }
+                    drop(log);
+                    return Err(io(format!("sync write buffer {}", self.dir.display()), e));
+                }
+            };
+            {
+                let mut log = self.log();
+                for (id, _, len, committed) in files {
+                    if let Some(g) = log.gens.get_mut(&id) {
+                        g.synced = g.synced.max(len);
+                        g.durable = g.durable.max(committed);
+                    }
+                }
+            }
             self.durable_seq.fetch_max(seq, Ordering::AcqRel);
         }
         Ok(())
@@ -431,9 +557,14 @@ impl Wal {
     /// Freeze the active generation and start a new one; returns the frozen generation's id,
     /// or `None` if it holds nothing.
     pub fn rotate(&self) -> Result<Option<u64>> {
+        self.rotate_at(1)
+    }
+
+    /// [`rotate`](Self::rotate) if the active generation holds at least `min_len` bytes.
+    pub fn rotate_at(&self, min_len: u64) -> Result<Option<u64>> {
         let mut log = self.log();
         let active = log.active;
-        if log.gens[&active].len == 0 {
+        if log.gens[&active].len < min_len.max(1) {
             return Ok(None);
         }
         // Close the generation with a commit: a later flush (committing in the next generation)
@@ -443,15 +574,10 @@ impl Wal {
         }
         let next = active + 1;
         let file = new_gen_file(&self.dir, next)?;
-        log.gens.insert(
-            next,
-            Generation {
-                file: Arc::new(file),
-                pages: HashMap::new(),
-                len: 0,
-            },
-        );
+        log.gens.insert(next, Generation::new(file, Vec::new(), 0));
         log.active = next;
+        // The new name is made durable by the next flush, before anything relies on it.
+        log.dir_unsynced = true;
         Ok(Some(active))
     }
 
@@ -459,9 +585,48 @@ impl Wal {
     pub fn frozen(&self, id: u64) -> Option<Frozen> {
         let log = self.log();
         let g = log.gens.get(&id)?;
-        let mut pages: Vec<(u64, Loc)> = g.pages.iter().map(|(p, l)| (*p, *l)).collect();
-        pages.sort_unstable_by_key(|(p, _)| *p);
+        Some((g.file.clone(), newest_in(&g.pages)))
+    }
+
+    /// The pages of frozen generation `id` that a checkpoint must keep, and its file: those
+    /// whose newer version in a later generation would not outlast this one are kept. A newer
+    /// version replaces this one if replay keeps it whenever it would keep this one: it is on
+    /// disk and committed; or this one is not on disk yet and the newer one is committed
+    /// (replay after a crash of the process keeps it). Zeroing records, whose place is not
+    /// kept, are never counted as replacing.
+    pub fn frozen_live(&self, id: u64) -> Option<Frozen> {
+        let log = self.log();
+        let g = log.gens.get(&id)?;
+        let mut pages = newest_in(&g.pages);
+        pages.retain(|(p, l)| {
+            let here_on_disk = match l {
+                Loc::Data(off) => *off < g.synced,
+                Loc::Zero => true,
+            };
+            match log.index.get(p) {
+                Some((h, Loc::Data(off))) if *h > id => {
+                    let h = &log.gens[h];
+                    !(*off < h.durable || (!here_on_disk && *off < h.committed))
+                }
+                _ => true,
+            }
+        });
         Some((g.file.clone(), pages))
+    }
+
+    /// Append a commit record if records were appended since the last one: replay after a
+    /// crash of the process keeps them (nothing is synced).
+    pub fn commit(&self) -> Result<()> {
+        let mut log = self.log();
+        if log.uncommitted {
+            self.append_locked(&mut log, KIND_COMMIT, 0, 0, &[])?;
+        }
+        Ok(())
+    }
+
+    /// How long ago generation `id` was started; `None` if it is gone.
+    pub fn age(&self, id: u64) -> Option<std::time::Duration> {
+        Some(self.log().gens.get(&id)?.created.elapsed())
     }
 
     /// Generations older than the active one, oldest first.
@@ -476,7 +641,18 @@ impl Wal {
 
     /// Forget a checkpointed generation and delete its file.
     pub fn retire(&self, id: u64) -> Result<()> {
-        let removed = self.log().gens.remove(&id);
+        let removed = {
+            let mut log = self.log();
+            let removed = log.gens.remove(&id);
+            if let Some(g) = &removed {
+                for (p, loc) in &g.pages {
+                    if log.index.get(p) == Some(&(id, *loc)) {
+                        log.index.remove(p);
+                    }
+                }
+            }
+            removed
+        };
         if removed.is_some() {
             let path = gen_path(&self.dir, id);
             std::fs::remove_file(&path)
@@ -494,9 +670,52 @@ impl Wal {
         )
     }
 
-    /// Pages mapped in every generation (for memory accounting).
+    /// Pages the buffer holds a version of (for memory accounting).
     pub fn mapped_pages(&self) -> usize {
-        self.log().gens.values().map(|g| g.pages.len()).sum()
+        self.log().index.len()
+    }
+}
+
+/// The newest place of each page in `pages` (in the order written), in page order.
+fn newest_in(pages: &[(u64, Loc)]) -> Vec<(u64, Loc)> {
+    let mut newest: PageMap<Loc> = PageMap::default();
+    newest.reserve(pages.len());
+    for (p, l) in pages {
+        newest.insert(*p, *l);
+    }
+    let mut out: Vec<(u64, Loc)> = newest.into_iter().collect();
+    out.sort_unstable_by_key(|(p, _)| *p);
+    out
+}
+
+/// Write a record's header and payload at `at`: one `pwritev`, no copy.
+fn write_record(file: &File, header: &[u8], payload: &[u8], at: u64) -> std::io::Result<()> {
+    let iov = [
+        libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: header.len(),
+        },
+        libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: payload.len(),
+        },
+    ];
+    let off =
+        libc::off_t::try_from(at).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: both iovecs describe live slices that the kernel only reads; the descriptor is
+    // valid while `file` is.
+    let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), 2, off) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // A short write (rare: a signal, a nearly full disk) finishes piece by piece.
+    let n = n as usize;
+    if n < header.len() {
+        file.write_all_at(&header[n..], at + n as u64)?;
+        file.write_all_at(payload, at + header.len() as u64)
+    } else {
+        let done = n - header.len();
+        file.write_all_at(&payload[done..], at + n as u64)
     }
 }
 
@@ -508,24 +727,25 @@ fn new_gen_file(dir: &Path, id: u64) -> Result<File> {
         .create_new(true)
         .open(&path)
         .map_err(|e| io(format!("create write buffer {}", path.display()), e))?;
-    // The new name must survive a crash before the first flush relies on it.
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(format!("sync directory {}", dir.display()), e))?;
     Ok(f)
 }
 
+/// Make the directory's entries (new generations) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// What replaying one generation found: its pages in the order written, its length after the
+/// cut, what was replayed, and the newest sequence number.
+type Replay = (Vec<(u64, Loc)>, u64, Replayed, u64);
+
 /// Replay one generation: apply records up to the last commit, cut the rest.
-fn replay(
-    file: &File,
-    page_size: usize,
-    path: &Path,
-) -> Result<(HashMap<u64, Loc>, u64, Replayed, u64)> {
+fn replay(file: &File, page_size: usize, path: &Path) -> Result<Replay> {
     let len = file
         .metadata()
         .map_err(|e| io(format!("stat {}", path.display()), e))?
         .len();
-    let mut pages = HashMap::new();
+    let mut pages = Vec::new();
     let mut pending: Vec<(u64, u32, Option<u64>)> = Vec::new();
     let mut pos = 0u64;
     let mut committed_end = 0u64;
@@ -571,7 +791,7 @@ fn replay(
                             Some(off) => Loc::Data(off + i * page_size as u64),
                             None => Loc::Zero,
                         };
-                        pages.insert(p + i, loc);
+                        pages.push((p + i, loc));
                     }
                     records += 1;
                 }
@@ -657,6 +877,50 @@ mod tests {
         let (w, _) = Wal::open(dir.path(), PS, 0).unwrap();
         assert_eq!(read(&w, 1), Some(vec![1u8; PS]));
         assert_eq!(read(&w, 2), None, "the corrupt record is not served");
+    }
+
+    /// A frozen generation's page need not be uploaded when a later generation has a newer
+    /// version that replay keeps whenever it keeps this one.
+    #[tokio::test]
+    async fn frozen_pages_rewritten_as_safely_since_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, _) = Wal::open(dir.path(), PS, 0).unwrap();
+        let live = |w: &Wal, g: u64| -> Vec<u64> {
+            w.frozen_live(g)
+                .unwrap()
+                .1
+                .iter()
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        // Not on disk, rewritten but not committed: kept.
+        w.write(1, &[1u8; PS]).unwrap();
+        w.write(2, &[2u8; PS]).unwrap();
+        let g = w.rotate().unwrap().unwrap();
+        w.write(1, &[3u8; PS]).unwrap();
+        assert_eq!(live(&w, g), vec![1, 2]);
+        // Committed (no sync): replay after a crash of the process keeps it, as it would keep
+        // the older one, which is not on disk either.
+        w.commit().unwrap();
+        assert_eq!(live(&w, g), vec![2]);
+        // On disk, rewritten and committed but not on disk: kept until the rewrite is.
+        w.flush().await.unwrap();
+        let g2 = w.rotate().unwrap().unwrap();
+        w.write(1, &[4u8; PS]).unwrap();
+        w.commit().unwrap();
+        assert_eq!(live(&w, g2), vec![1]);
+        w.flush().await.unwrap();
+        assert_eq!(live(&w, g2), Vec::<u64>::new());
+        // Zeroing never counts as a rewrite (its place is not kept).
+        w.write(5, &[5u8; PS]).unwrap();
+        let g3 = w.rotate().unwrap().unwrap();
+        w.zero(5, 1).unwrap();
+        w.flush().await.unwrap();
+        assert_eq!(
+            live(&w, g3),
+            vec![1, 5],
+            "page 1 (written above) and page 5"
+        );
     }
 
     #[tokio::test]

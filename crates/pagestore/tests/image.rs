@@ -126,7 +126,12 @@ async fn reads_fetch_whole_cache_blocks_and_the_disk_tier_serves_them_again() {
         disk_cache_bytes: 4 << 20,
         ..small()
     };
-    let ps = store(dir.path(), "buffer", settings);
+    // A remote store: the directory behind a wrapper that hides its files.
+    let ps = PageStore {
+        objects: Arc::new(FaultyObjects::new(dir_objects(dir.path()))),
+        buffer_dir: dir.path().join("buffer"),
+        settings,
+    };
     let img = ps.open("cached", Some((8 << 20, 12))).await.unwrap();
     for p in 0..256 {
         write(&img, p, p as u8).await;
@@ -175,6 +180,29 @@ async fn reads_fetch_whole_cache_blocks_and_the_disk_tier_serves_them_again() {
     let g2 = gets(&img);
     read_all().await;
     assert_eq!(gets(&img), g2);
+}
+
+/// A directory store's segments are read from their files: no GET, the kernel's page cache
+/// as the cache, and every page still checked against its checksum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_store_is_read_from_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ps = store(dir.path(), "buffer", small());
+    let img = ps.open("files", Some((8 << 20, 12))).await.unwrap();
+    for p in 0..256 {
+        write(&img, p, p as u8).await;
+    }
+    img.checkpoint().await.unwrap();
+    img.close().await;
+    let img = ps.open("files", None).await.unwrap();
+    let g0 = gets(&img);
+    for p in 0..256 {
+        assert_eq!(read(&img, p).await, page(p as u8), "page {p}");
+    }
+    let all = img.read_at(0, 256 * PS).await.unwrap();
+    assert!(all.chunks(PS).enumerate().all(|(p, d)| d == page(p as u8)));
+    assert_eq!(gets(&img), g0, "no GET for a directory store");
+    assert_eq!(img.stats().local_pages.load(Ordering::Relaxed), 512);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -338,28 +338,101 @@ async fn transactions_commit_whole_read_their_snapshot_and_report_conflicts() {
     assert_eq!(read(&img, 50).await, page(5));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_committed_transaction_survives_a_crash_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let ps = store(dir.path(), small());
+/// Set in the child process that [`a_committed_transaction_survives_a_crash_whole`] starts and
+/// kills: the directory of its store.
+const CRASH_DIR: &str = "STRATA_TEST_TXN_CRASH_DIR";
+
+/// The child's side: overwrite checkpointed pages in a transaction and commit it, start a
+/// second one (writes over the first's pages, never committed), say "ready" and wait to be
+/// killed.
+async fn commit_then_wait_for_sigkill(root: &Path) {
+    let ps = store(root, small());
     let img = ps.open("c", Some((4 << 20, 12))).await.unwrap();
+    for p in 0..32 {
+        write(&img, p, 7).await;
+    }
+    img.checkpoint().await.unwrap();
     let mut t = img.begin().await.unwrap();
     for p in 0..20 {
         t.write(p * PS as u64, page(p as u8)).await.unwrap();
     }
     t.zero(30 * PS as u64, 2 * PS as u64).await.unwrap();
     t.commit().await.unwrap();
-    // An uncommitted one is lost whole.
     let mut t = img.begin().await.unwrap();
-    t.write(50 * PS as u64, page(1)).await.unwrap();
-    // The process "dies" with t open: nothing of it was appended anywhere.
-    drop(t);
-    img.close().await;
+    for p in [5u64, 50] {
+        t.write(p * PS as u64, page(0xee)).await.unwrap();
+    }
+    println!("ready");
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    std::future::pending::<()>().await;
+}
+
+/// A transaction committed before the process is killed (SIGKILL, no close, no flush of the
+/// process's own) is there whole after a reopen, and one still open is not there at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_transaction_survives_a_crash_whole() {
+    if let Some(root) = std::env::var_os(CRASH_DIR) {
+        commit_then_wait_for_sigkill(Path::new(&root)).await;
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    // This test again, in a child process that does the writing and is killed.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_committed_transaction_survives_a_crash_whole",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_DIR, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    for line in out.lines() {
+        let line = line.unwrap();
+        // The test harness may print the test's name on the same line first.
+        if line.ends_with("ready") {
+            break;
+        }
+        seen.push(line);
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the writer ended before it was killed: {seen:?}"
+    );
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    let ps = store(dir.path(), small());
     let img = ps.open("c", None).await.unwrap();
     for p in 0..20 {
-        assert_eq!(read(&img, p).await, page(p as u8));
+        assert_eq!(
+            read(&img, p).await,
+            page(p as u8),
+            "page {p}: the committed write"
+        );
     }
-    assert_eq!(read(&img, 50).await, zeroes());
+    for p in 20..30 {
+        assert_eq!(read(&img, p).await, page(7), "page {p}: untouched");
+    }
+    for p in 30..32 {
+        assert_eq!(
+            read(&img, p).await,
+            zeroes(),
+            "page {p}: zeroed in the transaction"
+        );
+    }
+    assert_eq!(
+        read(&img, 50).await,
+        zeroes(),
+        "the open transaction left nothing"
+    );
+    img.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

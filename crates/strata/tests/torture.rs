@@ -1,7 +1,7 @@
 //! Crash torture for page-store images: a loop writes through NBD, flushes, records what each
 //! flush made durable, then has `strata serve` die at a random moment — SIGKILL while requests
 //! are in flight or while it sits idle, or an armed failpoint aborting it in the middle of a
-//! checkpoint or a compaction — restarts it and checks every page of the image against a model
+//! checkpoint or a compaction — restarts it and checks every block of the image against a model
 //! of what may legally be there.
 //!
 //! ```text
@@ -10,9 +10,14 @@
 //!          image as read becomes the next cycle's starting point
 //! ```
 //!
-//! Every page written carries its page number and a write id, and the rest of it is derived
-//! from the two, so a page read back is identified exactly: zeroes, one particular write, or
-//! garbage. After a crash each page must hold a version it may legally hold: the newest one a
+//! The checker's unit is the image's 512-byte logical block: most requests cover whole 4 KiB
+//! pages, and the rest start and end anywhere on a 512-byte boundary, so that writes, trims and
+//! zeroing of part of a page (merged into the page by the server) die mid-way too, and a torn
+//! page shows as blocks of one request from different moments.
+//!
+//! Every block written carries its block number and a write id, and the rest of it is derived
+//! from the two, so a block read back is identified exactly: zeroes, one particular write, or
+//! garbage. After a crash each block must hold a version it may legally hold: the newest one a
 //! successful FLUSH (or a FUA write) covered, or one written after it (those may or may not have
 //! survived). Requests go one at a time, and the write buffer replays a prefix of what it
 //! received, so the image as a whole must also look like the device at one moment between the
@@ -20,10 +25,12 @@
 //!
 //! `STRATA_TORTURE_CYCLES` (default 50) sets the number of cycles; `bench/torture-soak.sh` runs
 //! many more. `STRATA_TORTURE_SEED` repeats a run's workload (the moments of the kills, being
-//! timed, still vary). A failure names the seed, the cycle, the page, what was found and what
+//! timed, still vary). A failure names the seed, the cycle, the block, what was found and what
 //! was allowed, and keeps the data directory and the daemon logs.
 
 #![allow(clippy::unwrap_used)] // test: a failed step is a failed test
+
+mod common;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,13 +46,19 @@ use strata::bdev::{BlockDevice, Bytes, WriteOpts, ZeroOpts};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const PAGE: usize = 4096;
+use common::S3Server;
+
+/// The unit the checker tracks: the image's 512-byte logical block. Pages are 4 KiB, so a
+/// write of part of a page is merged into it; whole-page requests are most of the load.
+const BLOCK: usize = 512;
+/// Logical blocks per 4 KiB page of the image.
+const PAGE_BLOCKS: u64 = 8;
 const IMAGE_BYTES: u64 = 32 << 20;
-const PAGES: u64 = IMAGE_BYTES / PAGE as u64;
+const BLOCKS: u64 = IMAGE_BYTES / BLOCK as u64;
 const EXPORT: &str = "torture";
-/// Most writes land in this many pages (2 MiB), so newer segments keep overwriting older ones
+/// Most writes land in this many blocks (2 MiB), so newer segments keep overwriting older ones
 /// and compaction has pages to drop.
-const HOT_PAGES: u64 = 512;
+const HOT_BLOCKS: u64 = 4096;
 const MAGIC: &[u8; 8] = b"TORTURE1";
 const FAILPOINTS: [&str; 4] = [
     "checkpoint-after-segments",
@@ -66,7 +79,7 @@ data_dir = "{dir}/data"
 
 [nbd]
 listen = ["127.0.0.1:0"]
-
+{stores}
 [pagestore]
 checkpoint_bytes = "1M"
 checkpoint_secs = 1
@@ -76,17 +89,17 @@ cache_bytes = "1M"
 
 [[volume]]
 name = "torture"
-uri = "image://local/torture?size=32M"
+uri = "image://{store}/torture?size=32M"
 description = "crash torture"
 "#;
 
-/// Fill `buf` (one page) with write `id` of `page`: a header naming both, then bytes derived
+/// Fill `buf` (one block) with write `id` of `block`: a header naming both, then bytes derived
 /// from them.
-fn fill(buf: &mut [u8], page: u64, id: u64) {
+fn fill(buf: &mut [u8], block: u64, id: u64) {
     buf[..8].copy_from_slice(MAGIC);
-    buf[8..16].copy_from_slice(&page.to_le_bytes());
+    buf[8..16].copy_from_slice(&block.to_le_bytes());
     buf[16..24].copy_from_slice(&id.to_le_bytes());
-    let mut z = (page ^ id.rotate_left(29)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = (block ^ id.rotate_left(29)).wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     let mut x = (z ^ (z >> 31)) | 1;
@@ -98,11 +111,11 @@ fn fill(buf: &mut [u8], page: u64, id: u64) {
     }
 }
 
-/// What one page read back holds.
+/// What one block read back holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Found {
     Zeroes,
-    /// Exactly the bytes of this write of this page.
+    /// Exactly the bytes of this write of this block.
     Write(u64),
     /// Anything else, and why.
     Garbage(String),
@@ -119,28 +132,28 @@ impl Found {
     }
 }
 
-fn identify(page: u64, data: &[u8], scratch: &mut [u8]) -> Found {
+fn identify(block: u64, data: &[u8], scratch: &mut [u8]) -> Found {
     if data.iter().all(|&b| b == 0) {
         return Found::Zeroes;
     }
     if &data[..8] != MAGIC {
         return Found::Garbage(format!(
-            "neither zeroes nor a page this test wrote (begins {:02x?})",
+            "neither zeroes nor a block this test wrote (begins {:02x?})",
             &data[..16]
         ));
     }
     let p = u64::from_le_bytes(data[8..16].try_into().unwrap());
     let id = u64::from_le_bytes(data[16..24].try_into().unwrap());
-    if p != page {
+    if p != block {
         return Found::Garbage(format!(
-            "the header of write {id} of page {p}: data of another page"
+            "the header of write {id} of block {p}: data of another block"
         ));
     }
-    fill(scratch, page, id);
+    fill(scratch, block, id);
     match data.iter().zip(scratch.iter()).position(|(a, b)| a != b) {
         None => Found::Write(id),
         Some(i) => Found::Garbage(format!(
-            "the header of write {id} of this page, but byte {i} differs from what was written \
+            "the header of write {id} of this block, but byte {i} differs from what was written \
              (torn or corrupt)"
         )),
     }
@@ -151,7 +164,7 @@ fn identify(page: u64, data: &[u8], scratch: &mut [u8]) -> Found {
 struct Op {
     first: u64,
     count: u64,
-    /// The write id of page `first` (page `first + i` got `first_id + i`); 0: zeroing.
+    /// The write id of block `first` (block `first + i` got `first_id + i`); 0: zeroing.
     first_id: u64,
     fua: bool,
     /// The daemon answered it with success.
@@ -159,11 +172,11 @@ struct Op {
 }
 
 impl Op {
-    fn version(&self, page: u64) -> u64 {
+    fn version(&self, block: u64) -> u64 {
         if self.first_id == 0 {
             0
         } else {
-            self.first_id + (page - self.first)
+            self.first_id + (block - self.first)
         }
     }
 }
@@ -373,7 +386,9 @@ struct Run {
     rng: StdRng,
     dir: Option<tempfile::TempDir>,
     config: PathBuf,
-    /// The version each page held when the cycle began (0: zeroes).
+    /// The object store's files (the directory store, or the S3 server's bucket and prefix).
+    objects: PathBuf,
+    /// The version each block held when the cycle began (0: zeroes).
     base: Vec<u64>,
     next_id: u64,
     writes: Vec<WriteRec>,
@@ -386,24 +401,37 @@ struct Run {
 }
 
 impl Run {
-    fn new(seed: u64, cycles: usize) -> Run {
+    /// A run on the directory store `local`, or on `s3`'s bucket.
+    fn new(seed: u64, cycles: usize, s3: Option<&S3Server>) -> Run {
         let dir = tempfile::tempdir().expect("temporary directory");
         let config = dir.path().join("strata.toml");
+        let (stores, store, objects) = match s3 {
+            Some(s3) => (
+                s3.store_toml("s3", "torture"),
+                "s3",
+                s3.bucket_dir().join("torture"),
+            ),
+            None => (String::new(), "local", dir.path().join("data/objects")),
+        };
         std::fs::write(
             &config,
-            CONFIG.replace("{dir}", &dir.path().to_string_lossy()),
+            CONFIG
+                .replace("{dir}", &dir.path().to_string_lossy())
+                .replace("{stores}", &stores)
+                .replace("{store}", store),
         )
         .expect("write config");
         std::fs::create_dir(dir.path().join("logs")).expect("create log directory");
         let mut rng = StdRng::seed_from_u64(seed);
-        let hot = rng.random_range(0..PAGES - HOT_PAGES);
+        let hot = rng.random_range(0..BLOCKS - HOT_BLOCKS);
         Run {
             seed,
             cycles,
             rng,
             dir: Some(dir),
             config,
-            base: vec![0; PAGES as usize],
+            objects,
+            base: vec![0; BLOCKS as usize],
             next_id: 1,
             writes: Vec::new(),
             hot,
@@ -534,15 +562,22 @@ impl Run {
         }
     }
 
+    /// A range of blocks to write, zero or read: mostly up to `max_pages` whole pages, a third
+    /// of the time 1 to 16 blocks starting anywhere (part of a page, or across a page border).
     fn pick_range(&mut self, max_pages: u64) -> (u64, u64) {
-        let cap = 1u64 << self.rng.random_range(0..=max_pages.trailing_zeros());
-        let count = self.rng.random_range(1..=cap);
         let first = if self.rng.random_bool(0.6) {
-            self.hot + self.rng.random_range(0..HOT_PAGES)
+            self.hot + self.rng.random_range(0..HOT_BLOCKS)
         } else {
-            self.rng.random_range(0..PAGES)
+            self.rng.random_range(0..BLOCKS)
         };
-        (first.min(PAGES - count), count)
+        let (first, count) = if self.rng.random_bool(0.33) {
+            (first, self.rng.random_range(1..=16))
+        } else {
+            let cap = 1u64 << self.rng.random_range(0..=max_pages.trailing_zeros());
+            let pages = self.rng.random_range(1..=cap);
+            (first / PAGE_BLOCKS * PAGE_BLOCKS, pages * PAGE_BLOCKS)
+        };
+        (first.min(BLOCKS - count), count)
     }
 
     /// Drive the daemon until it dies; returns what was sent.
@@ -554,17 +589,17 @@ impl Run {
         death: Death,
     ) -> CycleLog {
         let mut log = CycleLog::default();
-        // The version each page holds now, for reads while the daemon runs.
+        // The version each block holds now, for reads while the daemon runs.
         let mut current: HashMap<u64, u64> = HashMap::new();
         let budget = match death {
             Death::KillInFlight { at_bytes, .. } => {
-                at_bytes + self.rng.random_range(PAGE as u64..4 << 20)
+                at_bytes + self.rng.random_range(BLOCK as u64..4 << 20)
             }
             Death::KillIdle { .. } => self.rng.random_range(256 << 10..6 << 20),
             Death::Failpoint(_) => 16 << 20,
         };
         let mut kill_at: Option<Instant> = None;
-        let mut scratch = vec![0u8; PAGE];
+        let mut scratch = vec![0u8; BLOCK];
         let mut failure: Option<String> = None;
         while log.bytes < budget {
             if let Death::KillInFlight { at_bytes, delay } = death {
@@ -584,10 +619,11 @@ impl Run {
                 let (first, count) = if self.rng.random_bool(0.5) {
                     self.pick_range(16)
                 } else {
-                    // Large ones anywhere, so that the image does not fill up with live pages
+                    // Large ones anywhere, so that the image does not fill up with live blocks
                     // every compaction must copy.
-                    let count = self.rng.random_range(64..=256);
-                    (self.rng.random_range(0..=PAGES - count), count)
+                    let count = self.rng.random_range(64..=256) * PAGE_BLOCKS;
+                    let first = self.rng.random_range(0..=BLOCKS - count);
+                    (first / PAGE_BLOCKS * PAGE_BLOCKS, count)
                 };
                 let fua = self.rng.random_bool(0.1);
                 log.ops.push(Op {
@@ -597,7 +633,7 @@ impl Run {
                     fua,
                     acked: false,
                 });
-                let (off, len) = (first * PAGE as u64, count * PAGE as u64);
+                let (off, len) = (first * BLOCK as u64, count * BLOCK as u64);
                 let r = if self.rng.random_bool(0.5) {
                     answer(daemon, kill_at, dev.trim(off, len, WriteOpts { fua })).await
                 } else {
@@ -622,18 +658,18 @@ impl Run {
                 match answer(
                     daemon,
                     kill_at,
-                    dev.read_at(first * PAGE as u64, (count * PAGE as u64) as usize),
+                    dev.read_at(first * BLOCK as u64, (count * BLOCK as u64) as usize),
                 )
                 .await
                 {
                     Ok(data) => {
-                        for (i, chunk) in data.chunks(PAGE).enumerate() {
+                        for (i, chunk) in data.chunks(BLOCK).enumerate() {
                             let p = first + i as u64;
                             let want = current.get(&p).copied().unwrap_or(self.base[p as usize]);
                             let got = identify(p, chunk, &mut scratch);
                             if got.version() != Some(want) {
                                 let msg = format!(
-                                    "a read while the daemon runs returned the wrong data: page \
+                                    "a read while the daemon runs returned the wrong data: block \
                                      {p} holds {}, the last write to it was {}",
                                     self.found_text(&got),
                                     self.version_text(want)
@@ -664,15 +700,15 @@ impl Run {
                     fua,
                     acked: false,
                 });
-                let mut data = vec![0u8; (count as usize) * PAGE];
-                for (i, chunk) in data.chunks_exact_mut(PAGE).enumerate() {
+                let mut data = vec![0u8; (count as usize) * BLOCK];
+                for (i, chunk) in data.chunks_exact_mut(BLOCK).enumerate() {
                     fill(chunk, first + i as u64, first_id + i as u64);
                 }
                 log.bytes += data.len() as u64;
                 let r = answer(
                     daemon,
                     kill_at,
-                    dev.write_at(first * PAGE as u64, Bytes::from(data), WriteOpts { fua }),
+                    dev.write_at(first * BLOCK as u64, Bytes::from(data), WriteOpts { fua }),
                 )
                 .await;
                 if r.is_ok() {
@@ -776,7 +812,7 @@ impl Run {
         let i = self.writes.partition_point(|w| w.first_id <= v);
         match i.checked_sub(1).map(|i| self.writes[i]) {
             Some(w) if v < w.first_id + w.count => format!(
-                "write {v} (cycle {}, request {} of that cycle, to page {})",
+                "write {v} (cycle {}, request {} of that cycle, to block {})",
                 w.cycle,
                 w.op,
                 w.first + (v - w.first_id)
@@ -797,7 +833,7 @@ impl Run {
     /// versions found, the next cycle's starting point.
     fn check(&mut self, log: &CycleLog, found: &[Found]) -> Result<Vec<u64>, String> {
         let n = log.ops.len();
-        // Per page changed this cycle: (request index, version, made durable by its own FUA).
+        // Per block changed this cycle: (request index, version, made durable by its own FUA).
         let mut history: HashMap<u64, Vec<(usize, u64, bool)>> = HashMap::new();
         for (i, op) in log.ops.iter().enumerate() {
             for p in op.first..op.first + op.count {
@@ -807,8 +843,8 @@ impl Run {
                     .push((i, op.version(p), op.fua && op.acked));
             }
         }
-        // The image must equal the device after the first k requests, for one k: every page
-        // narrows the ks it fits (disjoint ranges per page, counted in a difference array).
+        // The image must equal the device after the first k requests, for one k: every block
+        // narrows the ks it fits (disjoint ranges per block, counted in a difference array).
         let k_min = log
             .ops
             .iter()
@@ -826,7 +862,7 @@ impl Run {
             let base = self.base[p as usize];
             let Some(v) = f.version() else {
                 return Err(format!(
-                    "page {p} holds {}; allowed: {}",
+                    "block {p} holds {}; allowed: {}",
                     self.found_text(f),
                     self.allowed_text(base, history.get(&p).map(Vec::as_slice), log.flushed)
                 ));
@@ -835,7 +871,7 @@ impl Run {
             let Some(h) = history.get(&p) else {
                 if v != base {
                     return Err(format!(
-                        "page {p} was not written in this cycle and held {} (read back after the \
+                        "block {p} was not written in this cycle and held {} (read back after the \
                          last crash), but now holds {}",
                         self.version_text(base),
                         self.found_text(f)
@@ -865,12 +901,12 @@ impl Run {
             let (Some(&oldest), Some(&newest)) = (matched.first(), matched.last()) else {
                 let lost = (0..floor).any(|e| (if e == 0 { base } else { h[e - 1].1 }) == v);
                 return Err(format!(
-                    "page {p} holds {}{}; allowed: {}",
+                    "block {p} holds {}{}; allowed: {}",
                     self.found_text(f),
                     if lost {
                         " — older than what a FLUSH or FUA made durable: a durable write was lost"
                     } else {
-                        " — never written to this page since it was last verified"
+                        " — never written to this block since it was last verified"
                     },
                     self.allowed_text(base, Some(h), log.flushed)
                 ));
@@ -903,7 +939,7 @@ impl Run {
                 .take(8)
                 .map(|(p, r)| {
                     format!(
-                        "page {p} holds {} (fits after {r:?} requests)",
+                        "block {p} holds {} (fits after {r:?} requests)",
                         self.version_text(out[*p as usize])
                     )
                 })
@@ -911,7 +947,7 @@ impl Run {
             odd.sort();
             return Err(format!(
                 "no single moment explains the image: after {k} of the {n} requests sent ({} \
-                 covered by the last FLUSH, {k_min} by FLUSH or FUA) {} of {} pages changed in this \
+                 covered by the last FLUSH, {k_min} by FLUSH or FUA) {} of {} blocks changed in this \
                  cycle fit, but not:\n  {}",
                 log.flushed,
                 best.0,
@@ -947,18 +983,18 @@ impl Run {
     }
 }
 
-/// Read every page of the image.
+/// Read every block of the image.
 async fn read_image(dev: &dyn BlockDevice) -> Result<Vec<Found>, String> {
     let chunk = 1usize << 20;
-    let mut found = Vec::with_capacity(PAGES as usize);
-    let mut scratch = vec![0u8; PAGE];
+    let mut found = Vec::with_capacity(BLOCKS as usize);
+    let mut scratch = vec![0u8; BLOCK];
     for off in (0..IMAGE_BYTES).step_by(chunk) {
         let data = tokio::time::timeout(REQUEST_LIMIT, dev.read_at(off, chunk))
             .await
             .map_err(|_| format!("read at {off}: no answer within {REQUEST_LIMIT:?}"))?
             .map_err(|e| format!("read at {off}: {e}"))?;
-        for (i, page) in data.chunks(PAGE).enumerate() {
-            found.push(identify(off / PAGE as u64 + i as u64, page, &mut scratch));
+        for (i, block) in data.chunks(BLOCK).enumerate() {
+            found.push(identify(off / BLOCK as u64 + i as u64, block, &mut scratch));
         }
     }
     Ok(found)
@@ -985,6 +1021,18 @@ fn count_files(dir: &Path, pred: impl Fn(&str) -> bool) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushed_writes_survive_kill_9_and_failpoints_in_checkpoint_and_compaction() {
+    torture(None).await;
+}
+
+/// The same on an S3 store (s3s-fs), where segments and manifests are PUTs and a manifest's
+/// create-only PUT is what a crash between the two must leave consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_writes_survive_kill_9_and_failpoints_on_s3() {
+    let s3 = S3Server::start();
+    torture(Some(&s3)).await;
+}
+
+async fn torture(s3: Option<&S3Server>) {
     let seed = env_u64("STRATA_TORTURE_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -995,7 +1043,7 @@ async fn flushed_writes_survive_kill_9_and_failpoints_in_checkpoint_and_compacti
     eprintln!(
         "crash torture: {cycles} cycles, seed {seed} (STRATA_TORTURE_SEED={seed} repeats it)"
     );
-    let mut run = Run::new(seed, cycles);
+    let mut run = Run::new(seed, cycles, s3);
     let (mut daemon, mut dev) = run.start_ok(0).await;
     for cycle in 0..cycles {
         let death = run.death(cycle);
@@ -1050,14 +1098,14 @@ async fn flushed_writes_survive_kill_9_and_failpoints_in_checkpoint_and_compacti
         compactions += text.matches("compaction done").count();
         replays += text.matches("write buffer replayed").count();
     }
-    let image = run.path().join("data/objects/images").join(EXPORT);
+    let image = run.objects.join("images").join(EXPORT);
     let manifests = count_files(&image.join("manifest"), |_| true);
     let compacted = count_files(&image.join("segments"), |n| n.starts_with('c'));
     let t = &run.totals;
     eprintln!(
         "crash torture: {cycles} cycles in {:.1} s (seed {seed}): {} SIGKILLs with requests in \
          flight, {} idle; failpoints fired {:?} (not reached: {:?}; {} before the export opened); {} MiB in \
-         {} requests, {} flushes, {} live reads; {} pages kept a write sent after the last \
+         {} requests, {} flushes, {} live reads; {} blocks kept a write sent after the last \
          FLUSH, {} lost one; {checkpoints} checkpoints, {compactions} compactions \
          ({compacted} compacted segments written), {manifests} manifests, {replays} write-buffer \
          replays",
@@ -1119,44 +1167,44 @@ mod checker {
     }
 
     fn zeroes() -> Vec<Found> {
-        vec![Found::Zeroes; PAGES as usize]
+        vec![Found::Zeroes; BLOCKS as usize]
     }
 
     #[test]
     fn a_page_reads_back_as_exactly_what_was_written_or_garbage() {
-        let mut page = vec![0u8; PAGE];
-        let mut scratch = vec![0u8; PAGE];
-        fill(&mut page, 7, 42);
-        assert_eq!(identify(7, &page, &mut scratch), Found::Write(42));
-        assert_eq!(identify(7, &vec![0u8; PAGE], &mut scratch), Found::Zeroes);
-        // Another page's data, a flipped bit, a zeroed tail, foreign bytes.
+        let mut block = vec![0u8; BLOCK];
+        let mut scratch = vec![0u8; BLOCK];
+        fill(&mut block, 7, 42);
+        assert_eq!(identify(7, &block, &mut scratch), Found::Write(42));
+        assert_eq!(identify(7, &vec![0u8; BLOCK], &mut scratch), Found::Zeroes);
+        // Another block's data, a flipped bit, a zeroed tail, foreign bytes.
         assert!(matches!(
-            identify(8, &page, &mut scratch),
+            identify(8, &block, &mut scratch),
             Found::Garbage(_)
         ));
-        let mut bad = page.clone();
-        bad[3000] ^= 1;
+        let mut bad = block.clone();
+        bad[300] ^= 1;
         assert!(matches!(identify(7, &bad, &mut scratch), Found::Garbage(_)));
-        let mut torn = page.clone();
-        torn[2048..].fill(0);
+        let mut torn = block.clone();
+        torn[256..].fill(0);
         assert!(matches!(
             identify(7, &torn, &mut scratch),
             Found::Garbage(_)
         ));
         assert!(matches!(
-            identify(7, &vec![0xa5u8; PAGE], &mut scratch),
+            identify(7, &vec![0xa5u8; BLOCK], &mut scratch),
             Found::Garbage(_)
         ));
-        // Different writes of one page differ beyond the header.
-        let mut other = vec![0u8; PAGE];
+        // Different writes of one block differ beyond the header.
+        let mut other = vec![0u8; BLOCK];
         fill(&mut other, 7, 43);
-        assert_ne!(page[24..], other[24..]);
+        assert_ne!(block[24..], other[24..]);
     }
 
     #[test]
     fn flushed_writes_must_survive_and_unflushed_ones_may_go() {
-        let mut run = Run::new(1, 1);
-        // Page 5: write 1, FLUSH, write 2. Page 9: write 3 (never flushed).
+        let mut run = Run::new(1, 1, None);
+        // Block 5: write 1, FLUSH, write 2. Block 9: write 3 (never flushed).
         let log = CycleLog {
             ops: vec![op(5, 1, 1, false), op(5, 1, 2, false), op(9, 1, 3, false)],
             flushed: 1,
@@ -1172,7 +1220,7 @@ mod checker {
         found[9] = Found::Zeroes;
         let e = run.check(&log, &found).unwrap_err();
         assert!(
-            e.contains("page 5") && e.contains("durable write was lost"),
+            e.contains("block 5") && e.contains("durable write was lost"),
             "{e}"
         );
         // A FUA write is durable by itself.
@@ -1187,7 +1235,7 @@ mod checker {
 
     #[test]
     fn garbage_stale_and_foreign_versions_are_rejected() {
-        let mut run = Run::new(1, 1);
+        let mut run = Run::new(1, 1, None);
         run.base[5] = 1;
         let log = CycleLog {
             ops: vec![op(5, 2, 10, false)],
@@ -1207,19 +1255,19 @@ mod checker {
         found[5] = Found::Garbage("torn".into());
         let e = run.check(&log, &found).unwrap_err();
         assert!(e.contains("garbage: torn"), "{e}");
-        // A page the cycle did not touch must keep its version.
+        // A block the cycle did not touch must keep its version.
         let mut found = zeroes();
         found[5] = Found::Write(10);
         found[6] = Found::Write(11);
         found[100] = Found::Write(11);
         let e = run.check(&log, &found).unwrap_err();
-        assert!(e.contains("page 100 was not written"), "{e}");
+        assert!(e.contains("block 100 was not written"), "{e}");
     }
 
     #[test]
     fn the_image_must_be_as_of_one_moment() {
-        let mut run = Run::new(1, 1);
-        // Write page 1, write page 2, zero page 1: nothing flushed.
+        let mut run = Run::new(1, 1, None);
+        // Write block 1, write block 2, zero block 1: nothing flushed.
         let log = CycleLog {
             ops: vec![op(1, 1, 1, false), op(2, 1, 2, false), op(1, 1, 0, false)],
             flushed: 0,

@@ -14,6 +14,10 @@ use crate::transmission;
 const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Option data longer than this is not even read: the connection is closed.
 const MAX_DISCARD_LEN: u32 = 16 << 20;
+/// The block size every client can be assumed to keep to without asking (NBD: "a client
+/// desiring maximum interoperability SHOULD constrain its requests to a minimum block size of
+/// 512").
+const INTEROPERABLE_BLOCK: u32 = 512;
 
 /// What negotiation ended with.
 pub(super) enum Negotiated {
@@ -368,7 +372,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             let d = codec::encode_info_block_size(sizes);
             self.reply(option, rep::INFO, &d).await?;
         }
-        if sizes.minimum > 1 && !asked_sizes {
+        // A client that does not ask for block sizes keeps to 512-byte multiples (the
+        // protocol's advice for interoperability): only an export that needs more must refuse it.
+        if sizes.minimum > INTEROPERABLE_BLOCK && !asked_sizes {
             let msg = format!(
                 "this export needs {}-byte aligned I/O: request NBD_INFO_BLOCK_SIZE",
                 sizes.minimum

@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering;
 
 use strata_bdev::{Error, ErrorKind, Result};
 
+use super::checkpoint::Mode;
 use super::sink::SegmentSink;
-use super::{seg_info, Image, SegInfo, SegLoc};
+use super::{Image, SegInfo, SegLoc};
 use crate::format::{BaseRef, SnapshotRecord, TOMBSTONE};
 use crate::layout::{check_geometry, put_snapshot};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ impl Image {
         let inner = &self.inner;
         inner.wal()?;
         inner.check_fenced("snapshot")?;
-        inner.checkpoint().await?;
+        inner.checkpoint(Mode::Complete).await?;
         let m = inner.base.read().expect("lock").manifest.clone();
         let rec = put_snapshot(&*inner.store.objects, &m, name).await?;
         tracing::info!(image = %inner.name, snapshot = name, version = m.version, "snapshot taken");
@@ -50,7 +51,7 @@ impl Image {
         let mut out = Vec::with_capacity(images.len());
         for i in images {
             let inner = &i.inner;
-            inner.checkpoint().await?;
+            inner.checkpoint(Mode::Complete).await?;
             let m = inner.base.read().expect("lock").manifest.clone();
             out.push(put_snapshot(&*inner.store.objects, &m, name).await?);
         }
@@ -107,7 +108,7 @@ impl Image {
         if size < old {
             // Everything buffered goes to segments, then tombstones hide every mapped page
             // beyond the new end (base pages of a clone included).
-            inner.checkpoint().await?;
+            inner.checkpoint(Mode::Complete).await?;
             let new_pages = size >> inner.page_bits;
             let mut beyond: Vec<u64> = inner
                 .base
@@ -124,7 +125,7 @@ impl Image {
                 SegmentSink::new(inner, format!("segments/r{version:016x}-{}", inner.writer))
                     .leased();
             for p in beyond {
-                sink.tombstone(p);
+                sink.tombstone(p)?;
             }
             made = sink.finish().await?;
             sinks.push(sink);
@@ -141,7 +142,7 @@ impl Image {
         {
             let mut base = inner.base.write().expect("lock");
             for (r, entries) in made {
-                let id = base.add_segment(seg_info(&inner.name, &r, inner.page_bits), entries);
+                let id = base.add_segment(inner.seg_info(&r), entries);
                 base.order.push(id);
             }
             base.manifest = next;
@@ -210,7 +211,7 @@ impl Image {
                     .into_iter()
                     .filter(|e| base.map.get(&e.page).is_some_and(|l| !own.contains(&l.seg)))
                     .collect();
-                order.push(base.add_segment(seg_info(&inner.name, &r, inner.page_bits), entries));
+                order.push(base.add_segment(inner.seg_info(&r), entries));
             }
             let keep: HashSet<u32> = own.iter().chain(&order).copied().collect();
             base.map.retain(|_, l| keep.contains(&l.seg));

@@ -6,16 +6,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use std::os::unix::fs::FileExt;
+use std::fs::File;
 use strata_bdev::{Error, ErrorKind, Result};
 
 use super::sink::SegmentSink;
-use super::{seg_info, Inner};
+use super::Inner;
 use crate::failpoint::failpoint;
+use crate::fileio;
 use crate::format::Manifest;
 use crate::layout::{manifest_key, now_secs, obj_err};
 use crate::objects::{retry, ObjError};
 use crate::wal::Loc;
+
+/// Bytes of the write buffer a checkpoint reads at once.
+const WAL_READ: usize = 1 << 20;
+
+/// What a checkpoint must make of the write buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Every page buffered so far goes to the object store (an explicit checkpoint, a
+    /// snapshot, a resize).
+    Complete,
+    /// A background checkpoint: pages rewritten since in later generations (as safely) stay
+    /// only there, and a generation with none left is dropped without a manifest.
+    Background,
+}
 
 /// The background task: checkpoints by size and age, compaction, retries.
 pub(super) async fn checkpointer(inner: Arc<Inner>) {
@@ -24,15 +39,8 @@ pub(super) async fn checkpointer(inner: Arc<Inner>) {
             return;
         }
         inner.maybe_compact_in_background();
-        let due = inner.wal().is_ok_and(|wal| {
-            let (active, _) = wal.sizes();
-            let age = inner.work.last_checkpoint.lock().expect("lock").elapsed();
-            active >= inner.store.settings.checkpoint_bytes
-                || (active > 0 && age >= inner.store.settings.checkpoint_age)
-                || !wal.frozen_ids().is_empty()
-        });
-        if due && inner.fenced().is_none() {
-            if let Err(e) = inner.checkpoint().await {
+        if inner.fenced().is_none() && inner.wal.is_some() {
+            if let Err(e) = inner.checkpoint_due().await {
                 tracing::warn!(image = %inner.name, error = %e.chain(), "checkpoint");
             }
         }
@@ -43,13 +51,46 @@ pub(super) async fn checkpointer(inner: Arc<Inner>) {
 
 impl Inner {
     /// Move everything buffered so far into segments and a new manifest.
-    pub(super) async fn checkpoint(&self) -> Result<()> {
+    pub(super) async fn checkpoint(&self, mode: Mode) -> Result<()> {
         let _turn = self.work.checkpointing.lock().await;
         let wal = self.wal()?;
         wal.rotate()?;
         *self.work.last_checkpoint.lock().expect("lock") = Instant::now();
         for g in wal.frozen_ids() {
-            self.checkpoint_generation(g).await?;
+            self.check_open("checkpoint")?;
+            self.checkpoint_generation(g, mode).await?;
+            self.life.progress.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// The background checkpoint: freeze the active generation once it is full or its
+    /// writes are `checkpoint_age` old, then upload frozen generations, oldest first, while
+    /// the buffer holds more than half of `max_buffered_bytes` or they are older than
+    /// `checkpoint_age`. Until then a generation stays in the buffer, where later rewrites of
+    /// its pages make their upload unnecessary.
+    async fn checkpoint_due(&self) -> Result<()> {
+        let _turn = self.work.checkpointing.lock().await;
+        let wal = self.wal()?;
+        let settings = &self.store.settings;
+        let aged =
+            self.work.last_checkpoint.lock().expect("lock").elapsed() >= settings.checkpoint_age;
+        let rotated = if aged {
+            wal.rotate()?
+        } else {
+            wal.rotate_at(settings.checkpoint_bytes)?
+        };
+        if aged || rotated.is_some() {
+            *self.work.last_checkpoint.lock().expect("lock") = Instant::now();
+        }
+        for g in wal.frozen_ids() {
+            self.check_open("checkpoint")?;
+            let (_, total) = wal.sizes();
+            let old = wal.age(g).is_some_and(|a| a >= settings.checkpoint_age);
+            if !old && total <= settings.max_buffered_bytes / 2 {
+                break;
+            }
+            self.checkpoint_generation(g, Mode::Background).await?;
             self.life.progress.notify_waiters();
         }
         Ok(())
@@ -104,32 +145,35 @@ impl Inner {
         m
     }
 
-    pub(super) async fn checkpoint_generation(&self, g: u64) -> Result<()> {
+    /// Checkpoint frozen generation `g`: its pages into segments, then a manifest naming them
+    /// and `g` as the newest generation they contain; then `g` is deleted.
+    pub(super) async fn checkpoint_generation(&self, g: u64, mode: Mode) -> Result<()> {
         let wal = self.wal()?;
-        let Some((file, pages)) = wal.frozen(g) else {
+        let frozen = match mode {
+            Mode::Complete => wal.frozen(g),
+            Mode::Background => {
+                // Commit what later generations hold, so that replay keeps it: a page they
+                // rewrote need not be uploaded from this one.
+                wal.commit()?;
+                wal.frozen_live(g)
+            }
+        };
+        let Some((file, pages)) = frozen else {
             return Ok(());
         };
+        if pages.is_empty() && mode == Mode::Background {
+            // Every page has a newer version that replay keeps whenever it would keep this
+            // one: nothing to upload or publish.
+            wal.retire(g)?;
+            self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(image = %self.name, generation = g, "checkpoint done: all rewritten since");
+            return Ok(());
+        }
         let mut sink = SegmentSink::new(self, format!("segments/{g:016x}-{}", self.writer));
         if pages.len() as u64 * self.page_size as u64 > self.store.settings.segment_bytes {
             sink = sink.leased();
         }
-        let mut buf = vec![0u8; self.page_size];
-        for (page, loc) in &pages {
-            match loc {
-                Loc::Data(off) => {
-                    file.read_exact_at(&mut buf, *off).map_err(|e| {
-                        Error::with_source(
-                            ErrorKind::Io,
-                            format!("read write buffer of image {}", self.name),
-                            e,
-                        )
-                    })?;
-                    sink.page(*page, &buf);
-                }
-                Loc::Zero => sink.tombstone(*page),
-            }
-            sink.cut(false).await?;
-        }
+        self.copy_generation(&file, &pages, &mut sink).await?;
         let made = sink.finish().await?;
         failpoint("checkpoint-after-segments");
         let publishing = self.work.publishing.lock().await;
@@ -144,7 +188,7 @@ impl Inner {
         {
             let mut base = self.base.write().expect("lock");
             for (r, entries) in made {
-                let id = base.add_segment(seg_info(&self.name, &r, self.page_bits), entries);
+                let id = base.add_segment(self.seg_info(&r), entries);
                 base.order.push(id);
             }
             base.manifest = next;
@@ -156,11 +200,58 @@ impl Inner {
         Ok(())
     }
 
+    /// Feed a generation's pages (`pages`, in page order, from `file`) to `sink`, reading
+    /// consecutive places of the file together.
+    async fn copy_generation(
+        &self,
+        file: &Arc<File>,
+        pages: &[(u64, Loc)],
+        sink: &mut SegmentSink<'_>,
+    ) -> Result<()> {
+        let ps = self.page_size;
+        let mut buf = vec![0u8; WAL_READ];
+        let mut i = 0;
+        while i < pages.len() {
+            let Loc::Data(off) = pages[i].1 else {
+                sink.tombstone(pages[i].0)?;
+                sink.cut(false).await?;
+                i += 1;
+                continue;
+            };
+            let mut n = 1;
+            while i + n < pages.len()
+                && (n + 1) * ps <= WAL_READ
+                && pages[i + n].1 == Loc::Data(off + (n * ps) as u64)
+            {
+                n += 1;
+            }
+            fileio::read_exact_at(file, &mut buf[..n * ps], off)
+                .await
+                .map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Io,
+                        format!("read write buffer of image {}", self.name),
+                        e,
+                    )
+                })?;
+            for (k, (page, _)) in pages[i..i + n].iter().enumerate() {
+                sink.page(*page, &buf[k * ps..(k + 1) * ps])?;
+                sink.cut(false).await?;
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
     pub(super) async fn wait_for_room(&self) -> Result<()> {
         loop {
             self.check_fenced("write to")?;
-            let (active, total) = self.wal()?.sizes();
+            let wal = self.wal()?;
+            let (active, total) = wal.sizes();
             if active >= self.store.settings.checkpoint_bytes {
+                // A generation is frozen as soon as it is full, whatever the checkpointer is
+                // busy with: by the time it gets there, pages rewritten since need no upload.
+                wal.rotate_at(self.store.settings.checkpoint_bytes)?;
                 self.life.kick.notify_one();
             }
             if total <= self.store.settings.max_buffered_bytes {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use strata_bdev::Result;
 
 use super::sink::SegmentSink;
-use super::{seg_info, Inner, SegInfo, SegLoc};
+use super::{Inner, SegInfo, SegLoc};
 use crate::failpoint::failpoint;
 use crate::format::{Entry, TOMBSTONE};
 
@@ -34,7 +34,7 @@ impl Inner {
     /// Start a compaction in its own task when segments pile up, so that checkpoints (and
     /// the writes waiting for them) go on meanwhile.
     pub(super) fn maybe_compact_in_background(self: &Arc<Inner>) {
-        if !self.too_many_segments() || self.fenced().is_some() {
+        if !self.too_many_segments() || self.give_up() {
             return;
         }
         let mut task = self.work.compaction.lock().expect("lock");
@@ -49,10 +49,11 @@ impl Inner {
         }));
     }
 
-    pub(super) fn stop_compaction(&self) {
-        if let Some(t) = self.work.compaction.lock().expect("lock").take() {
-            t.abort();
-        }
+    /// Cancel the background compaction, if one runs; its task, to wait for.
+    pub(super) fn stop_compaction(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let t = self.work.compaction.lock().expect("lock").take()?;
+        t.abort();
+        Some(t)
     }
 
     /// Merge the oldest segments into as few as the data needs, dropping overwritten pages and
@@ -93,10 +94,12 @@ impl Inner {
         // ranged GETs per victim and batch, and no byte of a victim is fetched twice.
         let batch = (self.store.settings.segment_bytes / self.page_size as u64).max(1) as usize;
         for chunk in live.chunks(batch) {
+            self.check_open("compact")?;
             self.copy_pages(&mut sink, chunk).await?;
         }
         let made = sink.finish().await?;
         failpoint("compaction-after-segments");
+        self.check_open("compact")?;
         // Checkpoints may have published meanwhile: they only append, so the victims are
         // still the oldest segments, and pages they rewrote stay theirs.
         let _publishing = self.work.publishing.lock().await;
@@ -129,7 +132,7 @@ impl Inner {
             base.map.retain(|_, l| !victims.contains(&l.seg));
             let mut order = Vec::new();
             for ((r, _), entries) in made.into_iter().zip(entries) {
-                order.push(base.add_segment(seg_info(&self.name, &r, self.page_bits), entries));
+                order.push(base.add_segment(self.seg_info(&r), entries));
             }
             for v in &victims {
                 base.segs.remove(v);
@@ -166,10 +169,10 @@ impl Inner {
         let mut fetched = self.fetch_pages(&data).await?.into_iter();
         for (page, l, _) in chunk {
             if l.slot == TOMBSTONE {
-                sink.tombstone(*page);
+                sink.tombstone(*page)?;
             } else {
                 let d = fetched.next().expect("one fetched page per data page");
-                sink.page(*page, &d);
+                sink.page(*page, &d)?;
             }
         }
         sink.cut(false).await
@@ -203,7 +206,7 @@ impl Inner {
                 let last = live[idx[k + n - 1]].1.slot;
                 let base = u64::from(first) * ps;
                 let bytes = self
-                    .get_range(&info.key, base..(u64::from(last) + 1) * ps)
+                    .segment_range(info, base..(u64::from(last) + 1) * ps)
                     .await?;
                 for &i in &idx[k..k + n] {
                     let (page, l, _) = &live[i];

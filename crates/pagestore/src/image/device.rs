@@ -8,6 +8,8 @@ use strata_bdev::{
     check_io, BlockDevice, Capabilities, Extent, Geometry, Result, WriteOpts, ZeroOpts,
 };
 
+use super::checkpoint::Mode;
+use super::merge::Fill;
 use super::read::Src;
 use super::{Image, ImageStats};
 
@@ -51,18 +53,25 @@ impl Image {
     /// Checkpoint now: everything written so far goes to the object store.
     pub async fn checkpoint(&self) -> Result<()> {
         self.inner.check_fenced("checkpoint")?;
-        self.inner.checkpoint().await?;
+        self.inner.checkpoint(Mode::Complete).await?;
         self.inner.compact_now().await
     }
 
     /// Stop the checkpoint task and release the write buffer (what is buffered stays there for
-    /// the next open). Dropping does the same without waiting.
+    /// the next open). A checkpoint or compaction under way stops at its next step, and one
+    /// request it has sent to the object store is waited for, so nothing of this image lands
+    /// in the store once this returns. Dropping the image stops its tasks without waiting.
     pub async fn close(mut self) {
         self.inner.life.closed.store(true, Ordering::Release);
-        self.task.abort();
-        self.inner.stop_compaction();
+        self.inner.life.kick.notify_one();
+        self.inner.life.progress.notify_waiters();
         let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
         let _ = task.await;
+        // The checkpointer is gone, so no compaction starts after this one ends.
+        let compaction = self.inner.work.compaction.lock().expect("lock").take();
+        if let Some(compaction) = compaction {
+            let _ = compaction.await;
+        }
     }
 
     /// Why the image stopped writing, if it did.
@@ -97,13 +106,21 @@ impl BlockDevice for Image {
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
         check_io(self.geometry(), "read", offset, len as u64)?;
-        let (first, count) = self.inner.first_and_count(offset, len as u64);
-        let srcs = self.sources(first, count);
-        Ok(self
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        // The whole pages the range touches; a range within pages is cut out of them.
+        let ps = self.inner.page_size as u64;
+        let first = offset / ps;
+        let end = (offset + len as u64).div_ceil(ps);
+        let srcs = self.sources(first, end - first);
+        let pages = self
             .inner
-            .read_sources(first, &srcs, offset, len)
+            .read_sources(first, &srcs, first * ps, ((end - first) * ps) as usize)
             .await?
-            .freeze())
+            .freeze();
+        let at = (offset - first * ps) as usize;
+        Ok(pages.slice(at..at + len))
     }
 
     async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
@@ -113,9 +130,16 @@ impl BlockDevice for Image {
         }
         self.inner.wait_for_room().await?;
         let _writing = self.inner.txn.writers.read().await;
-        let (first, count) = self.inner.first_and_count(offset, data.len() as u64);
-        self.inner
-            .apply(first, count, |wal| wal.write(first, &data))?;
+        let len = data.len() as u64;
+        if self.inner.page_aligned(offset, len) {
+            let (first, count) = self.inner.first_and_count(offset, len);
+            self.inner
+                .apply(first, count, |wal| wal.write(first, &data).map(|()| true))?;
+        } else {
+            self.inner
+                .write_unaligned(offset, len, Fill::Data(&data))
+                .await?;
+        }
         if opts.fua {
             self.flush().await?;
         }
@@ -149,10 +173,16 @@ impl BlockDevice for Image {
             return Ok(());
         }
         self.inner.wait_for_room().await?;
-        let (first, count) = self.inner.first_and_count(offset, len);
         let _writing = self.inner.txn.writers.read().await;
-        self.inner
-            .apply(first, count, |wal| wal.zero(first, count))?;
+        if self.inner.page_aligned(offset, len) {
+            let (first, count) = self.inner.first_and_count(offset, len);
+            self.inner
+                .apply(first, count, |wal| wal.zero(first, count).map(|()| true))?;
+        } else {
+            self.inner
+                .write_unaligned(offset, len, Fill::Zeroes)
+                .await?;
+        }
         if opts.fua {
             self.flush().await?;
         }
@@ -161,18 +191,23 @@ impl BlockDevice for Image {
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_io(self.geometry(), "query block status", offset, len)?;
-        let (first, count) = self.inner.first_and_count(offset, len);
         let ps = self.inner.page_size as u64;
-        let srcs = self.sources(first, count.min(1 << 20));
+        let end = offset + len;
+        let first = offset / ps;
+        let count = (end.div_ceil(ps) - first).min(1 << 20);
+        let srcs = self.sources(first, count);
         let mut out: Vec<Extent> = Vec::new();
-        for s in &srcs {
+        for (i, s) in srcs.iter().enumerate() {
+            let p = first + i as u64;
+            // The part of the page within the range asked about.
+            let n = end.min((p + 1) * ps) - offset.max(p * ps);
             let hole = matches!(s, Src::Zero);
             match out.last_mut() {
-                Some(e) if e.hole == hole => e.len += ps,
+                Some(e) if e.hole == hole => e.len += n,
                 _ => out.push(if hole {
-                    Extent::hole(ps)
+                    Extent::hole(n)
                 } else {
-                    Extent::data(ps)
+                    Extent::data(n)
                 }),
             }
             if out.len() >= 1024 {

@@ -28,12 +28,15 @@ use tokio::sync::Notify;
 
 use crate::cache::{BlockKey, Cache, DiskCache};
 use crate::format::{Entry, Manifest, SegmentRef};
+use crate::objects::Objects;
+use crate::pagemap::PageMap;
 use crate::wal::Wal;
 
 mod admin;
 mod checkpoint;
 mod compaction;
 mod device;
+mod merge;
 mod open;
 mod read;
 mod sink;
@@ -55,6 +58,25 @@ struct SegLoc {
 struct SegInfo {
     key: String,
     data_len: u64,
+    /// Its file, when the store is a local directory: read with positioned reads.
+    local: Option<LocalSegment>,
+}
+
+/// A segment's file in a directory store, opened at its first read.
+#[derive(Debug)]
+struct LocalSegment {
+    path: std::path::PathBuf,
+    file: std::sync::OnceLock<Arc<std::fs::File>>,
+}
+
+impl LocalSegment {
+    fn file(&self) -> std::io::Result<&Arc<std::fs::File>> {
+        if let Some(f) = self.file.get() {
+            return Ok(f);
+        }
+        let f = Arc::new(std::fs::File::open(&self.path)?);
+        Ok(self.file.get_or_init(|| f))
+    }
 }
 
 #[derive(Debug)]
@@ -64,7 +86,7 @@ struct Base {
     order: Vec<u32>,
     segs: HashMap<u32, Arc<SegInfo>>,
     next_seg: u32,
-    map: HashMap<u64, SegLoc>,
+    map: PageMap<SegLoc>,
 }
 
 impl Base {
@@ -85,9 +107,14 @@ impl Base {
     }
 }
 
-fn seg_info(image: &str, r: &SegmentRef, page_bits: u32) -> Arc<SegInfo> {
+fn seg_info(objects: &dyn Objects, image: &str, r: &SegmentRef, page_bits: u32) -> Arc<SegInfo> {
+    let key = format!("images/{image}/{}", r.key);
     Arc::new(SegInfo {
-        key: format!("images/{image}/{}", r.key),
+        local: objects.local_path(&key).map(|path| LocalSegment {
+            path,
+            file: std::sync::OnceLock::new(),
+        }),
+        key,
         data_len: r.pages << page_bits,
     })
 }
@@ -103,7 +130,12 @@ pub struct ImageStats {
     pub disk_cache_hits: AtomicU64,
     /// Pages fetched from the object store.
     pub cache_misses: AtomicU64,
+    /// Pages read straight from segment files (a directory store).
+    pub local_pages: AtomicU64,
 }
+
+/// The logical block size images show clients.
+const LOGICAL_BLOCK: u32 = 512;
 
 /// The state of an open image, shared by its device, its background tasks and its
 /// transactions; each group below belongs to the part of the code named beside it.
@@ -199,7 +231,7 @@ impl Drop for Image {
         self.inner.life.closed.store(true, Ordering::Release);
         self.inner.life.progress.notify_waiters();
         self.task.abort();
-        self.inner.stop_compaction();
+        let _ = self.inner.stop_compaction();
     }
 }
 
@@ -225,8 +257,10 @@ impl Inner {
     fn geometry(&self) -> Geometry {
         Geometry {
             size: self.size(),
-            block_size: self.page_size as u32,
-            optimal_io_size: self.page_size.max(64 * 1024) as u32,
+            // 512-byte logical blocks (what a 512e disk shows): writes of part of a page
+            // merge into it (`merge.rs`); whole pages are what the image prefers.
+            block_size: LOGICAL_BLOCK.min(self.page_size as u32),
+            optimal_io_size: self.page_size as u32,
         }
     }
 
@@ -244,8 +278,30 @@ impl Inner {
         }
     }
 
+    /// An error once the image is closing: long work stops at its next step.
+    fn check_open(&self, what: &str) -> Result<()> {
+        if self.life.closed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Shutdown,
+                format!("{what} image {}: it is closing", self.name),
+            ));
+        }
+        Ok(())
+    }
+
     fn give_up(&self) -> bool {
         self.life.closed.load(Ordering::Acquire) || self.fenced().is_some()
+    }
+
+    /// The segment `r` of this image.
+    fn seg_info(&self, r: &SegmentRef) -> Arc<SegInfo> {
+        seg_info(&*self.store.objects, &self.name, r, self.page_bits)
+    }
+
+    /// Whether a byte range covers whole pages.
+    fn page_aligned(&self, offset: u64, len: u64) -> bool {
+        let ps = self.page_size as u64;
+        offset.is_multiple_of(ps) && len.is_multiple_of(ps)
     }
 
     fn first_and_count(&self, offset: u64, len: u64) -> (u64, u64) {

@@ -19,6 +19,7 @@ use crate::layout::{
     read_manifest, read_snapshot,
 };
 use crate::objects::Objects;
+use crate::pagemap::PageMap;
 use crate::settings::Settings;
 use crate::wal::Wal;
 
@@ -38,7 +39,7 @@ async fn load_base(objects: &dyn Objects, manifest: Manifest) -> Result<Base> {
         order: Vec::new(),
         segs: HashMap::new(),
         next_seg: 0,
-        map: HashMap::new(),
+        map: PageMap::default(),
         manifest,
     };
     let levels: Vec<&Manifest> = chain.iter().rev().chain([&base.manifest]).collect();
@@ -81,7 +82,7 @@ async fn load_base(objects: &dyn Objects, manifest: Manifest) -> Result<Base> {
                 .collect();
             added.push((
                 level == own,
-                seg_info(&m.image, s, m.page_size_bits),
+                seg_info(objects, &m.image, s, m.page_size_bits),
                 entries,
             ));
         }

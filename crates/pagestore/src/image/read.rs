@@ -1,7 +1,6 @@
 //! The read path: each page from the write buffer, a segment (through the cache), or zeroes.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -11,6 +10,7 @@ use strata_bdev::{Error, ErrorKind, Result};
 
 use super::{Inner, SegInfo, SegLoc};
 use crate::cache::BlockKey;
+use crate::fileio;
 use crate::format::TOMBSTONE;
 use crate::layout::obj_err;
 use crate::objects::retry;
@@ -132,6 +132,63 @@ impl Inner {
                 self.name
             ),
         )
+    }
+
+    /// Pages at consecutive slots of a segment in a directory store, read from its file into
+    /// `out` and each checked against its checksum (`pages`: page number and checksum).
+    async fn read_local_run(
+        &self,
+        info: &SegInfo,
+        first_slot: u32,
+        pages: &[(u64, u32)],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let ps = self.page_size;
+        self.read_local(info, u64::from(first_slot) * ps as u64, out)
+            .await?;
+        for (k, (page, crc)) in pages.iter().enumerate() {
+            if crc32c::crc32c(&out[k * ps..(k + 1) * ps]) != *crc {
+                return Err(self.corrupt(*page, &info.key));
+            }
+        }
+        self.stats
+            .local_pages
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Read `out.len()` bytes at `at` of a segment in a directory store.
+    pub(super) async fn read_local(&self, info: &SegInfo, at: u64, out: &mut [u8]) -> Result<()> {
+        let local = info.local.as_ref().expect("a segment in a directory store");
+        let read = match local.file() {
+            Ok(f) => fileio::read_exact_at(f, out, at).await,
+            Err(e) => Err(e),
+        };
+        read.map_err(|e| {
+            Error::with_source(
+                ErrorKind::Io,
+                format!(
+                    "read image {}: segment file {}",
+                    self.name,
+                    local.path.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Bytes `range` of a segment: from its file in a directory store, else a ranged GET.
+    pub(super) async fn segment_range(
+        &self,
+        info: &SegInfo,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        if info.local.is_none() {
+            return self.get_range(&info.key, range).await;
+        }
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.read_local(info, range.start, &mut buf).await?;
+        Ok(Bytes::from(buf))
     }
 
     /// Pages at consecutive slots of segment `seg`, through the cache, each checked against
@@ -413,7 +470,8 @@ impl Inner {
                         }
                         n += 1;
                     }
-                    f.read_exact_at(&mut out[i * ps..(i + n) * ps], *off)
+                    fileio::read_exact_at(f, &mut out[i * ps..(i + n) * ps], *off)
+                        .await
                         .map_err(|e| {
                             Error::with_source(
                                 ErrorKind::Io,
@@ -433,7 +491,12 @@ impl Inner {
                         run.push((first + (i + run.len()) as u64, l2.crc));
                     }
                     let n = run.len();
-                    runs.push((i, *l, info.clone(), run));
+                    if info.local.is_some() {
+                        let at = &mut out[i * ps..(i + n) * ps];
+                        inner.read_local_run(info, l.slot, &run, at).await?;
+                    } else {
+                        runs.push((i, *l, info.clone(), run));
+                    }
                     i += n;
                 }
             }

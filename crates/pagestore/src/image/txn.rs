@@ -81,15 +81,15 @@ impl Versions {
 }
 
 impl Inner {
-    /// Apply a change of pages `first..first + count` (`f` appends it to the write buffer),
-    /// keeping their previous versions for open transactions. Callers hold `writers` shared
-    /// (or alone), so no transaction begins meanwhile.
+    /// Apply a change of pages `first..first + count` (`f` appends it to the write buffer and
+    /// says whether it did), keeping their previous versions for open transactions. Callers
+    /// hold `writers` shared (or alone), so no transaction begins meanwhile.
     pub(super) fn apply(
         &self,
         first: u64,
         count: u64,
-        f: impl FnOnce(&Wal) -> Result<()>,
-    ) -> Result<()> {
+        f: impl FnOnce(&Wal) -> Result<bool>,
+    ) -> Result<bool> {
         let wal = self.wal()?;
         if self.txn.open.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return f(wal);
@@ -99,12 +99,14 @@ impl Inner {
             return f(wal);
         }
         let prior = self.sources(first, count);
-        f(wal)?;
+        if !f(wal)? {
+            return Ok(false);
+        }
         v.seq += 1;
         for (i, src) in prior.into_iter().enumerate() {
             v.record(first + i as u64, src);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn end_txn(&self, id: u64) {

@@ -816,6 +816,12 @@ pub fn fio_randwrite_verify_crc32c_qd32(uri: &str) {
 /// verification; `mode` is `--do_verify=1` (write, then verify) or `--verify_only`. Fails on
 /// any fio error; returns fio's terse (v3) fields.
 pub fn fio_verify_job(uri: &str, mode: &str) -> Vec<String> {
+    fio_verify(uri, mode, "4k", "64M")
+}
+
+/// fio's nbd engine: random writes of `bs` bytes over `size` at queue depth 32 with crc32c
+/// verification, as [`fio_verify_job`].
+pub fn fio_verify(uri: &str, mode: &str, bs: &str, size: &str) -> Vec<String> {
     let out = run(
         "fio",
         &[
@@ -823,9 +829,9 @@ pub fn fio_verify_job(uri: &str, mode: &str) -> Vec<String> {
             "--ioengine=nbd",
             &format!("--uri={uri}"),
             "--rw=randwrite",
-            "--bs=4k",
+            &format!("--bs={bs}"),
             "--iodepth=32",
-            "--size=64M",
+            &format!("--size={size}"),
             "--verify=crc32c",
             "--verify_fatal=1",
             mode,
@@ -851,6 +857,18 @@ pub fn fio_verify_job(uri: &str, mode: &str) -> Vec<String> {
 /// then mkfs, mount, write files, umount, e2fsck, mount again and read them back. Mount
 /// points go in `scratch`. Needs root.
 pub fn ext4_through_nbdfuse_and_a_loop_device(scratch: &Path, uri: &str) {
+    ext4_through_nbdfuse(scratch, uri, false);
+}
+
+/// [`ext4_through_nbdfuse_and_a_loop_device`] with the loop device in direct-I/O mode
+/// (`losetup --direct-io=on`, checked in sysfs): the loop device passes the file system's
+/// 512-byte-aligned requests on as they are, uncached, so the export sees requests smaller
+/// than a page.
+pub fn ext4_through_nbdfuse_and_a_direct_io_loop_device(scratch: &Path, uri: &str) {
+    ext4_through_nbdfuse(scratch, uri, true);
+}
+
+fn ext4_through_nbdfuse(scratch: &Path, uri: &str, direct_io: bool) {
     let mnt_fuse = scratch.join("fuse");
     let mnt_fs = scratch.join("fs");
     std::fs::create_dir_all(&mnt_fuse).expect("create the FUSE mount point");
@@ -894,13 +912,19 @@ pub fn ext4_through_nbdfuse_and_a_loop_device(scratch: &Path, uri: &str) {
         fuse: &fuse,
         loopdev: None,
     };
-    let loopdev = run(
-        "losetup",
-        &["--find", "--show", image.to_str().expect("UTF-8 path")],
-    )
-    .trim()
-    .to_string();
+    let mut losetup = vec!["--find", "--show"];
+    if direct_io {
+        losetup.extend(["--direct-io=on", "--sector-size=512"]);
+    }
+    losetup.push(image.to_str().expect("UTF-8 path"));
+    let loopdev = run("losetup", &losetup).trim().to_string();
     cleanup.loopdev = Some(loopdev.clone());
+    if direct_io {
+        let name = loopdev.trim_start_matches("/dev/");
+        let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+            .expect("read the loop device's direct-I/O flag");
+        assert_eq!(dio.trim(), "1", "{loopdev} uses direct I/O");
+    }
     run("mkfs.ext4", &["-q", "-F", &loopdev]);
     run("mount", &[&loopdev, &fs]);
     let mut files = Vec::new();
