@@ -617,43 +617,6 @@ fn start_engine(file: &Arc<File>, path: &Path, choice: IoEngine) -> Result<Engin
     }
 }
 
-/// Describe `[offset, offset + len)` from `SEEK_DATA`/`SEEK_HOLE`, with boundaries rounded to
-/// `block` (holes shrink to whole blocks; a partly allocated block counts as data), in at most
-/// [`MAX_EXTENTS`] extents.
-fn extents(file: &File, offset: u64, len: u64, block: u64) -> io::Result<Vec<Extent>> {
-    let end = offset + len;
-    // ENXIO: no data at or after the offset (SEEK_DATA), or the offset is at the end.
-    let seek = |pos: u64, whence| match sys::lseek(file, pos, whence) {
-        Ok(to) => Ok(to.min(end)),
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(end),
-        Err(e) => Err(e),
-    };
-    let mut out: Vec<Extent> = Vec::new();
-    let mut push = |e: Extent| match out.last_mut() {
-        Some(last) if last.hole == e.hole => last.len += e.len,
-        _ => out.push(e),
-    };
-    let mut count = 0;
-    let mut pos = offset;
-    while pos < end && count < MAX_EXTENTS {
-        count += 1;
-        let data = seek(pos, libc::SEEK_DATA)?.max(pos);
-        let hole_end = data / block * block;
-        if hole_end > pos {
-            push(Extent::hole(hole_end - pos));
-            pos = hole_end;
-            continue;
-        }
-        // Data starts within this block. `max` keeps going forward should the file change
-        // between the two calls.
-        let hole = seek(data, libc::SEEK_HOLE)?.max(data + 1);
-        let data_end = hole.next_multiple_of(block).min(end);
-        push(Extent::data(data_end - pos));
-        pos = data_end;
-    }
-    Ok(out)
-}
-
 #[async_trait]
 impl BlockDevice for FileDevice {
     fn geometry(&self) -> Geometry {
@@ -870,7 +833,7 @@ impl BlockDevice for FileDevice {
         }
         let file = self.file.clone();
         let block = u64::from(self.geometry.block_size.max(1));
-        threads::blocking(move || extents(&file, offset, len, block))
+        threads::blocking(move || sys::extents(&file, offset, len, block, MAX_EXTENTS))
             .await
             .map_err(|e| {
                 Error::io(

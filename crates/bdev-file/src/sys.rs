@@ -4,7 +4,9 @@
 
 use std::fs::File;
 use std::io;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use strata_bdev::Extent;
 
 /// Retry a libc call that returns -1 and sets errno while it fails with `EINTR`.
 fn retry(mut f: impl FnMut() -> libc::c_long) -> io::Result<libc::c_long> {
@@ -231,4 +233,47 @@ pub(crate) fn eventfd_signal(fd: RawFd) -> io::Result<()> {
     let one: u64 = 1;
     // SAFETY: write reads 8 bytes from `one`, which lives across the call.
     retry(|| unsafe { libc::write(fd, (&one as *const u64).cast(), 8) } as libc::c_long).map(drop)
+}
+
+/// Describe `[offset, offset + len)` from `SEEK_DATA`/`SEEK_HOLE`, with boundaries rounded to
+/// `block` (holes shrink to whole blocks; a partly allocated block counts as data), in at most
+/// `max` extents.
+pub fn extents(
+    file: &File,
+    offset: u64,
+    len: u64,
+    block: u64,
+    max: usize,
+) -> io::Result<Vec<Extent>> {
+    let end = offset + len;
+    // ENXIO: no data at or after the offset (SEEK_DATA), or the offset is at the end.
+    let seek = |pos: u64, whence| match lseek(file, pos, whence) {
+        Ok(to) => Ok(to.min(end)),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(end),
+        Err(e) => Err(e),
+    };
+    let mut out: Vec<Extent> = Vec::new();
+    let mut push = |e: Extent| match out.last_mut() {
+        Some(last) if last.hole == e.hole => last.len += e.len,
+        _ => out.push(e),
+    };
+    let mut count = 0;
+    let mut pos = offset;
+    while pos < end && count < max {
+        count += 1;
+        let data = seek(pos, libc::SEEK_DATA)?.max(pos);
+        let hole_end = data / block * block;
+        if hole_end > pos {
+            push(Extent::hole(hole_end - pos));
+            pos = hole_end;
+            continue;
+        }
+        // Data starts within this block. `max` keeps going forward should the file change
+        // between the two calls.
+        let hole = seek(data, libc::SEEK_HOLE)?.max(data + 1);
+        let data_end = hole.next_multiple_of(block).min(end);
+        push(Extent::data(data_end - pos));
+        pos = data_end;
+    }
+    Ok(out)
 }

@@ -235,28 +235,7 @@ impl Node {
                 )))
             }
             None => {
-                match staged.fs_type.as_str() {
-                    "xfs" => {
-                        run(
-                            "mkfs.xfs",
-                            &["-q".as_ref(), "-K".as_ref(), device.as_os_str()],
-                        )
-                        .await?
-                    }
-                    _ => {
-                        run(
-                            "mkfs.ext4",
-                            &[
-                                "-q".as_ref(),
-                                "-F".as_ref(),
-                                "-E".as_ref(),
-                                "nodiscard".as_ref(),
-                                device.as_os_str(),
-                            ],
-                        )
-                        .await?
-                    }
-                };
+                make_fs(&staged.fs_type, &device).await?;
                 info!(volume = %r.volume_id, fs = %staged.fs_type, "file system made");
             }
         }
@@ -287,18 +266,7 @@ impl Node {
                 .map(|m| m.volume_mount_group.clone())
                 .filter(|g| !g.is_empty())
             {
-                let gid: u32 = group.parse().map_err(|_| {
-                    Status::invalid_argument(format!("volume_mount_group {group:?} is not a GID"))
-                })?;
-                std::os::unix::fs::chown(&staging, None, Some(gid))
-                    .map_err(|e| internal("set the volume's group", e))?;
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(&staging)
-                    .map_err(|e| internal("stat the staging path", e))?
-                    .permissions()
-                    .mode();
-                std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode | 0o2070))
-                    .map_err(|e| internal("give the volume's group access", e))?;
+                give_group(&staging, &group)?;
             }
         }
         info!(volume = %r.volume_id, staging = %staging.display(), device = %device.display(), "staged");
@@ -668,4 +636,42 @@ impl csi::node_server::Node for Node {
             }),
         }))
     }
+}
+
+/// Make a file system of `fs_type` (xfs, else ext4) on `device`.
+async fn make_fs(fs_type: &str, device: &Path) -> Result<(), Status> {
+    let dev = device.as_os_str();
+    match fs_type {
+        "xfs" => run("mkfs.xfs", &["-q".as_ref(), "-K".as_ref(), dev]).await?,
+        _ => {
+            run(
+                "mkfs.ext4",
+                &[
+                    "-q".as_ref(),
+                    "-F".as_ref(),
+                    "-E".as_ref(),
+                    "nodiscard".as_ref(),
+                    dev,
+                ],
+            )
+            .await?
+        }
+    };
+    Ok(())
+}
+
+/// `volume_mount_group`: the staged file system's root belongs to that group, which may write.
+fn give_group(staging: &Path, group: &str) -> Result<(), Status> {
+    use std::os::unix::fs::PermissionsExt;
+    let gid: u32 = group.parse().map_err(|_| {
+        Status::invalid_argument(format!("volume_mount_group {group:?} is not a GID"))
+    })?;
+    std::os::unix::fs::chown(staging, None, Some(gid))
+        .map_err(|e| internal("set the volume's group", e))?;
+    let mode = std::fs::metadata(staging)
+        .map_err(|e| internal("stat the staging path", e))?
+        .permissions()
+        .mode();
+    std::fs::set_permissions(staging, std::fs::Permissions::from_mode(mode | 0o2070))
+        .map_err(|e| internal("give the volume's group access", e))
 }

@@ -16,6 +16,8 @@ use crate::daemon::Daemon;
 use crate::names::{self, Params};
 use crate::Locks;
 
+mod create;
+
 type Reply<T> = Result<Response<T>, Status>;
 
 /// The Controller and GroupController services.
@@ -30,7 +32,7 @@ pub struct Controller {
     pub(crate) publishing: tokio::sync::Mutex<()>,
 }
 
-fn required(field: &str, v: &str) -> Result<(), Status> {
+pub(crate) fn required(field: &str, v: &str) -> Result<(), Status> {
     if v.is_empty() {
         Err(Status::invalid_argument(format!("{field} is required")))
     } else {
@@ -81,7 +83,7 @@ pub(crate) fn condition(v: &pb::Volume) -> csi::VolumeCondition {
     csi::VolumeCondition { abnormal, message }
 }
 
-fn topology(node: &str) -> csi::Topology {
+pub(crate) fn topology(node: &str) -> csi::Topology {
     csi::Topology {
         segments: [(names::TOPOLOGY_NODE.to_string(), node.to_string())].into(),
     }
@@ -148,12 +150,12 @@ pub(crate) fn visible(s: &pb::Snapshot) -> bool {
 
 impl Controller {
     /// The daemon's node: the one node volumes are served from and published to today.
-    async fn node(&self) -> Result<String, Status> {
+    pub(crate) async fn node(&self) -> Result<String, Status> {
         Ok(self.daemon.info().await?.node_name)
     }
 
     /// A CSI volume by ID; NOT_FOUND for none (or one the driver did not create).
-    async fn csi_volume_by_id(&self, id: &str) -> Result<pb::Volume, Status> {
+    pub(crate) async fn csi_volume_by_id(&self, id: &str) -> Result<pb::Volume, Status> {
         match self.daemon.volume(id).await? {
             Some(v) if is_csi(&v) => Ok(v),
             _ => Err(Status::not_found(format!("no volume {id:?}"))),
@@ -194,7 +196,7 @@ impl Controller {
     }
 
     /// The snapshot a request's content source names, checked to exist.
-    async fn source_snapshot(&self, id: &str) -> Result<(String, pb::Snapshot), Status> {
+    pub(crate) async fn source_snapshot(&self, id: &str) -> Result<(String, pb::Snapshot), Status> {
         let not_found = || Status::not_found(format!("no snapshot {id:?}"));
         let (image, snap) = names::parse_snapshot_id(id).ok_or_else(not_found)?;
         let s = self
@@ -205,188 +207,6 @@ impl Controller {
             .find(|s| s.name == snap)
             .ok_or_else(not_found)?;
         Ok((image, s))
-    }
-
-    async fn create(&self, r: csi::CreateVolumeRequest) -> Result<csi::Volume, Status> {
-        required("name", &r.name)?;
-        names::check_capabilities(&r.volume_capabilities)?;
-        let params = Params::parse(&r.parameters, &r.mutable_parameters)?;
-        let mut size = names::size_for(r.capacity_range.as_ref())?;
-        let node = self.node().await?;
-        if let Some(req) = &r.accessibility_requirements {
-            let ours = topology(&node);
-            let listed = !req.requisite.is_empty() || !req.preferred.is_empty();
-            let reachable = req.requisite.iter().chain(&req.preferred).any(|t| {
-                t.segments
-                    .get(names::TOPOLOGY_NODE)
-                    .is_none_or(|n| ours.segments.get(names::TOPOLOGY_NODE) == Some(n))
-            });
-            if listed && !reachable {
-                return Err(Status::resource_exhausted(format!(
-                    "volumes are served from node {node}, which the accessibility requirements \
-                     exclude"
-                )));
-            }
-        }
-        let id = names::volume_id(&r.name);
-        let _lock = self.locks.lock(&id).await;
-        let source = r
-            .volume_content_source
-            .as_ref()
-            .and_then(|s| s.r#type.clone());
-        let source_label = match &source {
-            Some(csi::volume_content_source::Type::Snapshot(s)) => {
-                Some(format!("snapshot:{}", s.snapshot_id))
-            }
-            Some(csi::volume_content_source::Type::Volume(v)) => {
-                Some(format!("volume:{}", v.volume_id))
-            }
-            None => None,
-        };
-        if let Some(v) = self.daemon.volume(&id).await? {
-            let l = labels(&v);
-            if l.get(names::LABEL_NAME) != Some(&r.name) {
-                return Err(Status::already_exists(format!(
-                    "a volume {id:?} exists that is not the CSI volume {:?}",
-                    r.name
-                )));
-            }
-            if !names::fits(v.size, r.capacity_range.as_ref()) {
-                return Err(Status::already_exists(format!(
-                    "volume {:?} exists with {} bytes, outside the capacity range asked for",
-                    r.name, v.size
-                )));
-            }
-            if l.get(names::LABEL_SOURCE) != source_label.as_ref() {
-                return Err(Status::already_exists(format!(
-                    "volume {:?} exists with another content source",
-                    r.name
-                )));
-            }
-            return Ok(csi_volume(&v));
-        }
-        let protocol = pb::Protocol::from_str_name(&format!(
-            "PROTOCOL_{}",
-            params.protocol.to_ascii_uppercase()
-        ))
-        .ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "protocol {}: the Strata daemon's API does not know it",
-                params.protocol
-            ))
-        })?;
-        let mut labels: HashMap<String, String> =
-            [(names::LABEL_NAME.to_string(), r.name.clone())].into();
-        if let Some(s) = &source_label {
-            labels.insert(names::LABEL_SOURCE.into(), s.clone());
-        }
-        // From a snapshot or a volume: a clone of a page-store snapshot, in its store.
-        let clone_of = match &source {
-            Some(csi::volume_content_source::Type::Snapshot(s)) => {
-                let (image, snap) = self.source_snapshot(&s.snapshot_id).await?;
-                Some((image, snap, false))
-            }
-            Some(csi::volume_content_source::Type::Volume(src)) => {
-                let v = self.csi_volume_by_id(&src.volume_id).await?;
-                let image = image_of(&v).ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "volume {:?} is a replicated volume: clones are made of page-store \
-                         volumes (StorageClass parameter store)",
-                        src.volume_id
-                    ))
-                })?;
-                let name = format!("{}{id}", names::CLONE_SNAPSHOT_PREFIX);
-                let snap = match self
-                    .daemon
-                    .snapshots_of(&image)
-                    .await?
-                    .into_iter()
-                    .find(|s| s.name == name)
-                {
-                    Some(s) => s,
-                    None => self.daemon.create_snapshot(&image, &name).await?,
-                };
-                labels.insert(
-                    names::LABEL_CLONE_BASE.into(),
-                    names::snapshot_id(&image, &name),
-                );
-                Some((image, snap, true))
-            }
-            None => None,
-        };
-        if clone_of.is_some() && params.replicas > 1 {
-            return Err(Status::invalid_argument(
-                "a volume made from a snapshot or a volume is a page-store clone: replicas > 1 \
-                 does not apply",
-            ));
-        }
-        let (backing, grow_to) = match &clone_of {
-            Some((image, snap, _)) => {
-                if size < snap.size {
-                    if r.capacity_range
-                        .as_ref()
-                        .is_some_and(|c| c.required_bytes > 0)
-                    {
-                        return Err(Status::out_of_range(format!(
-                            "the source holds {} bytes, more than the {size} asked for",
-                            snap.size
-                        )));
-                    }
-                    size = snap.size;
-                }
-                let store = image.split_once('/').map_or("", |(s, _)| s).to_string();
-                let key = format!("{store}/{id}");
-                let exists = self
-                    .daemon
-                    .images_of(&store)
-                    .await?
-                    .iter()
-                    .any(|i| i.name == id);
-                if !exists {
-                    self.daemon
-                        .create_clone(&names::snapshot_id(image, &snap.name), &id)
-                        .await?;
-                }
-                (
-                    pb::volume_spec::Backing::Image(key),
-                    (size > snap.size).then_some(size),
-                )
-            }
-            None => match &params.store {
-                Some(store) => (
-                    pb::volume_spec::Backing::Image(format!("{store}/{id}")),
-                    None,
-                ),
-                None => (
-                    pb::volume_spec::Backing::Nexus(pb::NexusSpec {
-                        replica_count: params.replicas,
-                        preallocate: !params.thin,
-                        ..Default::default()
-                    }),
-                    None,
-                ),
-            },
-        };
-        let spec = pb::VolumeSpec {
-            name: id.clone(),
-            size: if grow_to.is_some() {
-                clone_of.as_ref().map_or(size, |(_, s, _)| s.size)
-            } else {
-                size
-            },
-            backing: Some(backing),
-            export: Some(true),
-            protocols: vec![protocol as i32],
-            description: format!("CSI volume {}", r.name),
-            labels,
-            ..Default::default()
-        };
-        let mut v = self.daemon.create_volume(spec).await?;
-        if let Some(size) = grow_to {
-            v = self.daemon.resize_volume(&id, size).await?;
-        }
-        info!(volume = %id, name = %r.name, size = v.size, kind = %v.kind, "volume created");
-        Ok(csi_volume(&v))
     }
 
     async fn delete(&self, id: &str) -> Result<(), Status> {
