@@ -37,6 +37,20 @@ pub struct SnapshotInfo {
     pub exclusive_bytes: u64,
 }
 
+impl SnapshotInfo {
+    /// A snapshot of image `key` as the store's catalog lists it.
+    fn listed(key: &ImageKey, s: strata_pagestore::versions::SnapshotInfo) -> SnapshotInfo {
+        SnapshotInfo {
+            image: key.clone(),
+            name: s.name,
+            version: s.version,
+            size: s.size,
+            created: s.created,
+            exclusive_bytes: s.exclusive_bytes,
+        }
+    }
+}
+
 /// The bytes in one of an image's pages.
 pub(super) fn page_bytes(image: &Image) -> u64 {
     u64::from(image.geometry().block_size)
@@ -301,14 +315,11 @@ impl Manager {
                     store: store.clone(),
                     image: image.clone(),
                 };
-                out.extend(cat.snapshots(image).into_iter().map(|s| SnapshotInfo {
-                    image: key.clone(),
-                    name: s.name,
-                    version: s.version,
-                    size: s.size,
-                    created: s.created,
-                    exclusive_bytes: s.exclusive_bytes,
-                }));
+                out.extend(
+                    cat.snapshots(image)
+                        .into_iter()
+                        .map(|s| SnapshotInfo::listed(&key, s)),
+                );
             }
         }
         Ok(out)
@@ -331,14 +342,7 @@ impl Manager {
         Ok(cat
             .snapshots(&key.image)
             .into_iter()
-            .map(|s| SnapshotInfo {
-                image: key.clone(),
-                name: s.name,
-                version: s.version,
-                size: s.size,
-                created: s.created,
-                exclusive_bytes: s.exclusive_bytes,
-            })
+            .map(|s| SnapshotInfo::listed(&key, s))
             .collect())
     }
 
