@@ -142,6 +142,31 @@ fn disk_with_serial(vm: &Vm, id: &str) -> String {
     format!("/dev/{dev}")
 }
 
+/// The guest's one virtio disk whose serial is none of `others` (qemu-storage-daemon's export
+/// answers GET_ID with a serial of its own choosing).
+fn disk_not_serial(vm: &Vm, others: &[&str]) -> String {
+    let test: Vec<String> = others
+        .iter()
+        .map(|o| format!("[ \"$(cat $d/serial)\" != \"{o}\" ]"))
+        .collect();
+    let out = vm
+        .check(
+            &format!(
+                "for d in /sys/block/vd*; do {} && basename $d; done; true",
+                test.join(" && ")
+            ),
+            SHORT,
+        )
+        .unwrap();
+    let disks: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        disks.len(),
+        1,
+        "virtio disks with serials other than {others:?}: {out:?}"
+    );
+    format!("/dev/{}", disks[0])
+}
+
 /// O_DIRECT pattern write and read-back at 4 MiB, then mkfs.ext4, mount, files, umount and
 /// `e2fsck -f` clean on `dev`; the files' checksums are left in `/tmp/NAME.md5`.
 fn pattern_and_filesystem(vm: &Vm, dev: &str, name: &str) {
@@ -290,7 +315,11 @@ fn the_kernels_nbd_nvme_tcp_and_virtio_blk_clients_use_strata_serve() {
 
     // vhost-user-blk: Strata's two disks (1 and 2 queues) and qemu-storage-daemon's.
     for (id, queues) in [("vu1", 1), ("vu2", 2), ("qsd", 2)] {
-        let dev = disk_with_serial(&vm, id);
+        let dev = if id == "qsd" {
+            disk_not_serial(&vm, &["vu1", "vu2"])
+        } else {
+            disk_with_serial(&vm, id)
+        };
         let size = vm
             .check(&format!("blockdev --getsize64 {dev}"), SHORT)
             .unwrap();
@@ -316,7 +345,11 @@ fn the_kernels_nbd_nvme_tcp_and_virtio_blk_clients_use_strata_serve() {
     // After a reboot the vhost-user disks' files are all there.
     let vm = Vm::boot(config()).expect("boot the guest again");
     for (id, md5) in &sums {
-        let dev = disk_with_serial(&vm, id);
+        let dev = if *id == "qsd" {
+            disk_not_serial(&vm, &["vu1", "vu2"])
+        } else {
+            disk_with_serial(&vm, id)
+        };
         vm.check(&format!("cat > /tmp/{id}.md5 <<'EOF'\n{md5}EOF"), SHORT)
             .unwrap();
         files_read_back(&vm, &dev, id);

@@ -40,7 +40,8 @@ impl User {
 
     /// `strata ARGS` run as this user, with `env`.
     fn strata(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut c = Command::new("runuser");
+        // The user's environment is cleared below, so runuser is named by its path.
+        let mut c = Command::new(runuser());
         c.args(["-u", &self.0, "--", strata_bin()]).args(args);
         c.env_clear().env("PATH", "/usr/bin:/bin").env("HOME", "/");
         for (k, v) in env {
@@ -56,6 +57,17 @@ impl User {
             .output()
             .unwrap()
     }
+}
+
+/// Where `runuser` is (util-linux puts it in sbin).
+fn runuser() -> std::path::PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| std::path::Path::new(d).join("runuser"))
+        .find(|p| p.is_file());
+    found.expect("runuser (util-linux) is needed to act as an unprivileged user")
 }
 
 impl Drop for User {

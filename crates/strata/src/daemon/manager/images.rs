@@ -53,7 +53,7 @@ impl SnapshotInfo {
 
 /// The bytes in one of an image's pages.
 pub(super) fn page_bytes(image: &Image) -> u64 {
-    u64::from(image.geometry().block_size)
+    u64::from(image.geometry().optimal_io_size)
 }
 
 /// Refuse a resize of `image` to `size` that discards data without `force`.

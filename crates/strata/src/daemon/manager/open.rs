@@ -138,6 +138,9 @@ impl Manager {
         n: &NexusDecl,
         size: Option<u64>,
     ) -> OpResult<Arc<Nexus>> {
+        for (i, r) in n.replicas.iter().enumerate() {
+            self.refuse_self(&format!("replicas[{i}]"), r).await?;
+        }
         let uris: Vec<String> = n
             .replicas
             .iter()
