@@ -426,7 +426,10 @@ pub(super) async fn run_txn(
                     .map(Success::Data)
                     .map_err(|e| Failure::from_device(e, false)),
                 cmd::WRITE if tombstone => {
-                    t.zero(offset, ctx.block_size).await.map_err(err)?;
+                    // The page is the export's preferred I/O size (an image's page).
+                    let page = ctx.export.device.geometry().optimal_io_size;
+                    let page = u64::from(page).max(ctx.block_size);
+                    t.zero(offset, page).await.map_err(err)?;
                     Ok(Success::Done)
                 }
                 cmd::WRITE => {
