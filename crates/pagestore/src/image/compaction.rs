@@ -1,7 +1,7 @@
 //! Compaction: merging the oldest segments into as few as their live pages need, in its own
 //! task, so that checkpoints (and the writes waiting on them) go on meanwhile.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -16,17 +16,23 @@ use crate::format::{Entry, TOMBSTONE};
 /// Compaction fetches dead pages between live ones rather than split a GET at gaps shorter
 /// than this (pages): fewer requests for at most this many pages of waste per live page.
 const COMPACTION_GAP: u32 = 64;
+/// A compaction round merges at least this many of the oldest segments (more only when
+/// merging these would not save a segment).
+const MERGE_FAN_IN: usize = 16;
 
 impl Inner {
     pub(super) fn too_many_segments(&self) -> bool {
         self.base.read().expect("lock").order.len() > self.store.settings.max_segments
     }
 
-    /// Compact, unless a compaction is running already.
+    /// Compact, unless a compaction is running already: rounds of bounded merges until the
+    /// segments are few enough again, or merging would no longer save any.
     pub(super) async fn compact_now(&self) -> Result<()> {
         let _turn = self.work.compacting.lock().await;
-        if self.too_many_segments() {
-            self.compact().await?;
+        while self.too_many_segments() {
+            if !self.compact().await? {
+                break;
+            }
         }
         Ok(())
     }
@@ -58,17 +64,44 @@ impl Inner {
 
     /// Merge the oldest segments into as few as the data needs, dropping overwritten pages and
     /// tombstones that hide nothing (a clone keeps its tombstones: they hide its base), then
-    /// publish the shorter list.
-    pub(super) async fn compact(&self) -> Result<()> {
+    /// publish the shorter list. `false` if no merge would leave fewer segments than it reads.
+    ///
+    /// One round merges the shortest prefix of at least [`MERGE_FAN_IN`] segments (doubling
+    /// while a merge would not pay) so that a round's work, and the ranged GETs each output
+    /// segment costs (a few per victim), stay bounded however far behind compaction is.
+    pub(super) async fn compact(&self) -> Result<bool> {
         let (victims, live, version) = {
             let base = self.base.read().expect("lock");
             let keep_tombstones = base.manifest.base.is_some();
             let keep = self.store.settings.max_segments / 2;
-            let n = base.order.len().saturating_sub(keep.max(1));
-            if n < 2 {
-                return Ok(());
+            let mergeable = base.order.len().saturating_sub(keep.max(1));
+            if mergeable < 2 {
+                return Ok(false);
             }
-            let victims: Vec<u32> = base.order[..n].to_vec();
+            let mut data_pages: HashMap<u32, u64> = HashMap::new();
+            for l in base.map.values() {
+                if l.slot != TOMBSTONE {
+                    *data_pages.entry(l.seg).or_default() += 1;
+                }
+            }
+            let pages_per_segment =
+                (self.store.settings.segment_bytes / self.page_size as u64).max(1);
+            // Only worth it if the merge leaves fewer objects than it reads.
+            let pays = |n: usize| {
+                let pages: u64 = base.order[..n]
+                    .iter()
+                    .map(|s| data_pages.get(s).copied().unwrap_or(0))
+                    .sum();
+                pages.div_ceil(pages_per_segment) < n as u64
+            };
+            let mut n = mergeable.min(MERGE_FAN_IN);
+            while !pays(n) {
+                if n == mergeable {
+                    return Ok(false);
+                }
+                n = (n * 2).min(mergeable);
+            }
+            let victims: HashSet<u32> = base.order[..n].iter().copied().collect();
             let mut live: Vec<(u64, SegLoc, Arc<SegInfo>)> = base
                 .map
                 .iter()
@@ -78,13 +111,6 @@ impl Inner {
                 .map(|(p, l)| (*p, *l, base.segs[&l.seg].clone()))
                 .collect();
             live.sort_unstable_by_key(|(p, _, _)| *p);
-            // Only worth it if the merge leaves fewer objects than it reads.
-            let data_pages = live.iter().filter(|(_, l, _)| l.slot != TOMBSTONE).count();
-            let out = (data_pages as u64 * self.page_size as u64)
-                .div_ceil(self.store.settings.segment_bytes.max(1));
-            if out >= victims.len() as u64 {
-                return Ok(());
-            }
             (victims, live, base.manifest.version)
         };
         let mut sink =
@@ -151,7 +177,7 @@ impl Inner {
         }
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(image = %self.name, merged = victims.len(), into = merged_into, "compaction done");
-        Ok(())
+        Ok(true)
     }
 
     /// Copy pages (data fetched from their segments, tombstones as they are) into `sink`, in
