@@ -3,7 +3,17 @@
 
 use strata_bdev::field::le16;
 
-use super::command::{fctype, Command};
+use super::command::{admin_opcode, Command, Sgl};
+
+/// Fabrics command types.
+pub mod fctype {
+    pub const PROPERTY_SET: u8 = 0x00;
+    pub const CONNECT: u8 = 0x01;
+    pub const PROPERTY_GET: u8 = 0x04;
+    pub const AUTH_SEND: u8 = 0x05;
+    pub const AUTH_RECEIVE: u8 = 0x06;
+    pub const DISCONNECT: u8 = 0x08;
+}
 
 /// Connect's fields in the submission entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,5 +236,51 @@ pub mod property {
     /// CAP.TO: worst-case time to ready, in 500 ms units.
     pub fn cap_to(cap: u64) -> u8 {
         (cap >> 24) as u8
+    }
+}
+
+/// Builders of the fabrics commands.
+impl Command {
+    fn fabrics(cid: u16, fctype: u8, dptr: Sgl) -> Command {
+        Command::base(admin_opcode::FABRICS, cid, u32::from(fctype), dptr)
+    }
+
+    /// Connect, with its 1024 bytes of data in the capsule.
+    pub fn connect(cid: u16, c: &Connect) -> Command {
+        Command {
+            cdw10: u32::from(c.recfmt) | u32::from(c.qid) << 16,
+            cdw11: u32::from(c.sqsize) | u32::from(c.cattr) << 16,
+            cdw12: c.kato,
+            ..Command::fabrics(
+                cid,
+                fctype::CONNECT,
+                Sgl::in_capsule(CONNECT_DATA_LEN as u32),
+            )
+        }
+    }
+
+    /// Property Get of a 4-byte (or with `eight`, 8-byte) property.
+    pub fn property_get(cid: u16, offset: u32, eight: bool) -> Command {
+        Command {
+            cdw10: u32::from(eight),
+            cdw11: offset,
+            ..Command::fabrics(cid, fctype::PROPERTY_GET, Sgl::default())
+        }
+    }
+
+    /// Property Set.
+    pub fn property_set(cid: u16, offset: u32, eight: bool, value: u64) -> Command {
+        Command {
+            cdw10: u32::from(eight),
+            cdw11: offset,
+            cdw12: value as u32,
+            cdw13: (value >> 32) as u32,
+            ..Command::fabrics(cid, fctype::PROPERTY_SET, Sgl::default())
+        }
+    }
+
+    /// Disconnect (this queue).
+    pub fn disconnect(cid: u16) -> Command {
+        Command::fabrics(cid, fctype::DISCONNECT, Sgl::default())
     }
 }

@@ -4,30 +4,33 @@
 //! - [`pdu`]: the transport's PDUs (ICReq/ICResp, CapsuleCmd/CapsuleResp, H2CData, C2HData,
 //!   R2T, H2CTermReq/C2HTermReq), CRC32C digests, and the length checks a receiver makes
 //!   before trusting a PDU.
-//! - [`command`]: submission and completion entries, statuses, admin and I/O commands.
+//! - [`command`]: submission and completion entries, statuses, opcodes, command builders.
 //! - [`fabrics`]: Connect, Property Get/Set and Disconnect.
+//! - [`kinds`]: a command decoded by kind (admin, NVM I/O, fabrics) and Dataset Management
+//!   ranges.
 //! - [`identify`]: Identify data (controller, namespace, namespace lists and descriptors).
 //! - [`log`]: log pages (error, SMART / health, changed namespaces, discovery).
 
 pub mod command;
 pub mod fabrics;
 pub mod identify;
+pub mod kinds;
 pub mod log;
 pub mod pdu;
 
 pub use command::{
-    admin_opcode, aen, cns, fctype, feature, io_opcode, log_id, sct, sgl_id, AdminCommand,
-    BlockRange, Command, Completion, Direction, DsmRange, IoCommand, Sgl, Status, DSM_RANGE_LEN,
-    IDENTIFY_LEN,
+    admin_opcode, aen, cns, feature, io_opcode, log_id, sct, sgl_id, Command, Completion,
+    Direction, Sgl, Status, IDENTIFY_LEN,
 };
 pub use fabrics::{
-    cattr, connect_offset, property, Connect, ConnectData, ConnectDataError, Fabrics,
+    cattr, connect_offset, fctype, property, Connect, ConnectData, ConnectDataError, Fabrics,
     CONNECT_DATA_LEN, MAX_NQN_LEN,
 };
 pub use identify::{
     decode_ns_descriptors, decode_ns_list, encode_ns_descriptors, encode_ns_list,
     IdentifyController, IdentifyNamespace, NsId, ShortData,
 };
+pub use kinds::{AdminCommand, BlockRange, DsmRange, IoCommand, DSM_RANGE_LEN};
 pub use log::{DiscoveryEntry, DiscoveryLog, SmartLog};
 pub use pdu::{
     decode_header, decode_pdu, digest, digest_of, fes, pdu_flags, pdu_type, CommonHeader,
