@@ -25,6 +25,7 @@ mod error;
 pub mod fault;
 pub mod field;
 mod mem;
+mod registry;
 pub mod stats;
 pub mod units;
 mod uri;
@@ -41,5 +42,6 @@ pub use device::{
 pub use error::{Error, ErrorKind, Result};
 pub use fault::{FaultDevice, FaultHandle};
 pub use mem::{MemDevice, MemOpener};
+pub use registry::Registry;
 pub use stats::{IoStats, StatsDevice};
-pub use uri::{parse_secs, parse_size, tcp_address, DeviceUri, Opener, Registry};
+pub use uri::{parse_secs, parse_size, tcp_address, DeviceUri, Opener};

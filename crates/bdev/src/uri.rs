@@ -1,11 +1,10 @@
 //! Device URIs (`file:///disk.img?size=1G`, `mem://scratch?size=64M`, `nbd://host:10809/name`)
-//! and the [`Registry`] that opens them, one [`Opener`] per scheme.
+//! and the [`Opener`] trait each scheme implements (the `Registry` maps schemes to openers).
 //!
 //! A backend takes the query keys it knows with [`DeviceUri::take`] and ends with
 //! [`DeviceUri::finish`], which turns any key left over into an error: a misspelt option is never
 //! silently ignored.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -260,62 +259,6 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 pub trait Opener: Send + Sync {
     /// Open the device `uri` names; take its query keys and call [`DeviceUri::finish`].
     async fn open(&self, uri: DeviceUri) -> Result<Arc<dyn BlockDevice>>;
-}
-
-/// The schemes a process can open, each with its [`Opener`].
-#[derive(Default, Clone)]
-pub struct Registry {
-    openers: HashMap<String, Arc<dyn Opener>>,
-}
-
-impl fmt::Debug for Registry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registry")
-            .field("schemes", &self.schemes())
-            .finish()
-    }
-}
-
-impl Registry {
-    /// A registry that knows no schemes.
-    pub fn empty() -> Registry {
-        Registry::default()
-    }
-
-    /// A registry with the schemes this crate implements (`mem`, and `malloc` for the same
-    /// devices in Mayastor's form).
-    pub fn with_builtin() -> Registry {
-        let mut r = Registry::empty();
-        let mem = Arc::new(crate::mem::MemOpener::default());
-        r.register("mem", mem.clone());
-        r.register("malloc", mem);
-        r
-    }
-
-    /// Add (or replace) the opener of `scheme`.
-    pub fn register(&mut self, scheme: &str, opener: Arc<dyn Opener>) {
-        self.openers.insert(scheme.to_ascii_lowercase(), opener);
-    }
-
-    /// The schemes known, sorted.
-    pub fn schemes(&self) -> Vec<String> {
-        let mut s: Vec<_> = self.openers.keys().cloned().collect();
-        s.sort();
-        s
-    }
-
-    /// Open the device a URI names.
-    pub async fn open(&self, uri: &str) -> Result<Arc<dyn BlockDevice>> {
-        let uri = DeviceUri::parse(uri)?;
-        let opener = self.openers.get(&uri.scheme).ok_or_else(|| {
-            uri.invalid(&format!(
-                "unknown scheme {:?} (known: {})",
-                uri.scheme,
-                self.schemes().join(", ")
-            ))
-        })?;
-        opener.open(uri).await
-    }
 }
 
 #[cfg(test)]
