@@ -80,7 +80,7 @@ impl Server {
         let limit = self.config.handshake_timeout;
         let handshake = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            h = tokio::time::timeout(limit, self.handshake(stream)) => h,
+            h = tokio::time::timeout(limit, self.handshake(stream, slot)) => h,
         };
         let handshake = handshake.map_err(|_| {
             std::io::Error::new(
@@ -90,19 +90,13 @@ impl Server {
         })??;
         match handshake {
             Handshake::Closed => Ok(()),
-            Handshake::Plain(stream, s, found) => {
-                slot.negotiated();
-                self.transmission(stream, s, found, slot).await
-            }
-            Handshake::Tls(stream, s, found) => {
-                slot.negotiated();
-                self.transmission(stream, s, found, slot).await
-            }
+            Handshake::Plain(stream, s, found) => self.transmission(stream, s, found, slot).await,
+            Handshake::Tls(stream, s, found) => self.transmission(stream, s, found, slot).await,
         }
     }
 
     /// Greeting, options, and STARTTLS with the options after it.
-    async fn handshake<S>(&self, mut stream: S) -> std::io::Result<Handshake<S>>
+    async fn handshake<S>(&self, mut stream: S, slot: &Slot) -> std::io::Result<Handshake<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -124,7 +118,7 @@ impl Server {
             no_zeroes: client_flags & codec::client_flags::NO_ZEROES != 0,
             ..Session::default()
         };
-        let session = match self.negotiate(&mut stream, session).await? {
+        let session = match self.negotiate(&mut stream, session, slot).await? {
             Negotiated::Close => return Ok(Handshake::Closed),
             Negotiated::Transmission(s, found) => return Ok(Handshake::Plain(stream, s, found)),
             Negotiated::StartTls(session) => session,
@@ -139,7 +133,7 @@ impl Server {
             tls: true,
             ..session
         };
-        match self.negotiate(&mut stream, session).await? {
+        match self.negotiate(&mut stream, session, slot).await? {
             Negotiated::Close => Ok(Handshake::Closed),
             Negotiated::Transmission(s, found) => Ok(Handshake::Tls(Box::new(stream), s, found)),
             Negotiated::StartTls(_) => {

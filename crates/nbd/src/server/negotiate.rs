@@ -6,6 +6,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
+use super::slots::Slot;
 use super::{invalid, shown, Resolved, Server, TlsMode};
 use crate::codec::{self, opt, rep, BlockSizes, ClientOption, InfoRequest, MetaRequest};
 use crate::transmission;
@@ -60,6 +61,9 @@ struct Negotiation<'a, S> {
     stream: &'a mut S,
     s: Session,
     out: BytesMut,
+    /// Marked negotiated before the reply that ends negotiation goes out, so that a client
+    /// that has its answer never finds its connection still counted as negotiating.
+    slot: &'a Slot,
 }
 
 impl Server {
@@ -69,6 +73,7 @@ impl Server {
         &self,
         stream: &mut S,
         s: Session,
+        slot: &Slot,
     ) -> std::io::Result<Negotiated>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -78,6 +83,7 @@ impl Server {
             stream,
             s,
             out: BytesMut::new(),
+            slot,
         };
         loop {
             let Some(received) = n.receive().await? else {
@@ -243,6 +249,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         let flags = export.transmission_flags(self.s.structured);
         let size = export.device.geometry().size;
         codec::encode_export_name_reply(&mut self.out, size, flags, self.s.no_zeroes);
+        self.slot.negotiated();
         self.stream.write_all(&self.out).await?;
         let mut s = std::mem::take(&mut self.s);
         s.meta_export = None;
@@ -346,7 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
                 return Ok(None);
             }
         };
-        if !self.export_info(option, &req, &found).await? || !go {
+        if !self.export_info(option, &req, &found, go).await? || !go {
             return Ok(None);
         }
         // Block status is allowed only for the export the meta context was set on.
@@ -357,13 +364,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         Ok(Some(Negotiated::Transmission(s, found)))
     }
 
-    /// The `NBD_REP_INFO` replies `req` asks for, then ACK; false (after an error reply) when the
-    /// export needs block sizes the client did not ask for.
+    /// The `NBD_REP_INFO` replies `req` asks for, then ACK (which ends negotiation with `go`);
+    /// false (after an error reply) when the export needs block sizes the client did not ask
+    /// for.
     async fn export_info(
         &mut self,
         option: u32,
         req: &InfoRequest,
         found: &Resolved,
+        go: bool,
     ) -> std::io::Result<bool> {
         let export = &found.export;
         let sizes = self.server.block_sizes(export);
@@ -399,6 +408,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             export.transmission_flags(self.s.structured),
         );
         self.reply(option, rep::INFO, &d).await?;
+        if go {
+            self.slot.negotiated();
+        }
         self.reply(option, rep::ACK, &[]).await?;
         Ok(true)
     }
