@@ -156,6 +156,10 @@ impl Manager {
             return Ok(());
         };
         let ours = self.exports.listening(super::Protocol::Nbd);
+        if ours.is_empty() {
+            // At start-up, before the listeners: nothing to reach back into (and no lookup).
+            return Ok(());
+        }
         let refuse = |addr: &str| {
             Err(OpError::invalid(format!(
                 "{field}: {uri} is an export of this daemon itself ({addr}); a volume cannot \
