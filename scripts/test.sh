@@ -68,10 +68,11 @@ if ! command -v s3s-fs >/dev/null 2>&1; then
 fi
 
 # The CSI driver's conformance test runs the kubernetes-csi project's csi-sanity, built with Go
-# into target/tools/bin (where the tests look for it).
-if [ ! -x target/tools/bin/csi-sanity ]; then
+# into the target directory's tools/bin (where the tests look for it).
+tools="${CARGO_TARGET_DIR:-$PWD/target}/tools/bin"
+if [ ! -x "$tools/csi-sanity" ]; then
   echo "installing test tools: csi-sanity v5.4.0"
-  GOBIN="$PWD/target/tools/bin" go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.4.0
+  GOBIN="$tools" go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.4.0
 fi
 
 # The Kubernetes manifests are checked against the Kubernetes schemas (kubernetes-validate

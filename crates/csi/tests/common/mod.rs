@@ -1,5 +1,5 @@
 //! The CSI tests' kit: a `strata serve` and a `strata csi` started for a test (the `strata`
-//! binary of this workspace, built by cargo first), a CSI client over the driver's socket, and
+//! binary of this workspace, built by cargo unless the one beside the tests is up to date), a CSI client over the driver's socket, and
 //! the programs the tests check the host with.
 #![allow(dead_code)]
 
@@ -9,19 +9,51 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The `strata` binary of this workspace, in the profile the tests were built in (built now, so
-/// that it is never older than the source).
+/// `target/PROFILE`: where the test itself was built (`target/PROFILE/deps/TEST`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/PROFILE/deps")
+        .to_path_buf()
+}
+
+/// The newest modification time of the workspace's sources (`crates/`, the manifests).
+fn newest_source() -> std::time::SystemTime {
+    fn walk(dir: &Path, newest: &mut std::time::SystemTime) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, newest);
+            } else if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
+                *newest = (*newest).max(m);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut newest = std::time::UNIX_EPOCH;
+    walk(&root.join("crates"), &mut newest);
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        if let Ok(m) = std::fs::metadata(root.join(f)).and_then(|m| m.modified()) {
+            newest = newest.max(m);
+        }
+    }
+    newest
+}
+
+/// The `strata` binary of this workspace, in the profile the tests were built in: the one
+/// `cargo test --workspace` built beside them when it is newer than every source file, else
+/// built now (so it is never older than the source).
 pub fn strata_bin() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let exe = std::env::current_exe().expect("the test's own path");
-            // target/PROFILE/deps/TEST → target/PROFILE
-            let profile_dir = exe
-                .parent()
-                .and_then(Path::parent)
-                .expect("the test runs from target/PROFILE/deps")
-                .to_path_buf();
+            let profile_dir = profile_dir();
+            let bin = profile_dir.join("strata");
+            let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+            if built.is_some_and(|b| b >= newest_source()) {
+                return bin;
+            }
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
             cmd.args(["build", "-q", "-p", "strata", "--bin", "strata"]);
@@ -40,7 +72,6 @@ pub fn strata_bin() -> PathBuf {
                 .status()
                 .expect("run cargo build -p strata");
             assert!(status.success(), "cargo build -p strata failed");
-            let bin = profile_dir.join("strata");
             assert!(bin.exists(), "{} was not built", bin.display());
             bin
         })
@@ -50,10 +81,7 @@ pub fn strata_bin() -> PathBuf {
 /// A program the test needs, found on PATH (or in `target/tools/bin`, where `scripts/test.sh`
 /// installs Go programs); the test fails when it is missing.
 pub fn require(program: &str) -> PathBuf {
-    let tools = strata_bin()
-        .parent()
-        .and_then(Path::parent)
-        .map(|t| t.join("tools/bin"));
+    let tools = profile_dir().parent().map(|t| t.join("tools/bin"));
     let path = std::env::var("PATH").unwrap_or_default();
     let dirs = tools
         .into_iter()
