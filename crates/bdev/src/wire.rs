@@ -14,8 +14,8 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use tokio::io::AsyncWrite;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Buffers gathered into one vectored write at most.
 pub const MAX_SLICES: usize = 64;
@@ -177,6 +177,34 @@ pub async fn shutdown<W: AsyncWrite + Unpin>(stream: &mut W) -> std::io::Result<
     match poll_fn(|cx| Pin::new(&mut *stream).poll_shutdown(cx)).await {
         Err(e) if e.kind() != std::io::ErrorKind::NotConnected => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Read what `stream` has, at most `limit` bytes, into the spare capacity of `buf`, which
+/// grows by at least `grow` bytes when less than `limit` is spare: the bytes land once, where a
+/// target's framing splits payloads off without copying them. `Ready(Ok(0))` is the end of the
+/// stream (or a `limit` of 0).
+pub fn poll_read_buf<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    limit: usize,
+    grow: usize,
+) -> Poll<std::io::Result<usize>> {
+    if buf.capacity() - buf.len() < limit {
+        buf.reserve(limit.max(grow));
+    }
+    let spare = &mut buf.spare_capacity_mut()[..limit];
+    let mut rb = ReadBuf::uninit(spare);
+    match Pin::new(stream).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) => {
+            let n = rb.filled().len();
+            // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            Poll::Ready(Ok(n))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
     }
 }
 

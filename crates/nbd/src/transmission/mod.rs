@@ -369,21 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         } else {
             READ_CHUNK
         };
-        if self.inbuf.capacity() - self.inbuf.len() < limit {
-            self.inbuf.reserve(limit.max(READ_CHUNK));
-        }
-        let spare = &mut self.inbuf.spare_capacity_mut()[..limit];
-        let mut rb = tokio::io::ReadBuf::uninit(spare);
-        match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
-                unsafe { self.inbuf.set_len(self.inbuf.len() + n) };
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        wire::poll_read_buf(&mut self.stream, cx, &mut self.inbuf, limit, READ_CHUNK)
     }
 
     /// Whether the read buffer lacks (part of) the next request, so that reading is the way on.

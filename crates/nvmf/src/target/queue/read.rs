@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use strata_bdev::wire;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
@@ -51,21 +52,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Queue<S> {
         if self.inbuf.is_empty() && self.inbuf.capacity() < largest {
             self.inbuf.reserve(largest);
         }
-        if self.inbuf.capacity() - self.inbuf.len() < limit {
-            self.inbuf.reserve(limit.max(READ_CHUNK));
-        }
-        let spare = &mut self.inbuf.spare_capacity_mut()[..limit];
-        let mut rb = tokio::io::ReadBuf::uninit(spare);
-        match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
-                unsafe { self.inbuf.set_len(self.inbuf.len() + n) };
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        wire::poll_read_buf(&mut self.stream, cx, &mut self.inbuf, limit, READ_CHUNK)
     }
 
     /// The header of the PDU at the head of `inbuf`, for a termination request.
