@@ -45,8 +45,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use crate::codec::{self, cmd, errno};
+use crate::server::export::Export;
 use crate::server::slots::Activity;
-use crate::server::Export;
 
 mod requests;
 
