@@ -1,7 +1,6 @@
 //! The PDU reader: filling the read buffer, framing PDUs (header, digests, data layout) and
 //! the ICReq that opens the connection.
 
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
