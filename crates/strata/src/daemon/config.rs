@@ -630,9 +630,12 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read config file {}", path.display()))?;
-        let config: Config = toml::from_str(&text)
-            .with_context(|| format!("parse config file {}", path.display()))?;
-        Ok(config)
+        Config::parse(&text).with_context(|| format!("parse config file {}", path.display()))
+    }
+
+    /// Parse a configuration's TOML text (not yet validated: see [`Config::validate`]).
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        Ok(toml::from_str(text)?)
     }
 
     /// The embedded default: a thin 1 GiB file-backed volume `demo` in the data directory.

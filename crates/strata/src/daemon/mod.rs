@@ -17,7 +17,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod exports;
-mod jwt;
+pub mod jwt;
 mod ledger;
 mod listeners;
 pub mod manager;
