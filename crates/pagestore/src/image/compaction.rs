@@ -70,6 +70,7 @@ impl Inner {
     /// while a merge would not pay) so that a round's work, and the ranged GETs each output
     /// segment costs (a few per victim), stay bounded however far behind compaction is.
     pub(super) async fn compact(&self) -> Result<bool> {
+        let pages_per_segment = (self.store.settings.segment_bytes / self.page_size as u64).max(1);
         let (victims, live, version) = {
             let base = self.base.read().expect("lock");
             let keep_tombstones = base.manifest.base.is_some();
@@ -84,8 +85,6 @@ impl Inner {
                     *data_pages.entry(l.seg).or_default() += 1;
                 }
             }
-            let pages_per_segment =
-                (self.store.settings.segment_bytes / self.page_size as u64).max(1);
             // Only worth it if the merge leaves fewer objects than it reads.
             let pays = |n: usize| {
                 let pages: u64 = base.order[..n]
@@ -118,8 +117,7 @@ impl Inner {
         // One output segment's worth of pages at a time, in page order. Every segment's slots
         // are in page order too, so a batch covers one slot interval of each victim: a few
         // ranged GETs per victim and batch, and no byte of a victim is fetched twice.
-        let batch = (self.store.settings.segment_bytes / self.page_size as u64).max(1) as usize;
-        for chunk in live.chunks(batch) {
+        for chunk in live.chunks(pages_per_segment as usize) {
             self.check_open("compact")?;
             self.copy_pages(&mut sink, chunk).await?;
         }
